@@ -1,0 +1,1 @@
+"""Public checkpoints: where they come from, their checksums, and a resumable verified download."""
