@@ -1,0 +1,52 @@
+# oneword — every target installs what it needs on first use (.venv + an install stamp).
+PY      ?= python3
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.install-stamp
+export PYTHONUNBUFFERED := 1
+
+# make variables → CLI flags, passed only when set
+opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
+
+.PHONY: install test test-fast demo sample train weights pretrain-shapes bench lint clean help
+help:
+	@echo "make demo                    offline: learn a new word on the shipped shapes model"
+	@echo "make test                    ruff + the whole pytest suite (CPU; Triton kernels interpreted)"
+	@echo "make sample PROMPT=\"...\"     [MODEL=sd15|sd21|sd21-v|shapes|tiny] [CKPT=] [N=] [STEPS=] [SCALE=] ..."
+	@echo "make train CONCEPT=cat       [MODEL=] [STEPS=] [BATCH=] [LR=] [INIT=] [TOKEN=] [VECTORS=] ..."
+	@echo "make weights MODEL=sd15      download a public checkpoint (sha256-verified, resumable)"
+	@echo "make pretrain-shapes         retrain the shipped shapes model from scratch (CPU, ~30 min)"
+
+$(STAMP): setup.py
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PYTHON) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
+
+test: $(STAMP) lint
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not slow"
+
+sample: $(STAMP)
+	@test -n "$(PROMPT)" || { echo 'error: give PROMPT="a photo of a cat"' >&2; exit 2; }
+	$(PYTHON) -m ldm.sample --prompt "$(PROMPT)" $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) \
+		$(call opt,--n,$(N)) $(call opt,--steps,$(STEPS)) $(call opt,--scale,$(SCALE)) \
+		$(call opt,--sampler,$(SAMPLER)) $(call opt,--seed,$(SEED)) $(call opt,--H,$(H)) $(call opt,--W,$(W)) \
+		$(call opt,--neg,$(NEG)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) \
+		$(call opt,--dtype,$(DTYPE)) $(call opt,--embedding,$(EMBEDDING)) $(call opt,--token,$(TOKEN)) \
+		$(call opt,--attention,$(ATTENTION)) $(call opt,--eta,$(ETA)) $(call opt,--prediction,$(PREDICTION))
+
+weights: $(STAMP)
+	@test -n "$(MODEL)" || { echo 'error: give MODEL=sd15|sd21|sd21-v' >&2; exit 2; }
+	$(PYTHON) -m weights.download $(MODEL)
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache
