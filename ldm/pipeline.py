@@ -34,7 +34,7 @@ def build_text_encoder(text: dict) -> nn.Module:
 
         return OpenCLIPTextModel(**params)
     if kind == "ldmbert":
-        from ldm.text import LDMBertTextModel  # noqa: F401 — added with the paper's model (issue 6)
+        from ldm.bert import LDMBertTextModel
 
         return LDMBertTextModel(**params)
     raise ValueError(f"unknown text tower kind {kind!r}")
