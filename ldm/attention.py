@@ -63,7 +63,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
         if tk is None and name == "triton":
             raise RuntimeError("attention backend 'triton' needs the triton package (pip install triton)")
         if tk is not None and tk.supports(q, k, v, causal=causal, explicit=name == "triton"):
-            return tk.flash_attention(q, k, v, causal=causal)
+            if name == "triton":
+                return tk.flash_attention(q, k, v, causal=causal)
+            try:
+                return tk.flash_attention(q, k, v, causal=causal)
+            except tk.TritonError as err:  # "auto" on a GPU the kernel fails to compile for: warn, use SDPA
+                tk.mark_broken(q, err)
         if name == "triton":
             log.debug("triton attention does not support %s/%s/%s causal=%s; using sdpa",
                       tuple(q.shape), tuple(k.shape), q.dtype, causal)

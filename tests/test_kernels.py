@@ -1,0 +1,271 @@
+"""Triton kernels against their reference twins: attention (fwd+bwd), GroupNorm+SiLU, GEGLU; dispatch rules.
+
+On a machine without CUDA these run under TRITON_INTERPRET=1 (set in conftest.py), so shapes stay small.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+
+from ldm import attention as attn_mod  # noqa: E402
+from ldm.attention import attention, attention_math  # noqa: E402
+from ldm.kernels import _common  # noqa: E402
+from ldm.kernels.attention import flash_attention, supports  # noqa: E402
+from ldm.kernels.geglu import geglu, geglu_reference  # noqa: E402
+from ldm.kernels.norm import group_norm, group_norm_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and not _common.interpreter_enabled():
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1: Triton kernels cannot run here", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+CALLS = _common.CALLS
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b|, in fp32."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def randn(*shape: int, gen: torch.Generator, dtype: torch.dtype = torch.float32, scale: float = 1.0
+          ) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def _attention_case(d: int, nq: int, nk: int, heads: int, dtype: torch.dtype, causal: bool = False) -> dict:
+    """Triton and fp32-math outputs and gradients for one random case."""
+    g = torch.Generator().manual_seed(d * 1000 + nq + nk)
+    q, k, v = (randn(1, heads, n, d, gen=g, dtype=dtype).requires_grad_() for n in (nq, nk, nk))
+    do = randn(1, heads, nq, d, gen=g, dtype=dtype)
+    before = CALLS["attention_fwd"]
+    out = flash_attention(q, k, v, causal=causal)
+    assert CALLS["attention_fwd"] == before + 1
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attention_math(*ref_in, causal=causal)
+    ref_grads = torch.autograd.grad(ref, ref_in, do.float())
+    return {"out": (out, ref), **{n: (a, b) for n, a, b in zip("qkv", grads, ref_grads)}}
+
+
+@pytest.mark.parametrize("nq,nk", [(130, 130), (96, 77)], ids=["self130", "cross96x77"])
+@pytest.mark.parametrize("d", [40, 64, 80, 160])
+def test_attention_fp32_matches_math(d: int, nq: int, nk: int) -> None:
+    case = _attention_case(d, nq, nk, heads=2, dtype=torch.float32)
+    for name, (got, want) in case.items():
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert rel_err(got, want) <= TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("nq,nk", [(130, 130), (96, 77)], ids=["self130", "cross96x77"])
+@pytest.mark.parametrize("d", [40, 64, 80, 160])
+def test_attention_bf16_matches_math(d: int, nq: int, nk: int) -> None:
+    case = _attention_case(d, nq, nk, heads=1, dtype=torch.bfloat16)
+    for name, (got, want) in case.items():
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, want) <= TOL[torch.bfloat16], name
+
+
+def test_attention_fp16_and_causal() -> None:
+    for dtype in (torch.float16, torch.float32):
+        case = _attention_case(64, 70, 70, heads=1, dtype=dtype, causal=True)
+        for name, (got, want) in case.items():
+            assert rel_err(got, want) <= TOL[dtype], (dtype, name)
+
+
+def test_attention_strided_inputs_and_kv_only_grad() -> None:
+    """(B, N, H, D) views transposed to (B, H, N, D), as the UNet passes them; dQ skipped when not needed."""
+    g = torch.Generator().manual_seed(7)
+    b, h, nq, nk, d = 2, 2, 33, 77, 40
+    q = randn(b, nq, h, d, gen=g).transpose(1, 2)
+    kv = randn(b, nk, 2 * h * d, gen=g).requires_grad_()
+    k = kv[..., : h * d].view(b, nk, h, d).transpose(1, 2)
+    v = kv[..., h * d:].view(b, nk, h, d).transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    do = randn(b, h, nq, d, gen=g)
+    dq_before = CALLS["attention_bwd_dq"]
+    dkdv_before = CALLS["attention_bwd_dkdv"]
+    out = attention(q, k, v, backend="triton")
+    (gkv,) = torch.autograd.grad(out, kv, do)
+    assert CALLS["attention_bwd_dkdv"] == dkdv_before + 1
+    assert CALLS["attention_bwd_dq"] == dq_before  # q needs no gradient (textual inversion's cross-attn)
+    kv32 = kv.detach().clone().requires_grad_()
+    k32 = kv32[..., : h * d].view(b, nk, h, d).transpose(1, 2)
+    v32 = kv32[..., h * d:].view(b, nk, h, d).transpose(1, 2)
+    ref = attention_math(q, k32, v32)
+    (rkv,) = torch.autograd.grad(ref, kv32, do)
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(gkv, rkv) <= 1e-5
+
+
+def test_dispatcher_really_runs_triton() -> None:
+    """backend="triton" launches the kernel (counter moves); "math" and CPU "auto" do not."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (randn(1, 2, 20, 16, gen=g) for _ in range(3))
+    before = CALLS["attention_fwd"]
+    out = attention(q, k, v, backend="triton")
+    assert CALLS["attention_fwd"] == before + 1
+    assert rel_err(out, attention_math(q, k, v)) <= 1e-5
+    attention(q, k, v, backend="math")
+    attention(q, k, v, backend="sdpa")
+    if not CUDA:
+        attention(q, k, v, backend="auto")  # CPU auto is SDPA, never the interpreter
+    assert CALLS["attention_fwd"] == before + 1
+    try:
+        attn_mod.set_backend("triton")
+        attention(q, k, v)
+        assert CALLS["attention_fwd"] == before + 2
+    finally:
+        attn_mod.set_backend(None)
+
+
+def test_supports_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    def qkv(d: int, dtype: torch.dtype = torch.float16, nk: int = 77, heads: int = 8
+            ) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(1, heads, 64, d, dtype=dtype, device=DEVICE),
+                torch.zeros(1, heads, nk, d, dtype=dtype, device=DEVICE),
+                torch.zeros(1, heads, nk, d, dtype=dtype, device=DEVICE))
+
+    for d in (40, 64, 80, 160, 256):
+        assert supports(*qkv(d), explicit=True)
+    assert not supports(*qkv(512, heads=1), explicit=True)  # the VAE's single head goes to SDPA
+    assert not supports(*qkv(512, heads=1))
+    assert not supports(*qkv(64, dtype=torch.float64), explicit=True)
+    assert not supports(*qkv(64, nk=0), explicit=True)
+    q, k, v = qkv(64)
+    assert not supports(q, k.float(), v, explicit=True)  # mixed dtypes
+    assert not supports(q, k[..., :32], v[..., :32], explicit=True)  # head dims differ
+    assert supports(q, k, v, causal=True, explicit=True)
+    assert not supports(q, k, v, causal=True)  # auto: text towers stay on SDPA
+    assert not supports(*qkv(64, dtype=torch.float32))  # auto: fp32 stays on SDPA
+    if not CUDA:
+        assert not supports(q, k, v)  # auto on CPU: never the interpreter
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert not supports(q, k, v, explicit=True)
+
+
+def test_auto_falls_back_loudly_when_the_kernel_fails(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A compile failure under "auto" warns once, uses SDPA, and stops choosing Triton for that head dim."""
+    from ldm.kernels import attention as tk
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise tk.TritonError("out of shared memory")
+
+    monkeypatch.setattr(tk, "flash_attention", broken)
+    monkeypatch.setattr(tk, "_BROKEN", set())
+    real_supports = tk.supports
+    monkeypatch.setattr(tk, "supports", lambda q, k, v, causal=False, explicit=False: real_supports(
+        q, k, v, causal=causal, explicit=True) and (explicit or (q.device.type, q.shape[-1]) not in tk._BROKEN))
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (randn(1, 2, 20, 24, gen=g) for _ in range(3))
+    with caplog.at_level("WARNING"):
+        out = attention(q, k, v, backend="auto")
+    assert rel_err(out, attention_math(q, k, v)) <= 1e-5
+    assert ("cpu" if not CUDA else "cuda", 24) in tk._BROKEN and "head dim 24" in caplog.text
+    with pytest.raises(tk.TritonError):
+        attention(q, k, v, backend="triton")  # explicit: the error reaches the user
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,groups,silu", [((2, 16, 9, 7), 4, True), ((1, 8, 20), 2, False),
+                                               ((1, 64, 3, 3), 32, True)], ids=["4d_silu", "3d", "g32"])
+def test_group_norm_matches_reference(dtype: torch.dtype, shape: tuple[int, ...], groups: int,
+                                      silu: bool) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    x = randn(*shape, gen=g, dtype=dtype, scale=3.0).add(1.0).requires_grad_()
+    w = randn(shape[1], gen=g).requires_grad_()  # fp32 affine on bf16 activations, as GroupNorm32 runs
+    b = randn(shape[1], gen=g).requires_grad_()
+    dy = randn(*shape, gen=g, dtype=dtype)
+    before = (CALLS["group_norm_fwd"], CALLS["group_norm_bwd"])
+    y = group_norm(x, w, b, groups, 1e-5, silu=silu, backend="triton")
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
+    assert (CALLS["group_norm_fwd"], CALLS["group_norm_bwd"]) == (before[0] + 1, before[1] + 1)
+    ref_in = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    ref = group_norm_reference(*ref_in[:1], ref_in[1], ref_in[2], groups, 1e-5, silu)
+    rx, rw, rb = torch.autograd.grad(ref, ref_in, dy.float())
+    assert y.dtype == dtype and gx.dtype == dtype and gw.dtype == torch.float32
+    tol = TOL[dtype]
+    for name, got, want in (("y", y, ref), ("dx", gx, rx), ("dw", gw, rw), ("db", gb, rb)):
+        assert rel_err(got, want) <= tol, name
+
+
+def test_group_norm_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = randn(1, 8, 4, 4, gen=g)
+    before = CALLS["group_norm_fwd"]
+    want = group_norm_reference(x, None, None, 4, 1e-6, silu=True)
+    assert torch.equal(group_norm(x, None, None, 4, 1e-6, silu=True, backend="math"), want)
+    monkeypatch.setenv("ONEWORD_KERNELS", "math")
+    group_norm(x, None, None, 4, 1e-6)
+    assert CALLS["group_norm_fwd"] == before
+    monkeypatch.setenv("ONEWORD_KERNELS", "triton")
+    got = group_norm(x, None, None, 4, 1e-6, silu=True)  # no affine: unit weight, zero bias
+    assert CALLS["group_norm_fwd"] == before + 1
+    assert rel_err(got, want) <= 1e-5
+    monkeypatch.setenv("ONEWORD_KERNELS", "fast")
+    with pytest.raises(ValueError, match="ONEWORD_KERNELS"):
+        group_norm(x, None, None, 4, 1e-6)
+    with pytest.raises(ValueError, match="groups"):
+        group_norm(x, None, None, 3, 1e-6, backend="math")
+    if not CUDA:
+        monkeypatch.setenv("ONEWORD_KERNELS", "auto")
+        group_norm(x, None, None, 4, 1e-6)  # CPU auto: the reference
+        assert CALLS["group_norm_fwd"] == before + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_geglu_matches_reference(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    h = randn(2, 37, 2 * 80, gen=g, dtype=dtype, scale=2.0).requires_grad_()
+    dy = randn(2, 37, 80, gen=g, dtype=dtype)
+    before = (CALLS["geglu_fwd"], CALLS["geglu_bwd"])
+    y = geglu(h, backend="triton")
+    (gh,) = torch.autograd.grad(y, h, dy)
+    assert (CALLS["geglu_fwd"], CALLS["geglu_bwd"]) == (before[0] + 1, before[1] + 1)
+    h32 = h.detach().float().requires_grad_()
+    ref = geglu_reference(h32)
+    (rh,) = torch.autograd.grad(ref, h32, dy.float())
+    assert y.shape == (2, 37, 80) and y.dtype == dtype
+    assert rel_err(y, ref) <= TOL[dtype] and rel_err(gh, rh) <= TOL[dtype]
+    a, gate = h32.detach().chunk(2, -1)  # the twin is the SD formula: a · GELU_erf(gate)
+    assert torch.allclose(ref, a * 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2))), atol=1e-6)
+    with pytest.raises(ValueError, match="even"):
+        geglu(h[..., :-1], backend="math")
+
+
+def test_tiny_unet_triton_matches_math() -> None:
+    """A tiny random UNet gives the same ε and the same context gradient with Triton and math attention."""
+    unet_mod = pytest.importorskip("ldm.unet", reason="ldm/unet.py not written yet")
+    from ldm.config import tiny
+
+    params = tiny().unet
+    torch.manual_seed(0)
+    model = unet_mod.UNetModel(**params).to(DEVICE).eval()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # perturb zero-initialised proj_out/out layers so attention reaches the output
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(DEVICE) * 0.1)
+    model.requires_grad_(False)
+    x = randn(1, params["in_channels"], 8, 8, gen=g)  # 64 + 16 tokens: the interpreter is slow
+    t = torch.tensor([500], device=DEVICE)
+    ctx = randn(1, 77, params["context_dim"], gen=g)
+    results = {}
+    try:
+        for name in ("math", "triton"):
+            attn_mod.set_backend(name)
+            c = ctx.clone().requires_grad_()
+            before = CALLS["attention_fwd"]
+            eps = model(x, t, c)
+            (gc,) = torch.autograd.grad(eps.square().mean(), c)
+            results[name] = (eps, gc, CALLS["attention_fwd"] - before)
+    finally:
+        attn_mod.set_backend(None)
+    assert results["math"][2] == 0 and results["triton"][2] > 0
+    assert rel_err(results["triton"][0], results["math"][0]) <= 1e-5
+    assert rel_err(results["triton"][1], results["math"][1]) <= 1e-5
