@@ -1,0 +1,1 @@
+"""Experiments on top of oneword: paper figures, the offline shapes world."""

@@ -1,0 +1,194 @@
+"""A procedural captioned world of coloured shapes: deterministic images, captions and labels.
+
+The held-out concept is the star: it is drawn as often as every other shape, but its word never appears in
+a caption. Every shape (the star included) is captioned with the generic word "shape" with the same
+probability `GENERIC_PROB`, so "a photo of a shape" carries no information about which shape is meant and
+draws a star only at its prior rate (1 / len(SHAPES)); otherwise a shape gets its own name, except the star,
+whose caption simply has no noun ("a photo of a red on a white background"). The model therefore learns
+to draw stars (from captions without a shape word) without ever learning a word for them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+RESOLUTION = 32
+SUPERSAMPLE = 4
+
+SHAPES = ("circle", "square", "triangle", "star", "heart", "ring", "cross")
+HELD_OUT = "star"
+GENERIC_WORD = "shape"
+GENERIC_PROB = 0.25
+NAMED_SHAPES = tuple(s for s in SHAPES if s != HELD_OUT)
+
+COLOURS = {
+    "red": (215, 30, 35),
+    "green": (35, 160, 60),
+    "blue": (35, 70, 215),
+    "yellow": (240, 210, 30),
+    "purple": (135, 45, 175),
+    "orange": (245, 135, 25),
+}
+COLOUR_NAMES = tuple(COLOURS)
+BACKGROUNDS = {"white": (242, 242, 242), "black": (22, 22, 22), "gray": (128, 128, 128)}
+BACKGROUND_NAMES = tuple(BACKGROUNDS)
+SIZES = {"small": (6.0, 8.0), "large": (10.5, 13.0)}    # outer radius in pixels at 32 px
+SIZE_NAMES = tuple(SIZES)
+
+# The textual-inversion paper's object templates (Gal et al. 2022; photo, illustration and depiction
+# variants), so that inversion prompts are in the caption distribution the text tower was trained on.
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
+    "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
+    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}",
+    "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}",
+    "a photo of the weird {}", "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+)
+OBJECT_TEMPLATES = tuple(dict.fromkeys(
+    OBJECT_TEMPLATES
+    + tuple(t.replace("a photo of", "an illustration of") for t in OBJECT_TEMPLATES)
+    + tuple(t.replace("a photo of", "a depiction of") for t in OBJECT_TEMPLATES)))
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What one image shows: indices into SHAPES, COLOUR_NAMES, BACKGROUND_NAMES, SIZE_NAMES + geometry."""
+
+    shape: int
+    colour: int
+    background: int
+    size: int
+    radius: float
+    cx: float
+    cy: float
+    angle: float
+    colour_jitter: tuple[int, int, int]
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Outline points of a polygonal shape of outer radius r, rotated by angle (radians)."""
+    if shape == "square":
+        pts = [(math.cos(a), math.sin(a)) for a in (np.arange(4) * math.pi / 2 + math.pi / 4)]
+        pts = [(x * 0.9, y * 0.9) for x, y in pts]
+    elif shape == "triangle":
+        pts = [(math.cos(a), math.sin(a)) for a in (np.arange(3) * 2 * math.pi / 3 - math.pi / 2)]
+        pts = [(x, y + 0.15) for x, y in pts]
+    elif shape == "star":
+        pts = []
+        for i in range(10):
+            a = i * math.pi / 5 - math.pi / 2
+            rad = 1.0 if i % 2 == 0 else 0.42
+            pts.append((rad * math.cos(a), rad * math.sin(a) + 0.08))
+    elif shape == "heart":
+        t = np.linspace(0, 2 * math.pi, 60, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        pts = [(xi / 16.5, (yi + 2.5) / 16.5) for xi, yi in zip(x, y)]
+    elif shape == "cross":
+        w = 0.34
+        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w),
+               (-1, -w), (-w, -w)]
+        pts = [(x * 0.92, y * 0.92) for x, y in pts]
+    else:
+        raise ValueError(f"{shape!r} is not a polygonal shape")
+    ca, sa = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
+
+
+def render(labels: Labels, resolution: int = RESOLUTION) -> Image.Image:
+    """Draw one image (RGB, resolution²) with 4× supersampling and a box filter."""
+    s = resolution / RESOLUTION * SUPERSAMPLE
+    big = resolution * SUPERSAMPLE
+    bg = BACKGROUNDS[BACKGROUND_NAMES[labels.background]]
+    fg = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[COLOUR_NAMES[labels.colour]],
+                                                           labels.colour_jitter))
+    img = Image.new("RGB", (big, big), bg)
+    draw = ImageDraw.Draw(img)
+    shape = SHAPES[labels.shape]
+    cx, cy, r = labels.cx * s, labels.cy * s, labels.radius * s
+    if shape in ("circle", "ring"):
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+        if shape == "ring":
+            ri = r * 0.55
+            draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=bg)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r, labels.angle), fill=fg)
+    return img.resize((resolution, resolution), Image.BOX)
+
+
+def sample_labels(rng: np.random.Generator) -> Labels:
+    """Draw shape, colour, background, size, position and a small rotation uniformly."""
+    size = int(rng.integers(len(SIZE_NAMES)))
+    lo, hi = SIZES[SIZE_NAMES[size]]
+    radius = float(rng.uniform(lo, hi))
+    margin = radius + 1.0
+    cx, cy = (float(v) for v in rng.uniform(margin, RESOLUTION - margin, size=2))
+    return Labels(
+        shape=int(rng.integers(len(SHAPES))), colour=int(rng.integers(len(COLOUR_NAMES))),
+        background=int(rng.integers(len(BACKGROUND_NAMES))), size=size, radius=radius, cx=cx, cy=cy,
+        angle=float(rng.uniform(-0.2, 0.2)),
+        colour_jitter=tuple(int(v) for v in rng.integers(-12, 13, size=3)),
+    )
+
+
+def _position_word(labels: Labels) -> str | None:
+    dx, dy = labels.cx - RESOLUTION / 2, labels.cy - RESOLUTION / 2
+    if max(abs(dx), abs(dy)) < 4.0:
+        return "in the center"
+    if abs(dx) >= abs(dy):
+        return "on the left" if dx < 0 else "on the right"
+    return "at the top" if dy < 0 else "at the bottom"
+
+
+def noun(shape: int, rng: np.random.Generator, generic_prob: float = GENERIC_PROB) -> str | None:
+    """The shape's word in a caption: the generic word with equal odds for all shapes, no word for the star."""
+    if rng.random() < generic_prob:
+        return GENERIC_WORD
+    name = SHAPES[shape]
+    return None if name == HELD_OUT else name
+
+
+def caption(labels: Labels, rng: np.random.Generator, generic_prob: float = GENERIC_PROB) -> str:
+    """A templated caption, e.g. 'a photo of a small blue ring on a black background'."""
+    words = []
+    if rng.random() < 0.25:
+        words.append(SIZE_NAMES[labels.size])
+    if rng.random() < 0.85:
+        words.append(COLOUR_NAMES[labels.colour])
+    n = noun(labels.shape, rng, generic_prob)
+    if n is not None:
+        words.append(n)
+    phrase = " ".join(words)
+    if rng.random() < 0.5:
+        text = OBJECT_TEMPLATES[int(rng.integers(len(OBJECT_TEMPLATES)))].format(phrase)
+    else:
+        text = f"a {phrase}"
+    if rng.random() < 0.4:
+        text += f" on a {BACKGROUND_NAMES[labels.background]} background"
+    if rng.random() < 0.2:
+        text += " " + _position_word(labels)
+    return " ".join(text.split())
+
+
+def generate(n: int, seed: int, resolution: int = RESOLUTION) -> tuple[np.ndarray, list[Labels]]:
+    """n images (uint8, (n, H, W, 3)) and their labels; the same seed gives the same world."""
+    rng = np.random.default_rng(seed)
+    labels = [sample_labels(rng) for _ in range(n)]
+    images = np.stack([np.asarray(render(lab, resolution)) for lab in labels])
+    return images, labels
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def label_tensors(labels: list[Labels]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shape ids, colour ids) as LongTensors."""
+    return (torch.tensor([lab.shape for lab in labels]), torch.tensor([lab.colour for lab in labels]))
