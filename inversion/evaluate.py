@@ -1,0 +1,432 @@
+"""The paper's CLIP metrics (Gal et al. 2022, §5.3) as the official evaluation code computes them.
+
+    python -m inversion.evaluate --run runs/cat-… [--prompts "A photo of S* on the beach;…"] [--n 64] …
+
+Protocol (official `evaluation/clip_eval.py`, `LDMCLIPEvaluator`): for each prompt, 64 samples with DDIM,
+50 steps, eta 0, guidance 5.0, unconditional prompt "", at 256 px for LDM-1.4B (the model's default size
+otherwise), decoded and clamped to [−1, 1]; CLIP ViT-B/32 (OpenAI weights) embeds them after
+[−1, 1] → [0, 1], bicubic resize of the short side to 224, centre crop 224 and CLIP's mean/std; features are
+L2-normalised.
+  image similarity = mean cosine over every (training image, sample) pair, on the samples of "A photo of S*";
+  text similarity  = mean cosine between the prompt with S* removed and each of its samples, averaged over the
+                     paper's editing prompts (background "… on the moon", style "An oil painting of S*",
+                     composition "Elmo holding a S*").
+The paper's text says "the average CLIP embedding of the samples"; the official code averages the cosines,
+which this module follows (the two differ only by the norm of the mean sample embedding).
+
+Writes RUN/eval.json (or --out) and prints one summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import sys
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from inversion.embedding import InversionError, atomic_write, load_embedding_file
+
+log = logging.getLogger("inversion.evaluate")
+
+MARKER = "S*"                                   # the learned word's place in a prompt
+RECONSTRUCTION_PROMPT = "A photo of S*"
+EDITING_PROMPTS = ("A photo of S* on the moon", "An oil painting of S*", "Elmo holding a S*")
+N_SAMPLES = 64
+STEPS = 50
+ETA = 0.0
+GUIDANCE = 5.0
+BATCH = 8                                       # official samples_per_batch
+SEED = 23
+CLIP_ARCH = "ViT-B-32"
+CLIP_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "clip-vit-b-32.pt"
+CLIP_URL = ("https://openaipublic.azureedge.net/clip/models/"
+            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
+CLIP_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RANDOM = "random"                               # --clip-weights random: untrained CLIP, smoke runs only
+
+
+# --- metrics (pure) ----------------------------------------------------------------------------------------
+
+def _unit_rows(x, name: str) -> torch.Tensor:
+    """(N, D) or (D,) features → (N, D) float64 rows of unit length; bad input is a one-line ValueError."""
+    x = torch.as_tensor(x)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be (N, D) or (D,) features, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    x = x.detach().to(torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    norms = x.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ValueError(f"{name} has a zero vector (row {int((norms[:, 0] == 0).nonzero()[0])}); "
+                         "cosine is undefined")
+    return x / norms
+
+
+def _pair_mean(a, b, name_a: str, name_b: str) -> float:
+    ua, ub = _unit_rows(a, name_a), _unit_rows(b, name_b)
+    if ua.shape[1] != ub.shape[1]:
+        raise ValueError(f"{name_a} has {ua.shape[1]} dims but {name_b} has {ub.shape[1]}")
+    return float((ua @ ub.T).mean())
+
+
+def image_similarity(feats_a, feats_b) -> float:
+    """Mean cosine over every (a, b) pair: the paper's reconstruction score (training images vs samples)."""
+    return _pair_mean(feats_a, feats_b, "image features a", "image features b")
+
+
+def text_similarity(text_feats, image_feats) -> float:
+    """Mean cosine between the text feature(s) and each image: the paper's editability score for one prompt."""
+    return _pair_mean(text_feats, image_feats, "text features", "image features")
+
+
+def paper_scores(train_feats, recon_feats, edit_text_feats: Sequence, edit_image_feats: Sequence
+                 ) -> tuple[float, float]:
+    """(image similarity on the reconstruction samples, text similarity averaged over editing prompts)."""
+    if len(edit_text_feats) != len(edit_image_feats) or not edit_text_feats:
+        raise ValueError(f"give one text feature and one sample set per editing prompt "
+                         f"({len(edit_text_feats)} texts, {len(edit_image_feats)} sample sets)")
+    texts = [text_similarity(t, i) for t, i in zip(edit_text_feats, edit_image_feats)]
+    return image_similarity(train_feats, recon_feats), sum(texts) / len(texts)
+
+
+def strip_placeholder(prompt: str, token: str | None = None) -> str:
+    """The prompt with S* (and the learned token) removed, as the official `replace("*", "")`, spaces collapsed."""
+    text = prompt.replace(MARKER, "")
+    if token:
+        text = text.replace(token, "")
+    return " ".join(text.split())
+
+
+def parse_prompts(spec: str | Sequence[str] | None) -> list[str]:
+    """';'-separated prompts (or a list), each holding S*; None → the paper's editing prompts."""
+    if spec is None:
+        return list(EDITING_PROMPTS)
+    prompts = [p.strip() for p in (spec.split(";") if isinstance(spec, str) else spec) if p.strip()]
+    if not prompts:
+        raise InversionError("PROMPTS= is empty; give ';'-separated prompts such as 'A photo of S* on the moon'")
+    for p in prompts:
+        if MARKER not in p:
+            raise InversionError(f"prompt {p!r} has no {MARKER}; write {MARKER} where the learned word goes")
+    return prompts
+
+
+# --- CLIP --------------------------------------------------------------------------------------------------
+
+def clip_preprocess(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
+    """Generator output in [−1, 1] (B, 3, H, W) → CLIP input: [0, 1], bicubic short side → size, centre crop,
+    CLIP mean/std (the official evaluator's tensor path: torchvision Resize on tensors, no antialias)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    x = (images.float() + 1.0) / 2.0
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(size * long / short)
+        new = (size, new_long) if h <= w else (new_long, size)
+        x = F.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=False)
+        h, w = x.shape[-2:]
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        x = x[..., top:top + size, left:left + size]
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def read_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """OpenAI's TorchScript archive (ViT-B-32.pt), an open_clip state dict (.pt/.bin) or .safetensors."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            is_script = False
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as z:
+                    is_script = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+            if is_script:
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            else:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(sd, dict) and "state_dict" in sd:
+                    sd = sd["state_dict"]
+    except Exception as e:  # archive, pickle and safetensors errors come in many classes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InversionError(f"CLIP weights {path} are not readable ({first}); re-download {CLIP_URL}") from None
+    if not isinstance(sd, dict):
+        raise InversionError(f"CLIP weights {path} hold no state dict; re-download {CLIP_URL}")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI archive scalars
+        sd.pop(key, None)
+    return sd
+
+
+class CLIPScorer:
+    """open_clip's CLIP (OpenAI ViT-B/32 weights by default) → unnormalised image and text features."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device, weights: str) -> None:
+        self.model, self.tokenizer, self.device, self.weights = model.eval(), tokenizer, device, weights
+
+    @classmethod
+    def load(cls, weights: str | Path | None = None, device: torch.device | str = "cpu",
+             arch: str = CLIP_ARCH) -> CLIPScorer:
+        """weights: a file, RANDOM (untrained, for smoke tests) or None (weights/clip-vit-b-32.pt)."""
+        random = str(weights) == RANDOM
+        path = None if random else Path(weights or CLIP_WEIGHTS)
+        if path is not None and not path.is_file():
+            raise InversionError(f"CLIP {arch} weights not found at {path}; download OpenAI's ViT-B-32.pt from "
+                                 f"{CLIP_URL} to {CLIP_WEIGHTS} (or pass --clip-weights PATH)")
+        import open_clip
+
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=True)  # OpenAI CLIP: QuickGELU
+        if path is None:
+            log.warning("CLIP has random weights (--clip-weights %s): the metrics are meaningless", RANDOM)
+        else:
+            missing, unexpected = model.load_state_dict(read_clip_state_dict(path), strict=False)
+            if missing or unexpected:
+                names = ", ".join((missing or unexpected)[:3])
+                raise InversionError(f"CLIP weights {path} do not fit open_clip {arch} "
+                                     f"({'missing' if missing else 'unexpected'} {names}…); use OpenAI's "
+                                     f"ViT-B-32.pt from {CLIP_URL}")
+        device = torch.device(device)
+        return cls(model.to(device), open_clip.get_tokenizer(arch), device, RANDOM if path is None else str(path))
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+        """Images in [−1, 1] (B, 3, H, W) → (B, D) fp32 CLIP image embeddings."""
+        feats = [self.model.encode_image(clip_preprocess(images[i:i + chunk].to(self.device))).float()
+                 for i in range(0, images.shape[0], chunk)]
+        return torch.cat(feats).cpu()
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """Strings → (T, D) fp32 CLIP text embeddings."""
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float().cpu()
+
+
+# --- a training run -----------------------------------------------------------------------------------------
+
+EMBEDDING_FILES = ("embeddings.pt", "learned_embeds.safetensors")
+
+
+def run_info(run: Path) -> dict:
+    """The trainer's args.json options of a run directory ({} when absent)."""
+    path = run / "args.json"
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()).get("options", {}))
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise InversionError(f"{path} is not the trainer's args.json ({e})") from None
+
+
+def find_embedding(run: Path) -> Path:
+    """The run's learned-word file: the official embeddings.pt (all words), else the diffusers file."""
+    if not run.is_dir():
+        raise InversionError(f"RUN={run}: no such run directory")
+    for name in EMBEDDING_FILES:
+        if (run / name).is_file():
+            return run / name
+    raise InversionError(f"RUN={run} holds no learned embedding ({' or '.join(EMBEDDING_FILES)}); "
+                         f"train one first with `make train CONCEPT=… OUT={run}`")
+
+
+@torch.no_grad()
+def generate(model, prompt: str, n: int = N_SAMPLES, steps: int = STEPS, scale: float = GUIDANCE,
+             eta: float = ETA, size: int = 256, seed: int = SEED, batch: int = BATCH,
+             progress: bool = False) -> torch.Tensor:
+    """n DDIM samples of one prompt, decoded and clamped to [−1, 1] (B, 3, size, size) on the CPU; sample i
+    uses seed + i whatever the batch size."""
+    out = []
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        latents = model.sample_latents([prompt] * b, steps=steps, scale=scale, eta=eta, sampler="ddim",
+                                       seed=seed + start, height=size, width=size, progress=progress)
+        out.append(model.decode_latents(latents).float().clamp(-1.0, 1.0).cpu())
+    return torch.cat(out)
+
+
+def evaluate(model, scorer: CLIPScorer, train_images: torch.Tensor, token: str,
+             prompts: Sequence[str] = EDITING_PROMPTS, reconstruction: str = RECONSTRUCTION_PROMPT,
+             n: int = N_SAMPLES, steps: int = STEPS, scale: float = GUIDANCE, eta: float = ETA,
+             size: int = 256, seed: int = SEED, batch: int = BATCH, samples_dir: Path | None = None,
+             progress: bool = True) -> dict:
+    """Sample every prompt (S* → token) and score it; returns the metrics and a per-prompt breakdown."""
+    from tqdm.auto import tqdm
+
+    train_feats = scorer.image_features(train_images)
+    rows = []
+    order = [reconstruction, *[p for p in prompts if p != reconstruction]]
+    for prompt in tqdm(order, desc="evaluating prompts", disable=not progress):
+        samples = generate(model, prompt.replace(MARKER, token), n, steps, scale, eta, size, seed, batch)
+        if samples_dir is not None:
+            save_grid(samples, samples_dir / f"{len(rows):02d}-{_slug(prompt)}.png")
+        feats = scorer.image_features(samples)
+        text = strip_placeholder(prompt, token)
+        rows.append({"prompt": prompt, "text": text, "editing": prompt in prompts,
+                     "image_similarity": image_similarity(train_feats, feats),
+                     "text_similarity": text_similarity(scorer.text_features([text]), feats)})
+    edits = [r for r in rows if r["editing"]]
+    recon = next(r for r in rows if r["prompt"] == reconstruction)
+    return {"image_similarity": recon["image_similarity"],
+            "text_similarity": sum(r["text_similarity"] for r in edits) / len(edits),
+            "prompts": rows}
+
+
+def _slug(prompt: str) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in prompt.replace(MARKER, "S").lower())
+    return "-".join(p for p in keep.split("-") if p)[:60]
+
+
+def save_grid(samples: torch.Tensor, path: Path, columns: int = 8) -> Path:
+    """Samples in [−1, 1] → one PNG grid."""
+    from PIL import Image
+
+    from ldm.pipeline import to_pil
+
+    images = to_pil(samples)
+    w, h = images[0].size
+    cols = min(columns, len(images))
+    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m inversion.evaluate", description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--run", required=True, help="training run directory (RUN=)")
+    a("--prompts", default=None, help="';'-separated editing prompts with S* (PROMPTS=; default the paper's)")
+    a("--reconstruction", default=RECONSTRUCTION_PROMPT,
+      help=f"prompt whose samples give the image similarity (default {RECONSTRUCTION_PROMPT!r})")
+    a("--n", type=int, default=N_SAMPLES, help=f"samples per prompt (N=, default {N_SAMPLES})")
+    a("--steps", type=int, default=STEPS, help=f"DDIM steps (STEPS=, default {STEPS})")
+    a("--scale", type=float, default=GUIDANCE, help=f"guidance scale (SCALE=, default {GUIDANCE})")
+    a("--eta", type=float, default=ETA, help=f"DDIM eta (default {ETA})")
+    a("--size", type=int, default=None, help="sample and training-image size in px (default the model's: LDM 256)")
+    a("--batch", type=int, default=BATCH, help=f"samples per sampler call (default {BATCH})")
+    a("--seed", type=int, default=SEED, help=f"sample i uses seed + i (SEED=, default {SEED})")
+    a("--clip-weights", default=None, help=f"CLIP weights file (CLIP=, default {CLIP_WEIGHTS}); "
+                                           f"'{RANDOM}' = untrained, smoke runs only")
+    a("--clip-arch", default=CLIP_ARCH, help=f"open_clip architecture (default {CLIP_ARCH}, the paper's)")
+    a("--model", default=None, help="override the run's MODEL (default: from RUN/args.json)")
+    a("--ckpt", default=None, help="override the run's CKPT")
+    a("--concept", default=None, help="override the run's concept folder (the training images)")
+    a("--embedding", default=None, help="embedding file (default RUN/embeddings.pt or learned_embeds.safetensors)")
+    a("--token", default=None, help="the learned word in that file (default the run's TOKEN)")
+    a("--out", default=None, help="JSON path (default RUN/eval.json)")
+    a("--save-samples", action="store_true", help="also write one PNG grid per prompt under RUN/eval-samples/")
+    a("--device", default="auto", help="auto | cpu | cuda | mps (DEVICE=)")
+    a("--dtype", default="fp32", help="fp32 | fp16 | bf16 for the diffusion model (DTYPE=)")
+    a("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    checks = [(args.n >= 1, f"N={args.n} must be at least 1"), (args.steps >= 1, f"STEPS={args.steps} must be ≥ 1"),
+              (args.batch >= 1, f"--batch {args.batch} must be ≥ 1"),
+              (math.isfinite(args.scale), f"SCALE={args.scale} must be a number"),
+              (args.eta >= 0, f"--eta {args.eta} must be ≥ 0"),
+              (args.size is None or args.size >= 8, f"--size {args.size} is too small")]
+    for ok, message in checks:
+        if not ok:
+            raise InversionError(message)
+    if MARKER not in args.reconstruction:
+        raise InversionError(f"--reconstruction {args.reconstruction!r} has no {MARKER}")
+
+
+def _pick_words(words: dict[str, torch.Tensor], token: str | None, path: Path) -> str:
+    if token is not None and token in words:
+        return token
+    if token is not None and len(words) == 1:
+        return token
+    if token is None and len(words) == 1:
+        return next(iter(words))
+    raise InversionError(f"{path} holds {', '.join(words)}; say which word to evaluate with --token")
+
+
+def main(argv: list[str] | None = None, scorer: CLIPScorer | None = None, model=None) -> int:
+    """CLI entry; `scorer`/`model` may be given by tests (a small CLIP, an already-built model)."""
+    from inversion import data as D
+    from ldm import cli
+
+    args = build_parser().parse_args(argv)
+    _check(args)
+    run = Path(args.run)
+    info = run_info(run) if run.is_dir() else {}
+    emb_path = Path(args.embedding) if args.embedding else find_embedding(run)
+    words = load_embedding_file(emb_path)
+    token = _pick_words(words, args.token or info.get("token"), emb_path)
+    if token not in words:  # a one-word file saved under another name
+        words = {token: next(iter(words.values()))}
+    concept = args.concept or info.get("concept")
+    if not concept:
+        raise InversionError(f"RUN={run} does not name its concept (no args.json); give --concept FOLDER")
+    prompts = parse_prompts(args.prompts)
+    out = Path(args.out) if args.out else run / "eval.json"
+    cli.check_writable(out.parent)
+
+    device = cli.pick_device(args.device)
+    if scorer is None:
+        scorer = CLIPScorer.load(args.clip_weights, device, args.clip_arch)  # fail fast, before the big model
+    if model is None:
+        model = cli.load(args.model or info.get("model"), args.ckpt or info.get("ckpt"), device,
+                         cli.pick_dtype(args.dtype, device))
+    model.eval()
+    for word, vectors in words.items():  # per-image tokens too, so every id of the file is defined
+        model.add_embedding(word, vectors)
+    size = args.size or model.config.image_size
+    if size % model.latent_factor:
+        raise InversionError(f"--size {size} must be a multiple of {model.latent_factor} for this model")
+    images = D.ConceptImages(D.resolve_concept(concept), size)
+    train_images = images.batch(list(range(len(images))), [False] * len(images))  # official: flip_p 0
+
+    started = time.time()
+    result = evaluate(model, scorer, train_images, token, prompts, args.reconstruction, args.n, args.steps,
+                      args.scale, args.eta, size, args.seed, args.batch,
+                      run / "eval-samples" if args.save_samples else None, progress=not args.no_progress)
+    report = {
+        "run": str(run), "token": token, "embedding": str(emb_path), "model": model.config.name,
+        "concept": str(concept), "training_images": len(images),
+        "image_similarity": result["image_similarity"], "text_similarity": result["text_similarity"],
+        "protocol": {"samples_per_prompt": args.n, "sampler": "ddim", "steps": args.steps, "eta": args.eta,
+                     "guidance": args.scale, "size": size, "seed": args.seed,
+                     "reconstruction_prompt": args.reconstruction, "editing_prompts": prompts,
+                     "clip": {"arch": args.clip_arch, "weights": scorer.weights}},
+        "prompts": result["prompts"], "seconds": round(time.time() - started, 1),
+    }
+    atomic_write(out, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    note = " [RANDOM CLIP: smoke run]" if scorer.weights == RANDOM else ""
+    print(f"{token}: image similarity {report['image_similarity']:.4f} ({args.reconstruction!r}), "
+          f"text similarity {report['text_similarity']:.4f} (mean of {len(prompts)} editing prompts), "
+          f"{args.n} samples/prompt{note} → {out}")
+    return 0
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    from ldm import cli
+
+    return cli.run(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())
