@@ -57,12 +57,16 @@ def build_modules(config: ModelConfig, device: torch.device | str | None = None,
 
 
 def build_tokenizer(config: ModelConfig):
-    """The tokenizer that belongs to `config` (CLIP BPE for SD1/SD2)."""
+    """The tokenizer that belongs to `config`: CLIP BPE for SD1/SD2, WordPiece for LDM-1.4B."""
     if config.tokenizer in ("sd1", "sd2"):
         from ldm.tokenizer import Tokenizer
 
         return Tokenizer(config.tokenizer, context_length=config.text.get("context_length", 77))
-    raise NotImplementedError(f"tokenizer {config.tokenizer!r} is not available yet")
+    if config.tokenizer == "bert":
+        from ldm.wordpiece import WordPieceTokenizer
+
+        return WordPieceTokenizer(None, context_length=config.text.get("max_seq_len", 77))
+    raise ValueError(f"unknown tokenizer {config.tokenizer!r}")
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
