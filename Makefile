@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 # make variables → CLI flags, passed only when set
 opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
 
-.PHONY: install test test-fast demo sample train weights pretrain-shapes bench lint clean help
+.PHONY: install test test-fast demo sample train eval weights pretrain-shapes bench lint clean help
 help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
 	@echo "make test                    ruff + the whole pytest suite (CPU; Triton kernels interpreted)"
@@ -43,6 +43,24 @@ sample: $(STAMP)
 		$(call opt,--neg,$(NEG)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) \
 		$(call opt,--dtype,$(DTYPE)) $(call opt,--embedding,$(EMBEDDING)) $(call opt,--token,$(TOKEN)) \
 		$(call opt,--attention,$(ATTENTION)) $(call opt,--eta,$(ETA)) $(call opt,--prediction,$(PREDICTION))
+
+train: $(STAMP)
+	@test -n "$(CONCEPT)" || { echo 'error: give CONCEPT=cat (a folder under experiments/concepts/ or a path)' >&2; exit 2; }
+	$(PYTHON) -m inversion.train --concept "$(CONCEPT)" $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) \
+		$(call opt,--steps,$(STEPS)) $(call opt,--batch,$(BATCH)) $(call opt,--accum,$(ACCUM)) $(call opt,--lr,$(LR)) \
+		$(call opt,--init,$(INIT)) $(call opt,--token,$(TOKEN)) $(call opt,--vectors,$(VECTORS)) \
+		$(call opt,--size,$(SIZE)) $(call opt,--seed,$(SEED)) $(call opt,--out,$(OUT)) \
+		$(call opt,--save-every,$(SAVE_EVERY)) $(call opt,--precision,$(PRECISION)) \
+		$(call opt,--checkpointing,$(CHECKPOINTING)) $(call opt,--resume,$(RESUME)) \
+		$(call opt,--templates,$(TEMPLATES)) $(call opt,--val-prompts,$(VAL_PROMPTS)) \
+		$(call opt,--device,$(DEVICE)) $(call opt,--reg-weight,$(REG_WEIGHT)) $(ARGS)
+
+eval: $(STAMP)
+	@test -n "$(RUN)" || { echo 'error: give RUN=runs/<your run>' >&2; exit 2; }
+	$(PYTHON) -m inversion.evaluate --run "$(RUN)" $(call opt,--prompts,$(PROMPTS)) $(call opt,--n,$(N)) \
+		$(call opt,--steps,$(STEPS)) $(call opt,--scale,$(SCALE)) $(call opt,--seed,$(SEED)) \
+		$(call opt,--clip-weights,$(CLIP)) $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) \
+		$(call opt,--device,$(DEVICE)) $(call opt,--out,$(OUT))
 
 weights: $(STAMP)
 	@test -n "$(MODEL)" || { echo 'error: give MODEL=sd15|sd21|sd21-v' >&2; exit 2; }
