@@ -467,9 +467,6 @@ def detect_variant(state_dict: Mapping[str, Tensor], prediction: str | None = No
         text["output"] = hints["text_output"]
     if prediction == "v" and base.name == "sd2":
         base = configs.sd2_v()
-    elif prediction is None and text["kind"] == "openclip":
-        log.warning("%s: SD 2.x weights do not say eps from v; assuming eps (pass prediction='v' for 768-v "
-                    "models)", source)
     extra = {k: hints[k] for k in ("linear_start", "linear_end", "timesteps", "scale_factor") if k in hints}
     return base.with_(name=f"{base.name}-custom" if custom else base.name, unet=unet, vae=vae, text=text,
                       parameterization=prediction or base.parameterization, **extra)
@@ -596,8 +593,14 @@ def _assign(module: nn.Module, sd: LazyStateDict, prefix: str, config: ModelConf
 
 def load_model(path_or_dir: str | Path, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None, prediction: str | None = None, allow_pickle: bool = False):
-    """Load a Stable Diffusion 1.x/2.x checkpoint (.safetensors, .ckpt, diffusers folder) into a
-    LatentDiffusion, strictly; dtype defaults to float32, device to CPU."""
+    """Load a Stable Diffusion 1.x/2.x checkpoint (.safetensors, .ckpt, diffusers folder) into a frozen
+    LatentDiffusion, strictly; dtype defaults to float32, device to CPU.
+
+    Parameters are built on the meta device and assigned tensor by tensor, each cast on its own, so peak
+    memory is about one model in the target dtype. .safetensors tensors are read into fresh memory; .ckpt
+    tensors stay memory-mapped when no cast or move is needed (PyTorch's mmap + assign recipe).
+    `prediction` ("eps" | "v") overrides what the files say (a diffusers scheduler config, a sibling .yaml,
+    the weights manifest); SD 2.x weights alone cannot tell eps from v, and default to eps."""
     from ldm.pipeline import LatentDiffusion, build_modules, build_tokenizer
     from ldm.schedule import Schedule
 
@@ -612,6 +615,9 @@ def load_model(path_or_dir: str | Path, device: torch.device | str | None = None
         found = _prediction_from_file(path)
         if found:
             config = detect_variant(sd, found, source=source, hints=hints)
+        else:
+            log.warning("%s: SD 2.x weights do not say eps from v; assuming eps (pass prediction='v' for "
+                        "768-v models)", source)
     log.info("%s: detected %s (%s prediction)", source, config.name, config.parameterization)
     alphas = sd["alphas_cumprod"] if "alphas_cumprod" in sd else None
     parts = split_state_dict(sd, config, source)
