@@ -1,7 +1,6 @@
 """Read .safetensors/.ckpt files and diffusers folders, detect the model variant, load strictly."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -524,36 +523,6 @@ def split_state_dict(state_dict: Mapping[str, Tensor], config: ModelConfig, sour
             for part, names in keys.items()}
 
 
-_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-          "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside allocate no parameter memory (parameters land on the meta device) and skip their
-    random initialisation; buffers are built for real, since a state dict may not hold them."""
-    register = nn.Module.register_parameter
-    inits = {name: getattr(nn.init, name) for name in _INITS}
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    def skip_on_meta(init: Callable) -> Callable:
-        return lambda tensor, *args, **kwargs: tensor if tensor.is_meta else init(tensor, *args, **kwargs)
-
-    nn.Module.register_parameter = on_meta
-    for name, init in inits.items():
-        setattr(nn.init, name, skip_on_meta(init))
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-        for name, init in inits.items():
-            setattr(nn.init, name, init)
-
-
 def _fill_unused_projection(text: nn.Module, sd: LazyStateDict, config: ModelConfig) -> LazyStateDict:
     """diffusers folders lack open_clip's text_projection, which Stable Diffusion never uses: NaN, so that any
     use of it is loud rather than silently wrong."""
@@ -622,8 +591,7 @@ def load_model(path_or_dir: str | Path, device: torch.device | str | None = None
     alphas = sd["alphas_cumprod"] if "alphas_cumprod" in sd else None
     parts = split_state_dict(sd, config, source)
     del sd
-    with _parameters_on_meta():
-        unet, vae, text = build_modules(config)
+    unet, vae, text = build_modules(config, device="meta")
     if hints.get("source_format") == "diffusers":
         parts["text"] = _fill_unused_projection(text, parts["text"], config)
     text_prefix = PREFIXES[config.text["kind"]]
