@@ -22,12 +22,14 @@ __all__ = ["CheckpointError", "read_state_dict", "detect_variant", "load_model",
            "config_to_tensor", "config_from_tensor", "CONFIG_KEY"]
 
 CONFIG_KEY = "oneword.config"
-PREFIXES = {"unet": dk.UNET_PREFIX, "vae": dk.VAE_PREFIX, "clip": dk.CLIP_PREFIX, "openclip": dk.OPENCLIP_PREFIX}
+PREFIXES = {"unet": dk.UNET_PREFIX, "vae": dk.VAE_PREFIX, "clip": dk.CLIP_PREFIX, "openclip": dk.OPENCLIP_PREFIX,
+            "ldmbert": dk.CLIP_PREFIX}
 _SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                      "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                      "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                      "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights")
 KNOWN_EXTRAS = re.compile(r"model_ema\..*|.*\.position_ids|(.*\.)?logit_scale|"
+                          r"cond_stage_model\.transformer\.to_logits\..*|"
                           + "|".join(map(re.escape, (*_SCHEDULE_BUFFERS, CONFIG_KEY))))
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Harmless objects that PyTorch Lightning left in some released .ckpt files (e.g. the SD 1.x training
@@ -314,9 +316,6 @@ def _reject_unsupported(sd: dict[str, Tensor], source: str) -> None:
     if any(k.startswith(("conditioner.embedders.", u + "label_emb.")) for k in sd):
         raise CheckpointError(f"{source} is a Stable Diffusion XL checkpoint (conditioner.embedders / label_emb "
                               "keys); SDXL is not supported — use an SD 1.x or 2.x checkpoint")
-    if "cond_stage_model.transformer.token_emb.weight" in sd:
-        raise CheckpointError(f"{source} is the LDM-1.4B text-to-image model (BERT-like text encoder); it is "
-                              "not supported until issue 6 adds it")
     if not any(k.startswith(u) for k in sd):
         if any(k.startswith((dk.VAE_PREFIX, "encoder.", "decoder.")) for k in sd):
             raise CheckpointError(f"{source} holds only a VAE (autoencoder); load_model needs a full Stable "
@@ -389,6 +388,13 @@ def _derive_text(sd: dict[str, Tensor], source: str) -> dict:
         return dict(kind="openclip", vocab_size=vocab, width=width,
                     layers=len(_indices(sd, re.escape(o) + r"transformer\.resblocks\.(\d+)\.")),
                     context_length=_need(sd, o + "positional_embedding", source).shape[0])
+    b = dk.CLIP_PREFIX
+    if b + "token_emb.weight" in sd:  # LDM-1.4B: x-transformers encoder, two entries per layer
+        vocab, width = sd[b + "token_emb.weight"].shape
+        inner = _need(sd, b + "attn_layers.layers.0.1.to_q.weight", source, "LDM-1.4B").shape[0]
+        return dict(kind="ldmbert", vocab_size=vocab, width=width, heads=inner // 64, dim_head=64,
+                    layers=len(_indices(sd, re.escape(b) + r"attn_layers\.layers\.(\d+)\.")) // 2,
+                    max_seq_len=_need(sd, b + "pos_emb.emb.weight", source, "LDM-1.4B").shape[0])
     raise CheckpointError(f"{source} has no text encoder (no key {c}embeddings.token_embedding.weight or "
                           f"{o}token_embedding.weight) — is this a Stable Diffusion 1.x/2.x checkpoint?")
 
@@ -401,7 +407,8 @@ def _signature(cfg_unet: dict, cfg_vae: dict, cfg_text: dict) -> tuple:
              bool(u.get("use_linear_in_transformer", False))),
             (d["ch"], tuple(d["ch_mult"]), d["num_res_blocks"], d["z_channels"], d["in_channels"], d["out_ch"],
              bool(d["double_z"]), cfg_vae["embed_dim"], len(d.get("attn_resolutions", []))),
-            (cfg_text["kind"], cfg_text["vocab_size"], cfg_text["width"], cfg_text["context_length"]))
+            (cfg_text["kind"], cfg_text["vocab_size"], cfg_text["width"],
+             cfg_text.get("context_length", cfg_text.get("max_seq_len"))))
 
 
 _DEFAULTS = {"use_linear_in_transformer": False, "transformer_depth": 1, "attn_resolutions": []}
@@ -442,11 +449,11 @@ def detect_variant(state_dict: Mapping[str, Tensor], prediction: str | None = No
     unet, text = _derive_unet(shapes, source), _derive_text(shapes, source)
     vae = _derive_vae(shapes, source, 256)
     sig = _signature(unet, vae, text)
-    base = next((p for p in (configs.sd1(), configs.sd2(), configs.tiny())
+    base = next((p for p in (configs.sd1(), configs.sd2(), configs.ldm_1p4b(), configs.tiny())
                  if _signature(p.unet, p.vae, p.text) == sig), None)
     custom = base is None
     if custom:
-        base = configs.sd1() if text["kind"] == "clip" else configs.sd2()
+        base = {"clip": configs.sd1, "openclip": configs.sd2, "ldmbert": configs.ldm_1p4b}[text["kind"]]()
         if not ("unet_heads" in hints and "text_heads" in hints):
             log.warning("%s: sizes match no preset (UNet %s, text %s); head counts guessed from %s",
                         source, unet, text, base.name)
@@ -604,5 +611,9 @@ def load_model(path_or_dir: str | Path, device: torch.device | str | None = None
         schedule = Schedule(alphas, config.parameterization)  # the checkpoint's own ᾱ, as DESIGN prefers
     elif alphas is not None:
         log.info("%s: alphas_cumprod stored as %s; recomputing the schedule in float64", source, alphas.dtype)
-    model = LatentDiffusion(config, unet, vae, text, build_tokenizer(config), schedule)
+    try:
+        tokenizer = build_tokenizer(config)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    model = LatentDiffusion(config, unet, vae, text, tokenizer, schedule)
     return model.eval().requires_grad_(False)

@@ -13,7 +13,8 @@ from ldm.config import ModelConfig
 from ldm.pipeline import build_modules
 
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-            "clip": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model."}
+            "clip": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model.",
+            "ldmbert": "cond_stage_model.transformer."}
 
 
 def module_prefixes(config: ModelConfig) -> tuple[str, str, str]:
