@@ -42,7 +42,8 @@ sample: $(STAMP)
 		$(call opt,--sampler,$(SAMPLER)) $(call opt,--seed,$(SEED)) $(call opt,--H,$(H)) $(call opt,--W,$(W)) \
 		$(call opt,--neg,$(NEG)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) \
 		$(call opt,--dtype,$(DTYPE)) $(call opt,--embedding,$(EMBEDDING)) $(call opt,--token,$(TOKEN)) \
-		$(call opt,--attention,$(ATTENTION)) $(call opt,--eta,$(ETA)) $(call opt,--prediction,$(PREDICTION))
+		$(call opt,--attention,$(ATTENTION)) $(call opt,--eta,$(ETA)) $(call opt,--prediction,$(PREDICTION)) \
+		$(if $(ALLOW_PICKLE),--allow-pickle)
 
 train: $(STAMP)
 	@test -n "$(CONCEPT)" || { echo 'error: give CONCEPT=cat (a folder under experiments/concepts/ or a path)' >&2; exit 2; }
@@ -63,8 +64,8 @@ eval: $(STAMP)
 		$(call opt,--device,$(DEVICE)) $(call opt,--out,$(OUT))
 
 weights: $(STAMP)
-	@test -n "$(MODEL)" || { echo 'error: give MODEL=sd15|sd21|sd21-v' >&2; exit 2; }
-	$(PYTHON) -m weights.download $(MODEL)
+	@test -n "$(MODEL)" || { echo 'error: give MODEL=sd15|sd21|sd21-v|ldm-1.4b' >&2; exit 2; }
+	$(PYTHON) -m weights.download $(MODEL) $(if $(UNVERIFIED),--unverified)
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

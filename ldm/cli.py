@@ -12,7 +12,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "shapes", "tiny")
+MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "tiny")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def model_path(model: str) -> Path:
 
 
 def load(model: str | None, ckpt: str | None, device: torch.device, dtype: torch.dtype,
-         prediction: str | None = None):
+         prediction: str | None = None, allow_pickle: bool = False):
     """A LatentDiffusion from MODEL (a known name) or CKPT (a path); missing weights say how to get them."""
     import ldm
 
@@ -80,7 +80,7 @@ def load(model: str | None, ckpt: str | None, device: torch.device, dtype: torch
         path = Path(ckpt)
         if not path.exists():
             raise UsageError(f"CKPT={ckpt}: no such file or folder")
-        return ldm.load_model(path, device=device, dtype=dtype, prediction=prediction)
+        return ldm.load_model(path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle)
     model = model or "sd15"
     if model not in MODEL_CHOICES:
         raise UsageError(f"unknown MODEL={model!r}; choose one of {', '.join(MODEL_CHOICES)} or give CKPT=path")
@@ -94,7 +94,7 @@ def load(model: str | None, ckpt: str | None, device: torch.device, dtype: torch
                          "or try the offline `make demo` (MODEL=shapes)")
     if prediction is None and model == "sd21-v":
         prediction = "v"
-    return ldm.load_model(path, device=device, dtype=dtype, prediction=prediction)
+    return ldm.load_model(path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle)
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

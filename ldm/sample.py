@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help=f"one of {', '.join(cli.MODEL_CHOICES)} (default sd15)")
     p.add_argument("--ckpt", default=None, help="a checkpoint file or diffusers folder (overrides --model)")
     p.add_argument("--prediction", choices=("eps", "v"), default=None, help="override the parameterisation")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="let a .ckpt run pickled code (only for files you trust)")
     p.add_argument("--n", type=int, default=4, help="number of images")
     p.add_argument("--batch-size", type=int, default=None, help="images per UNet batch (default: all)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
@@ -78,7 +80,8 @@ def model_hash(args: argparse.Namespace) -> tuple[str, str]:
         from weights.download import manifest
 
         entry = manifest()[model]
-        return entry["sha256"][:10], Path(entry["file"]).stem
+        if entry["sha256"]:
+            return entry["sha256"][:10], Path(entry["file"]).stem
     path = Path(args.ckpt) if args.ckpt else cli.model_path(model)
     if path.is_dir():
         return "", path.name
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     out = cli.check_writable(args.out)
     device = cli.pick_device(args.device)
     dtype = cli.pick_dtype(args.dtype, device)
-    model = cli.load(args.model, args.ckpt, device, dtype, args.prediction)
+    model = cli.load(args.model, args.ckpt, device, dtype, args.prediction, args.allow_pickle)
     if args.embedding:
         words = add_embeddings(model, args.embedding, args.token)
         log.info("learned words: %s", ", ".join(words))

@@ -93,7 +93,15 @@ def test_manifest_lists_verified_public_checkpoints():
     assert {"sd15", "sd21", "sd21-v"} <= set(entries)
     for entry in entries.values():
         assert entry["url"].startswith("https://")
-        assert len(entry["sha256"]) == 64 and int(entry["sha256"], 16) >= 0
+        assert entry["sha256"] is None or (len(entry["sha256"]) == 64 and int(entry["sha256"], 16) >= 0)
+    assert all(entries[m]["sha256"] for m in ("sd15", "sd21", "sd21-v"))
     assert local_path("sd15").name == "v1-5-pruned-emaonly.safetensors"
     with pytest.raises(DownloadError, match="unknown model"):
         local_path("sd99")
+
+
+def test_entries_without_a_published_sha256_need_unverified(tmp_path):
+    from weights.download import download
+
+    with pytest.raises(DownloadError, match="--unverified"):
+        download("bert-vocab", tmp_path, progress=False)

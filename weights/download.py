@@ -53,12 +53,12 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(url: str, dest: Path, sha256: str, size: int | None = None, progress: bool = True,
+def fetch(url: str, dest: Path, sha256: str | None, size: int | None = None, progress: bool = True,
           timeout: float = 60.0) -> Path:
     """Download url to dest, resuming a `.part` file with an HTTP Range request; verify sha256, then rename."""
     dest = Path(dest)
     if dest.exists():
-        if sha256_of(dest) == sha256:
+        if sha256 is None or sha256_of(dest) == sha256:
             log.info("%s is already here and verified", dest)
             return dest
         raise DownloadError(f"{dest} exists but its sha256 does not match the manifest; move it away and retry")
@@ -98,7 +98,10 @@ def fetch(url: str, dest: Path, sha256: str, size: int | None = None, progress: 
                 raise DownloadError(f"{url}: transfer broke off after {part.stat().st_size} of {total} bytes; "
                                     "run again to resume")
     digest = sha256_of(part)
-    if digest != sha256:
+    if sha256 is None:
+        log.warning("%s has no published sha256; its sha256 is %s — compare it with a trusted source",
+                    dest.name, digest)
+    elif digest != sha256:
         part.unlink()
         raise DownloadError(f"{dest.name}: sha256 {digest[:12]}… does not match the manifest's "
                             f"{sha256[:12]}…; the partial file was deleted, run again")
@@ -106,11 +109,20 @@ def fetch(url: str, dest: Path, sha256: str, size: int | None = None, progress: 
     return dest
 
 
-def download(name: str, weights_dir: Path = WEIGHTS_DIR, progress: bool = True) -> Path:
-    """Download the manifest's model `name` into weights_dir (resumable, verified)."""
-    entry = manifest().get(name)
+def download(name: str, weights_dir: Path = WEIGHTS_DIR, progress: bool = True, unverified: bool = False
+             ) -> Path:
+    """Download the manifest's model `name` (and its companion files) into weights_dir, resumable and verified.
+
+    Entries without a published sha256 are refused unless `unverified` is set."""
+    entries = manifest()
+    entry = entries.get(name)
     if entry is None:
         raise DownloadError(f"unknown model {name!r}; known: {', '.join(known_models())}")
+    for other in entry.get("companions", []):
+        download(other, weights_dir, progress, unverified)
+    if entry["sha256"] is None and not unverified:
+        raise DownloadError(f"{name} has no published sha256, so it cannot be verified; add --unverified "
+                            "(make weights ... UNVERIFIED=1) to download it anyway and print its sha256")
     return fetch(entry["url"], weights_dir / entry["file"], entry["sha256"], entry.get("size"), progress)
 
 
@@ -118,17 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights.download", description=__doc__.splitlines()[0])
     parser.add_argument("model", help=f"one of: {', '.join(known_models())}")
     parser.add_argument("--dir", type=Path, default=WEIGHTS_DIR, help="destination folder")
+    parser.add_argument("--unverified", action="store_true", help="allow files without a published sha256")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        path = download(args.model, args.dir)
+        path = download(args.model, args.dir, unverified=args.unverified)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(f"ok: {path} (sha256 verified)")
+    verified = manifest()[args.model]["sha256"] is not None
+    print(f"ok: {path}" + (" (sha256 verified)" if verified else " (no published sha256 to verify)"))
     return 0
 
 
