@@ -1,28 +1,48 @@
-"""Small shared primitives of the LDM networks: fp32 GroupNorm, sinusoidal timestep embedding, zero init."""
+"""Shared primitives of the LDM networks: fp32 GroupNorm (+ fused SiLU), sinusoidal timestep embedding, zero init."""
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ldm.kernels.norm import group_norm
 
 MAX_PERIOD = 10000
 GROUPS = 32
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm (Wu & He 2018) computed in fp32 whatever the input dtype, cast back on return."""
+    """GroupNorm (Wu & He 2018) with fp32 statistics via the fused-kernel dispatcher; output in x's dtype.
+
+    `forward` is the plain norm; `forward_silu` is SiLU(GroupNorm(x)) in one kernel. Both go through
+    `ldm.kernels.norm.group_norm` (backend: $ONEWORD_KERNELS, "auto" = Triton on CUDA, reference elsewhere).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps)
+
+    def forward_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(GroupNorm(x)) (Elfwing et al. 2018) fused: one read and one write of x."""
+        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, silu=True)
 
 
 def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
     """The LDM normalisation layer: 32-group GroupNorm in fp32."""
     return GroupNorm32(GROUPS, channels, eps=eps)
+
+
+class NormSiLUSequential(nn.Sequential):
+    """nn.Sequential(GroupNorm32, SiLU, *rest) whose norm and SiLU run as one fused kernel; keys stay put."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, act, *rest = self
+        if not (isinstance(norm, GroupNorm32) and isinstance(act, nn.SiLU)):
+            return super().forward(x)
+        x = norm.forward_silu(x)
+        for layer in rest:
+            x = layer(x)
+        return x
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = MAX_PERIOD) -> torch.Tensor:

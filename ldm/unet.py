@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.attention import attention
-from ldm.layers import GroupNorm32, normalization, timestep_embedding, zero_module
+from ldm.kernels.geglu import geglu
+from ldm.layers import GroupNorm32, NormSiLUSequential, normalization, timestep_embedding, zero_module
 
 __all__ = [
     "BasicTransformerBlock", "CrossAttention", "Downsample", "FeedForward", "GEGLU", "ResBlock",
@@ -37,10 +38,10 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(
+        self.in_layers = NormSiLUSequential(
             normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(
+        self.out_layers = NormSiLUSequential(
             normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = (nn.Identity() if out_channels == channels
@@ -117,15 +118,14 @@ class CrossAttention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """GEGLU (Shazeer 2020): proj -> (x, gate) -> x * GELU(gate), exact erf GELU."""
+    """GEGLU (Shazeer 2020): proj -> (x, gate) -> x * GELU(gate), exact erf GELU, via the fused dispatcher."""
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -350,7 +350,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(
+        self.out = NormSiLUSequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
 
     @property

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.attention import attention
+from ldm.layers import GroupNorm32
 
 log = logging.getLogger(__name__)
 
@@ -19,24 +20,15 @@ LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm (Wu & He 2018) computed in fp32 whatever the input dtype, cast back after."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
 def Normalize(channels: int) -> GroupNorm32:
-    """The VAE's norm: 32 groups, eps 1e-6, affine."""
+    """The VAE's norm: 32 groups, eps 1e-6, affine, fp32 statistics (ldm.layers.GroupNorm32)."""
     if channels % GROUPS:
         raise ValueError(f"VAE GroupNorm needs channels divisible by {GROUPS}, got {channels}")
     return GroupNorm32(GROUPS, channels, eps=GN_EPS, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    """Pre-activation residual block without time embedding: GN, SiLU, conv, GN, SiLU, dropout, conv."""
+    """Pre-activation residual block without time embedding: GN+SiLU (fused), conv, GN+SiLU, dropout, conv."""
 
     def __init__(self, in_channels: int, out_channels: int | None = None, conv_shortcut: bool = False,
                  dropout: float = 0.0) -> None:
@@ -56,8 +48,8 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(self.norm1.forward_silu(x))
+        h = self.conv2(self.dropout(self.norm2.forward_silu(h)))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
         return x + h
@@ -180,7 +172,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out.forward_silu(h))
 
 
 class Decoder(nn.Module):
@@ -238,7 +230,7 @@ class Decoder(nn.Module):
                 h = up.upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(self.norm_out.forward_silu(h))
         return torch.tanh(h) if self.tanh_out else h
 
 

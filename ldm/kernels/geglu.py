@@ -23,8 +23,8 @@ _BLOCK = 1024
 
 
 def geglu_reference(h: torch.Tensor) -> torch.Tensor:
-    """Reference: a·GELU(gate) with exact erf GELU, in fp32, cast back to h's dtype."""
-    a, gate = h.float().chunk(2, dim=-1)
+    """Reference: a·GELU(gate) with exact erf GELU, in fp32 (float64 stays float64), cast back to h's dtype."""
+    a, gate = h.to(torch.promote_types(h.dtype, torch.float32)).chunk(2, dim=-1)
     return (a * F.gelu(gate)).to(h.dtype)
 
 

@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 def group_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                          num_groups: int, eps: float, silu: bool = False) -> torch.Tensor:
-    """Reference: F.group_norm in fp32, then SiLU (fp32), cast back to x's dtype."""
-    y = F.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+    """Reference: F.group_norm in fp32 (float64 stays float64), then SiLU, cast back to x's dtype."""
+    ct = torch.promote_types(x.dtype, torch.float32)
+    y = F.group_norm(x.to(ct), num_groups, None if weight is None else weight.to(ct),
+                     None if bias is None else bias.to(ct), eps)
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)
@@ -172,6 +173,8 @@ class _GroupNormSiLU(torch.autograd.Function):
         _gn_apply[(n * num_groups, triton.cdiv(length, block))](
             x, y, weight, bias, mean, rstd, length, s, cg, num_groups, SILU=silu, BLOCK=block)
         CALLS["group_norm_fwd"] += 1
+        if silu:
+            CALLS["group_norm_silu_fwd"] += 1
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.silu = num_groups, silu
         return y
@@ -199,6 +202,8 @@ class _GroupNormSiLU(torch.autograd.Function):
             _gn_bwd_dx[(n * g, triton.cdiv(length, block))](x, dy, dx, weight, bias, mean, rstd, c1, c2,
                                                             length, s, cg, g, SILU=ctx.silu, BLOCK=block)
         CALLS["group_norm_bwd"] += 1
+        if ctx.silu:
+            CALLS["group_norm_silu_bwd"] += 1
         dweight = dw.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = db.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None, None, None
