@@ -65,6 +65,23 @@ def test_only_the_new_vectors_change(tmp_path):
     assert len((out / "loss.csv").read_text().splitlines()) == 4
 
 
+def test_training_steps_never_call_the_vae_encoder_with_the_cache(tmp_path):
+    model = ldm.tiny_model(0)
+    calls = []
+    model.vae.encoder.register_forward_hook(lambda *_: calls.append(1))
+    _run(tmp_path, "--steps", "4", "--save-every", "4", model=model, out="cached")
+    assert len(calls) == 3                 # the cache: 5 images × 2 flips in batches of 4, then no more
+    again = ldm.tiny_model(0)
+    again.vae.encoder.register_forward_hook(lambda *_: calls.append(1))
+    _run(tmp_path, "--steps", "2", "--save-every", "2", model=again, out="warm")
+    assert len(calls) == 3                 # a second run reads the cache from disk: zero encoder calls
+    model2 = ldm.tiny_model(0)
+    calls2 = []
+    model2.vae.encoder.register_forward_hook(lambda *_: calls2.append(1))
+    _run(tmp_path, "--steps", "2", "--save-every", "2", "--no-latent-cache", model=model2, out="uncached")
+    assert len(calls2) == 2                # the official way: one encoder pass per step
+
+
 def _fixed_batch(model, words):
     g = torch.Generator().manual_seed(0)
     ids = model.tokenizer(["a photo of <cat>", "a rendering of a <cat>"])
