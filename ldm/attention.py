@@ -30,14 +30,16 @@ def current_backend() -> str:
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
                    ) -> torch.Tensor:
-    """Reference: softmax in fp32, (B, H, Nq, D) x (B, H, Nk, D) -> (B, H, Nq, D)."""
+    """Reference: QKᵀ and softmax in fp32 (also under autocast), (B, H, Nq, D) x (B, H, Nk, D) -> (B, H, Nq, D)."""
     scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if causal:
-        nq, nk = scores.shape[-2:]
-        future = torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        if causal:
+            nq, nk = scores.shape[-2:]
+            future = torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1), v.float())
+    return out.to(q.dtype)
 
 
 def _triton_kernels():

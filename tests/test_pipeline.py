@@ -84,3 +84,14 @@ def test_wrong_width_embedding_is_refused(model):
     m = ldm.tiny_model(seed=0)
     with pytest.raises(ValueError, match=r"\(n, 32\)"):
         m.add_embedding("<x>", torch.zeros(1, 768))
+
+
+def test_math_attention_keeps_fp32_scores_under_autocast():
+    from ldm.attention import attention_math
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g) * s for s in (1.0, 100.0, 1.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention_math(q, k, v)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, attention_math(q, k, v), rtol=0, atol=0)
