@@ -112,12 +112,25 @@ def test_gradient_matches_float64_finite_differences(monkeypatch):
     import torch.nn.functional as F
 
     from ldm import layers, vae
+    from ldm.kernels import geglu as kg
+    from ldm.kernels import norm as kn
 
-    def gn64(self, x):  # the model's GroupNorm computes in fp32; in float64 let it keep float64
+    # the model's GroupNorm and GEGLU compute in fp32 whatever the input; for float64 keep float64
+    def gn64(self, x):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def gn_ref64(x, weight, bias, num_groups, eps, silu=False):
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+        return F.silu(y) if silu else y
+
+    def geglu_ref64(h):
+        a, gate = h.chunk(2, dim=-1)
+        return a * F.gelu(gate)
 
     monkeypatch.setattr(layers.GroupNorm32, "forward", gn64)
     monkeypatch.setattr(vae.GroupNorm32, "forward", gn64)
+    monkeypatch.setattr(kn, "group_norm_reference", gn_ref64, raising=False)
+    monkeypatch.setattr(kg, "geglu_reference", geglu_ref64, raising=False)
     model = ldm.tiny_model(0).double()
     words = LearnedWords(model, "<cat>", num_vectors=2, init_words=["cat"])
     words.vectors.data = words.vectors.data.double()
