@@ -43,7 +43,7 @@ sample: $(STAMP)
 		$(call opt,--neg,$(NEG)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) \
 		$(call opt,--dtype,$(DTYPE)) $(call opt,--embedding,$(EMBEDDING)) $(call opt,--token,$(TOKEN)) \
 		$(call opt,--attention,$(ATTENTION)) $(call opt,--eta,$(ETA)) $(call opt,--prediction,$(PREDICTION)) \
-		$(if $(ALLOW_PICKLE),--allow-pickle)
+		$(if $(ALLOW_PICKLE),--allow-pickle) $(if $(COMPILE),--compile) $(if $(CUDA_GRAPH),--cuda-graph)
 
 train: $(STAMP)
 	@test -n "$(CONCEPT)" || { echo 'error: give CONCEPT=cat (a folder under experiments/concepts/ or a path)' >&2; exit 2; }

@@ -191,8 +191,10 @@ class LatentDiffusion(nn.Module):
                        steps: int = 50, scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim",
                        seed: int = 0, height: int = 512, width: int = 512,
                        callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                       progress: bool = True) -> torch.Tensor:
-        """Sample scaled latents for a batch of prompts; row i is seeded with seed + i."""
+                       progress: bool = True, cuda_graph: bool = False) -> torch.Tensor:
+        """Sample scaled latents for a batch of prompts; row i is seeded with seed + i.
+
+        `cuda_graph` captures the guided UNet step once and replays it (CUDA only; eager elsewhere)."""
         from ldm import samplers
 
         if sampler not in samplers.SAMPLERS:
@@ -223,9 +225,15 @@ class LatentDiffusion(nn.Module):
             if callback is not None:
                 callback(i, t, x)
 
+        model_fn = self.guided_model_fn(cond, uncond, scale)
+        if cuda_graph:
+            from ldm.precision import CudaGraphStep
+
+            t0 = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+            model_fn = CudaGraphStep(model_fn, x_T, t0)
         try:
-            return samplers.SAMPLERS[sampler](self.guided_model_fn(cond, uncond, scale), x_T, self.schedule,
-                                              steps, eta=eta, generator=generators, callback=on_step)
+            return samplers.SAMPLERS[sampler](model_fn, x_T, self.schedule, steps, eta=eta, generator=generators,
+                                              callback=on_step)
         finally:
             bar.close()
 
@@ -234,14 +242,14 @@ class LatentDiffusion(nn.Module):
                steps: int = 50, scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim",
                seed: int | None = None, height: int = 512, width: int = 512,
                callback: Callable[[int, int, torch.Tensor], None] | None = None,
-               progress: bool = True) -> list[Image.Image]:
+               progress: bool = True, cuda_graph: bool = False) -> list[Image.Image]:
         """Text → PIL images; image k of a batch equals image 0 of a single run seeded seed + k."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         latents = self.sample_latents(prompts, negative_prompts, steps, scale, eta, sampler, seed, height,
-                                      width, callback, progress)
+                                      width, callback, progress, cuda_graph)
         return to_pil(torch.cat([self.decode_latents(z[None]) for z in latents]))
 
 

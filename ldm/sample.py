@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--attention", default=None, help="attention backend: math, sdpa, triton, auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (first step is slow)")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
     p.add_argument("--embedding", default=None, help="learned embedding file(s), comma-separated")
     p.add_argument("--token", default=None, help="the word to use for a single embedding file")
     return p.parse_args(argv)
@@ -154,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     device = cli.pick_device(args.device)
     dtype = cli.pick_dtype(args.dtype, device)
     model = cli.load(args.model, args.ckpt, device, dtype, args.prediction, args.allow_pickle)
+    if args.compile:
+        from ldm.precision import maybe_compile
+
+        maybe_compile(model.unet, True)
     if args.embedding:
         words = add_embeddings(model, args.embedding, args.token)
         log.info("learned words: %s", ", ".join(words))
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     for first in range(0, args.n, batch):
         count = min(batch, args.n - first)
         images = model.sample([args.prompt] * count, [args.neg] * count, steps=steps, scale=scale, eta=args.eta,
-                              sampler=args.sampler, seed=args.seed + first, height=height, width=width)
+                              sampler=args.sampler, seed=args.seed + first, height=height, width=width,
+                              cuda_graph=args.cuda_graph)
         for i, image in enumerate(images):
             seed = args.seed + first + i
             params = infotext(args.prompt, args.neg, steps, args.sampler, scale, seed, width, height, mhash, mname)
