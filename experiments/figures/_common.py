@@ -32,6 +32,8 @@ MARKER = "S*"                                     # the learned word in a prompt
 RESULTS = ROOT / "experiments" / "RESULTS.md"
 SMOKE = {"steps": 4, "size": 32, "sample_steps": 4, "n": 2, "batch": 1, "clip_weights": "random"}
 FULL = {"steps": None, "size": None, "sample_steps": None, "n": 4, "batch": None, "clip_weights": None}
+SHAPES = {**FULL, "steps": 300, "batch": 4, "n": 8}   # the shapes demo's recipe (experiments/shapes/demo.py)
+MODEL_TRAIN_FLAGS = {"shapes": ("--init", "shape")}  # the shapes world's generic word as the init word
 SHAPES_PREFIX = "shapes-"                         # concepts drawn on demand from experiments/shapes/world.py
 
 
@@ -67,7 +69,8 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset options with the smoke values (MODEL=tiny) or the full ones, and check them."""
     tiny = args.ckpt is None and args.model == "tiny"
-    for key, value in (SMOKE if tiny else FULL).items():
+    preset = SMOKE if tiny else SHAPES if args.ckpt is None and args.model == "shapes" else FULL
+    for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.smoke = tiny
@@ -214,7 +217,8 @@ class Context:
 
         folder = resolve_concept(concept, self.out_root)
         a = self.args
-        key = json.dumps({"model": self.model_name(), "concept": str(folder.resolve()), "flags": list(flags),
+        flags = [*MODEL_TRAIN_FLAGS.get(self.base().config.name, ()), *flags]   # a variant's flags win
+        key = json.dumps({"model": self.model_name(), "concept": str(folder.resolve()), "flags": flags,
                           "steps": a.steps, "size": self.size, "batch": a.batch, "seed": a.seed})
         run = self.runs_dir / f"{folder.name}-{tag}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         if (run / "embeddings.pt").is_file() and (run / "figure-key.json").is_file() \
@@ -232,7 +236,7 @@ class Context:
             argv += ["--steps", str(a.steps), "--save-every", str(a.steps)]
         if a.batch:
             argv += ["--batch", str(a.batch)]
-        argv += list(flags)
+        argv += flags
         log.info("training %s (%s) → %s", folder.name, " ".join(flags) or "defaults", run)
         T.train(T.resolve_args(argv), model=self.fresh())
         atomic_write(run / "figure-key.json", lambda f: f.write(key.encode()))
