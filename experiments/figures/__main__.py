@@ -81,6 +81,7 @@ def run_all(argv: list[str]) -> int:
                 argv_f = _without(argv_f, "--concept") + ["--concept", f"{concepts[0]},{partner}"]
         if ctx is None:
             ctx = C.Context(C.finish_args(parsers[name].parse_args(argv_f)))
+            ctx.scorer()        # bias and tradeoff need CLIP: a missing file fails now, not an hour later
         result = C.run_figure(m, argv_f, ctx)
         done.append((name, result["png"]))
     print(f"figures: {len(done)} written under {root} in {time.time() - started:.0f} s")

@@ -66,11 +66,11 @@ def run(ctx: C.Context) -> dict:
     a = ctx.args
     if not a.run:
         plain_word(ctx, (C.split_list(a.concept) or ["shapes-circle"])[0])   # fail before training
+    scorer = ctx.scorer()                                                  # so does missing CLIP
     words = ctx.words(["shapes-circle"], count=1)
     word = plain_word(ctx, words[0].concept.name if words[0].concept else None)
     model = ctx.model_with(words)
     rows_per = a.rows or (1 if a.smoke else 4)
-    scorer = ctx.scorer()
     report, rows = {}, [("balanced training set", C.concept_images(words[0].concept, ctx.size, limit=max(8, a.n)))]
     for key, prompt in (("plain", f"a photo of a {word}"), ("learned", "a photo of a S*")):
         images = []
