@@ -1,0 +1,395 @@
+"""Pretrain the shapes LDM from scratch on CPU: VAE first, then UNet + CLIP text tower jointly.
+
+    python -m experiments.shapes.pretrain [--seed 0] [--out weights/shapes.safetensors]
+
+Latent diffusion (Rombach et al. 2022) trained as the LDM text-to-image models were: a KL autoencoder
+(L1 + L2 reconstruction, small KL weight), its latents cached once, then ε-prediction on the SD
+scaled-linear schedule with the text tower trained jointly (as LDM-1.4B's) and 10% empty captions for
+classifier-free guidance (Ho & Salimans 2022). Deterministic for a seed at a fixed thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from experiments.shapes import world
+from experiments.shapes.config import shapes
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_PATH = ROOT / "weights" / "shapes.safetensors"
+LOG_PATH = ROOT / "weights" / "shapes-train-log.csv"
+PLOT_PATH = Path(__file__).resolve().parent / "pretrain-loss.png"
+CAPTION_DROPOUT = 0.1
+THREADS = 1   # one intra-op thread: deterministic, and on a loaded 2-core box ~10x faster than two
+
+
+@dataclass
+class Settings:
+    """Everything a run depends on; the defaults are the shipped model's."""
+
+    seed: int = 0
+    n_images: int = 12000
+    vae_steps: int = 1000
+    vae_batch: int = 16
+    vae_lr: float = 3e-3
+    kl_weight: float = 1e-5
+    steps: int = 3000
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    ema: float = 0.999
+    eval_per_prompt: int = 4
+    snapshots: tuple[int, ...] = ()
+
+
+class TrainLog:
+    """Rows (phase, step, loss, lr, seconds) kept in memory and written as CSV."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, int, float, float, float]] = []
+        self.t0 = time.time()
+
+    def add(self, phase: str, step: int, loss: float, lr: float) -> None:
+        self.rows.append((phase, step, loss, lr, time.time() - self.t0))
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["phase", "step", "loss", "lr", "seconds"])
+            w.writerows([(p, s, f"{v:.6g}", f"{lr:.4g}", f"{t:.1f}") for p, s, v, lr, t in self.rows])
+        os.replace(tmp, path)
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
+        for ax, phase, title in zip(axes, ("vae", "diffusion"), ("VAE: L1 + L2 + KL", "UNet + text: ε-MSE")):
+            rows = [r for r in self.rows if r[0] == phase]
+            if not rows:
+                continue
+            steps = np.array([r[1] for r in rows])
+            loss = np.array([r[2] for r in rows])
+            ax.plot(steps, loss, lw=0.5, alpha=0.4)
+            w = max(5, len(loss) // 50)
+            if len(loss) > w:
+                ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), lw=1.5)
+            ax.set_yscale("log")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -- stage 1: the autoencoder ------------------------------------------------------------------------------
+
+def train_vae(vae: nn.Module, images: torch.Tensor, s: Settings, tlog: TrainLog) -> nn.Module:
+    """KL autoencoder: L1 + L2 reconstruction + kl_weight · KL per latent element (LDM's AutoencoderKL)."""
+    g = torch.Generator().manual_seed(s.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(s.vae_steps), desc="VAE", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, s.vae_steps, s.vae_lr, 100)
+        x = images[torch.randint(len(images), (s.vae_batch,), generator=g)]
+        post = vae.encode(x)
+        rec = vae.decode(post.sample(generator=g))
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + s.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        tlog.add("vae", step + 1, loss.item(), opt.param_groups[0]["lr"])
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior (mean, std) of every image, unscaled, float32."""
+    means, stds = [], []
+    for chunk in tqdm(images.split(256), desc="encode", leave=False):
+        post = vae.encode(chunk)
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# -- stage 2: UNet + text tower ----------------------------------------------------------------------------
+
+def caption_vocabulary(tokenizer) -> list[int]:
+    """Every token id the caption language can produce (BOS, EOS/pad and the words of all parts)."""
+    words = set(" ".join(t.format("") for t in world.OBJECT_TEMPLATES).split())
+    words |= set(world.SHAPES) | set(world.COLOUR_NAMES) | set(world.SIZE_NAMES) | set(world.BACKGROUND_NAMES)
+    words |= {world.GENERIC_WORD, "a", "on", "background", "in", "the", "center", "left", "right", "at",
+              "top", "bottom"}
+    ids = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+    for w in sorted(words):
+        ids.update(tokenizer.encode(w))
+    return sorted(ids)
+
+
+class CaptionTokens:
+    """Caption → (77,) ids with a cache (the caption language is small), and the same ids as rows of the
+    caption vocabulary, so that training touches only those rows of the 49,408-row table."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.vocab = caption_vocabulary(tokenizer)
+        self.row = torch.full((tokenizer.vocab_size,), -1, dtype=torch.long)
+        self.row[torch.tensor(self.vocab)] = torch.arange(len(self.vocab))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            for c, ids in zip(missing, self.tokenizer(missing)):
+                self.cache[c] = ids
+        return torch.stack([self.cache[c] for c in captions])
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids → rows of the caption vocabulary (an id outside it is an error)."""
+        r = self.row[ids]
+        if bool((r < 0).any()):
+            raise ValueError(f"token ids {sorted(set(ids[r < 0].tolist()))} are outside the caption vocabulary")
+        return r
+
+
+def train_diffusion(unet: nn.Module, text: nn.Module, schedule, tokens: CaptionTokens, means: torch.Tensor,
+                    stds: torch.Tensor, labels: list[world.Labels], scale_factor: float, s: Settings,
+                    tlog: TrainLog, snapshot=None) -> tuple[nn.Module, nn.Module]:
+    """Joint ε-MSE training with EMA weights; returns the EMA copies.
+
+    Only the caption vocabulary's rows of the token table are trained (as a small (n, width) table written
+    back at the end); the other rows keep their initialisation, exactly as a full-table run would leave them.
+    """
+    g = torch.Generator().manual_seed(s.seed + 2)
+    rng = np.random.default_rng(s.seed + 3)
+    table = text.token_embedding.weight
+    vocab = torch.tensor(tokens.vocab)
+    words = nn.Parameter(table.detach()[vocab].clone())
+    table.requires_grad_(False)
+    text_names = [n for n, p in text.named_parameters() if p.requires_grad]
+    params = list(unet.parameters()) + [dict(text.named_parameters())[n] for n in text_names] + [words]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    ema_words = words.detach().clone()
+    ema_params = (list(ema_unet.parameters()) + [dict(ema_text.named_parameters())[n] for n in text_names]
+                  + [ema_words])
+    unet.train()
+    text.train()
+    T = schedule.num_timesteps
+    bar = tqdm(range(s.steps), desc="UNet + text", dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, s.steps, s.lr, s.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(labels), (s.batch,), generator=g)
+        captions = ["" if rng.random() < CAPTION_DROPOUT else world.caption(labels[i], rng) for i in idx.tolist()]
+        z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)
+        x0 = z * scale_factor
+        t = torch.randint(T, (s.batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        context = text(words[tokens.rows(tokens(captions))])
+        out = unet(schedule.q_sample(x0, t, noise), t, context)
+        loss = F.mse_loss(out, schedule.prediction.target(x0, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(s.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        tlog.add("diffusion", step + 1, loss.item(), lr)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if snapshot is not None and (step + 1) in s.snapshots:
+            snapshot(step + 1, _with_words(ema_unet, ema_text, vocab, ema_words))
+    return ema_unet.eval(), _with_words(ema_unet, ema_text, vocab, ema_words)[1].eval()
+
+
+def _with_words(unet: nn.Module, text: nn.Module, vocab: torch.Tensor, words: torch.Tensor
+                ) -> tuple[nn.Module, nn.Module]:
+    """The text tower with the trained caption-vocabulary rows written into its token table."""
+    with torch.no_grad():
+        text.token_embedding.weight[vocab] = words
+    return unet, text
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, n_per_prompt: int = 4, seed: int = 1000, steps: int | None = None,
+             scale: float | None = None) -> dict[str, float]:
+    """Judge accuracy on "a <colour> <shape>" for the named shapes; star rates of the generic word and of
+    noun-less prompts (the model can draw the star without a word for it)."""
+    from experiments.shapes import judge
+
+    steps = steps or model.config.steps
+    scale = model.config.guidance if scale is None else scale
+    size = model.config.image_size
+
+    def run(prompts: list[str], s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images = model.sample(prompts, steps=steps, scale=scale, seed=s, height=size, width=size,
+                              progress=False)
+        return judge.score(images)
+
+    pairs = [(c, sh) for sh in world.NAMED_SHAPES for c in world.COLOUR_NAMES]
+    prompts = [f"a {c} {sh}" for c, sh in pairs for _ in range(n_per_prompt)]
+    ps, pc = run(prompts, seed)
+    want_s = torch.tensor([world.SHAPES.index(sh) for _, sh in pairs]).repeat_interleave(n_per_prompt)
+    want_c = torch.tensor([world.COLOUR_NAMES.index(c) for c, _ in pairs]).repeat_interleave(n_per_prompt)
+    star = world.SHAPES.index(world.HELD_OUT)
+    n = 8 * n_per_prompt
+    gs, _ = run([f"a photo of a {world.GENERIC_WORD}"] * n, seed + 1)
+    bare = [f"a {c}" for c in world.COLOUR_NAMES] * max(1, n // len(world.COLOUR_NAMES))
+    bs, bc = run(bare, seed + 2)
+    want_bc = torch.tensor([world.COLOUR_NAMES.index(p.split()[1]) for p in bare])
+    return {
+        "shape_acc": (ps == want_s).float().mean().item(),
+        "colour_acc": (pc == want_c).float().mean().item(),
+        "joint_acc": ((ps == want_s) & (pc == want_c)).float().mean().item(),
+        "generic_star_rate": (gs == star).float().mean().item(),
+        "nonoun_star_rate": (bs == star).float().mean().item(),
+        "nonoun_colour_acc": (bc == want_bc).float().mean().item(),
+    }
+
+
+# -- saving -------------------------------------------------------------------------------------------------
+
+def state_dict_for(model, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The original single-file layout (model.diffusion_model., first_stage_model.,
+    cond_stage_model.transformer.) plus the oneword.config marker."""
+    from ldm.checkpoint import CONFIG_KEY, config_to_tensor
+
+    sd = {}
+    for prefix, module in (("model.diffusion_model.", model.unet), ("first_stage_model.", model.vae),
+                           ("cond_stage_model.transformer.", model.text_encoder)):
+        for k, v in module.state_dict().items():
+            sd[prefix + k] = v.detach().to(dtype).contiguous()
+    sd[CONFIG_KEY] = config_to_tensor(model.config)
+    return sd
+
+
+def save_model(model, path: Path) -> None:
+    """safetensors, fp16 weights, written atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file(state_dict_for(model), str(tmp), metadata={"format": "pt", "oneword": "shapes"})
+    os.replace(tmp, path)
+    path.chmod(0o644)
+
+
+def assemble(cfg, unet, vae, text):
+    """A LatentDiffusion around freshly trained modules."""
+    from ldm.pipeline import LatentDiffusion, build_tokenizer
+    from ldm.schedule import Schedule
+
+    model = LatentDiffusion(cfg, unet, vae, text, build_tokenizer(cfg), Schedule.from_config(cfg))
+    return model.eval().requires_grad_(False)
+
+
+def pretrain(s: Settings, out: Path = MODEL_PATH, log_path: Path = LOG_PATH, plot_path: Path = PLOT_PATH,
+             evaluate_after: bool = True) -> dict[str, float]:
+    """The whole recipe: world → VAE → cached latents → UNet + text → EMA model → file (+ metrics)."""
+    from ldm.pipeline import build_modules, build_tokenizer
+    from ldm.schedule import Schedule
+
+    torch.manual_seed(s.seed)
+    tlog = TrainLog()
+    t0 = time.time()
+    images_u8, labels = world.generate(s.n_images, seed=s.seed)
+    images = world.to_tensor(images_u8)
+    cfg = shapes()
+    unet, vae, text = build_modules(cfg)
+    vae = train_vae(vae, images, s, tlog)
+    means, stds = encode_all(vae, images)
+    g = torch.Generator().manual_seed(s.seed + 4)
+    sample_z = means[:4096] + stds[:4096] * torch.randn(means[:4096].shape, generator=g)
+    scale_factor = float(1.0 / sample_z.std())
+    cfg = cfg.with_(scale_factor=round(scale_factor, 5))
+    log.info("VAE done in %.0f s; latent std %.4f → scale_factor %.5f", time.time() - t0, float(sample_z.std()),
+             cfg.scale_factor)
+    tokens = CaptionTokens(build_tokenizer(cfg))
+
+    def snapshot(step: int, modules: tuple[nn.Module, nn.Module]) -> None:
+        path = out.with_name(f"{out.stem}.step{step}.safetensors")
+        save_model(assemble(cfg, copy.deepcopy(modules[0]), vae, copy.deepcopy(modules[1])), path)
+        log.info("snapshot %s", path)
+
+    unet, text = train_diffusion(unet, text, Schedule.from_config(cfg), tokens, means, stds, labels,
+                                 cfg.scale_factor, s, tlog, snapshot)
+    train_s = time.time() - t0
+    model = assemble(cfg, unet, vae, text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out)
+    tlog.write(log_path)
+    tlog.plot(plot_path)
+    log.info("trained in %.0f s; saved %s (%.1f MB)", train_s, out, out.stat().st_size / 1e6)
+    metrics = {"train_seconds": train_s}
+    if evaluate_after:
+        from ldm import load_model
+
+        metrics.update(evaluate(load_model(out), s.eval_per_prompt))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = Settings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=str(MODEL_PATH))
+    p.add_argument("--log", default=str(LOG_PATH))
+    p.add_argument("--plot", default=str(PLOT_PATH))
+    p.add_argument("--steps", type=int, default=d.steps, help="UNet + text steps")
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--n-images", type=int, default=d.n_images)
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--snapshots", default="", help="comma-separated steps at which to save the EMA model too")
+    p.add_argument("--threads", type=int, default=THREADS, help="CPU threads (results depend on it)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(a.threads)
+    s = Settings(seed=a.seed, steps=a.steps, vae_steps=a.vae_steps, batch=a.batch, n_images=a.n_images,
+                 snapshots=tuple(int(v) for v in a.snapshots.split(",") if v))
+    metrics = pretrain(s, Path(a.out), Path(a.log), Path(a.plot), evaluate_after=not a.no_eval)
+    log.info("pretrain-shapes: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
