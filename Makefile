@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 # make variables → CLI flags, passed only when set
 opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
 
-.PHONY: install test test-fast demo sample train eval weights pretrain-shapes bench lint clean help
+.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes bench lint clean help
 help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
 	@echo "make test                    ruff + the whole pytest suite (CPU; Triton kernels interpreted)"
@@ -43,7 +43,9 @@ sample: $(STAMP)
 		$(call opt,--neg,$(NEG)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) \
 		$(call opt,--dtype,$(DTYPE)) $(call opt,--embedding,$(EMBEDDING)) $(call opt,--token,$(TOKEN)) \
 		$(call opt,--attention,$(ATTENTION)) $(call opt,--eta,$(ETA)) $(call opt,--prediction,$(PREDICTION)) \
-		$(if $(ALLOW_PICKLE),--allow-pickle) $(if $(COMPILE),--compile) $(if $(CUDA_GRAPH),--cuda-graph)
+		$(if $(ALLOW_PICKLE),--allow-pickle) $(if $(COMPILE),--compile) $(if $(CUDA_GRAPH),--cuda-graph) \
+		$(call opt,--best-of,$(BEST_OF)) $(call opt,--keep,$(KEEP)) $(call opt,--rank,$(RANK)) \
+		$(call opt,--concept,$(CONCEPT)) $(call opt,--clip-weights,$(CLIP))
 
 train: $(STAMP)
 	@test -n "$(CONCEPT)" || { echo 'error: give CONCEPT=cat (a folder under experiments/concepts/ or a path)' >&2; exit 2; }
@@ -62,6 +64,16 @@ eval: $(STAMP)
 		$(call opt,--steps,$(STEPS)) $(call opt,--scale,$(SCALE)) $(call opt,--seed,$(SEED)) \
 		$(call opt,--clip-weights,$(CLIP)) $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) \
 		$(call opt,--device,$(DEVICE)) $(call opt,--out,$(OUT))
+
+figure_opts = $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) $(call opt,--concept,$(CONCEPT)) \
+	$(call opt,--run,$(RUN)) $(call opt,--out,$(OUT)) $(call opt,--steps,$(STEPS)) $(call opt,--n,$(N)) \
+	$(call opt,--seed,$(SEED)) $(call opt,--device,$(DEVICE)) $(call opt,--clip-weights,$(CLIP)) $(ARGS)
+
+figure-%: $(STAMP)
+	$(PYTHON) -m experiments.figures $* $(figure_opts)
+
+figures: $(STAMP)
+	$(PYTHON) -m experiments.figures all $(figure_opts)
 
 weights: $(STAMP)
 	@test -n "$(MODEL)" || { echo 'error: give MODEL=sd15|sd21|sd21-v|ldm-1.4b' >&2; exit 2; }

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
     p.add_argument("--embedding", default=None, help="learned embedding file(s), comma-separated")
     p.add_argument("--token", default=None, help="the word to use for a single embedding file")
+    from inversion import curate
+
+    curate.add_arguments(p)          # --best-of --keep --rank --concept --clip-weights --image-weight
     return p.parse_args(argv)
 
 
@@ -145,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.UsageError(f"STEPS must be a positive number, got {args.steps}")
     if args.n <= 0:
         raise cli.UsageError(f"N must be a positive number, got {args.n}")
+    from inversion import curate
+
+    curate.check_args(args)
     for name, v in (("H", args.H), ("W", args.W)):
         if v is not None and (v <= 0 or v % 8):
             raise cli.UsageError(f"{name}={v} must be a positive multiple of 8")
@@ -160,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         from ldm.precision import maybe_compile
 
         maybe_compile(model.unet, True)
+    words: list[str] = []
     if args.embedding:
         words = add_embeddings(model, args.embedding, args.token)
         log.info("learned words: %s", ", ".join(words))
@@ -168,20 +175,32 @@ def main(argv: list[str] | None = None) -> int:
     scale = cfg.guidance if args.scale is None else args.scale
     height, width = args.H or cfg.image_size, args.W or cfg.image_size
     mhash, mname = model_hash(args)
-    batch = args.batch_size or args.n
+    total = args.best_of or args.n                     # BEST_OF candidates, KEEP of them saved
+    batch = args.batch_size or total
     start = next_index(out)
     written: list[Image.Image] = []
-    for first in range(0, args.n, batch):
-        count = min(batch, args.n - first)
+
+    def write(image: Image.Image, seed: int, note: str = "") -> None:
+        params = infotext(args.prompt, args.neg, steps, args.sampler, scale, seed, width, height, mhash, mname)
+        path = save_png(image, out / f"{start + len(written):05d}-{seed}.png", params + note)
+        log.info("wrote %s", path)
+        written.append(image)
+
+    drawn: list[tuple[Image.Image, int]] = []
+    for first in range(0, total, batch):
+        count = min(batch, total - first)
         images = model.sample([args.prompt] * count, [args.neg] * count, steps=steps, scale=scale, eta=args.eta,
                               sampler=args.sampler, seed=args.seed + first, height=height, width=width,
                               cuda_graph=args.cuda_graph)
         for i, image in enumerate(images):
-            seed = args.seed + first + i
-            params = infotext(args.prompt, args.neg, steps, args.sampler, scale, seed, width, height, mhash, mname)
-            path = save_png(image, out / f"{start + first + i:05d}-{seed}.png", params)
-            log.info("wrote %s", path)
-            written.append(image)
+            if args.best_of:
+                drawn.append((image, args.seed + first + i))
+            else:
+                write(image, args.seed + first + i)  # written as they come: Ctrl-C keeps what is done
+    if args.best_of:
+        chosen = curate.select([im for im, _ in drawn], args, words, device)
+        for i, score in chosen:
+            write(drawn[i][0], drawn[i][1], f", Curated: {args.rank} {score:.4f}, best {len(chosen)} of {total}")
     params = infotext(args.prompt, args.neg, steps, args.sampler, scale, args.seed, width, height, mhash, mname)
     grid = save_png(make_grid(written), out / f"{start:05d}-grid.png", params)
     print(f"sample: {len(written)} images in {out} (grid {grid.name})")
