@@ -186,24 +186,38 @@ def _replace(src: str, dst: Path) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write through a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
+    """Write through a temp file in the same folder, fsync, then rename: readers see old or new, never half.
+
+    An OSError (disk full, file too large, read-only) leaves the previous file untouched and is re-raised
+    naming `path`, so the command line prints one line such as `error: cannot write …: No space left on device`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         _replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, f"{e.strerror or e}; the previous file is unchanged", str(path)) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
 def save_torch(obj, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save, serialised in memory first so that a full disk is an OSError, not torch's RuntimeError."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -229,12 +243,40 @@ def save_embedding_files(folder: str | os.PathLike, words: LearnedWords, step: i
     ]
 
 
+MAX_VECTORS = 75   # a word must leave room for BOS/EOS in a 77-token prompt
+
+
 def _as_rows(name: str, value, path: Path) -> torch.Tensor:
+    """One word's (vectors, width) fp32 rows; anything else (ints, NaN/inf, empty, 3-D …) is refused by name."""
     if isinstance(value, nn.Parameter):
         value = value.data
     if not isinstance(value, torch.Tensor) or value.ndim not in (1, 2) or not value.is_floating_point():
-        raise InversionError(f"{path}: entry {name!r} is not a (vectors, width) float tensor")
-    return value.detach().float().cpu().reshape(-1, value.shape[-1]).clone()
+        what = (f"a {value.ndim}-D {str(value.dtype).removeprefix('torch.')} tensor"
+                if isinstance(value, torch.Tensor) else f"a {type(value).__name__}")
+        raise InversionError(f"{path}: entry {str(name)[:80]!r} is {what}, not a (vectors, width) float tensor")
+    rows = value.detach().reshape(-1, value.shape[-1]) if value.shape[-1] else value.detach().reshape(0, 0)
+    if rows.numel() == 0:
+        raise InversionError(f"{path}: entry {str(name)[:80]!r} is empty (shape {tuple(value.shape)})")
+    if rows.shape[0] > MAX_VECTORS:
+        raise InversionError(f"{path}: entry {str(name)[:80]!r} has {rows.shape[0]} vectors; a word can have at "
+                             f"most {MAX_VECTORS} (is it a whole token table rather than an embedding?)")
+    rows = rows.float().cpu().clone()
+    if not bool(torch.isfinite(rows).all()):
+        bad = int((~torch.isfinite(rows)).sum())
+        raise InversionError(f"{path}: entry {str(name)[:80]!r} holds {bad} NaN/inf value(s); the training that "
+                             "wrote it diverged — use an earlier file from its steps/ folder")
+    return rows
+
+
+def _word_name(name, path: Path) -> str:
+    """A word's name from a file: a non-empty string without whitespace (it becomes a placeholder token)."""
+    if not isinstance(name, str | int) or isinstance(name, bool):
+        raise InversionError(f"{path}: a word name is a {type(name).__name__}, not a string")
+    name = str(name)
+    if not name or any(c.isspace() for c in name) or len(name) > 200:
+        raise InversionError(f"{path}: word name {name[:80]!r} must be one non-empty word without spaces; "
+                             "give TOKEN= to name it")
+    return name
 
 
 def _read(path: Path):
@@ -246,8 +288,53 @@ def _read(path: Path):
         with torch.serialization.safe_globals([nn.ParameterDict, nn.Parameter]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors come in many classes
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InversionError(f"{path}: not a readable embedding file ({first})") from None
+        raise InversionError(f"{path}: not a readable embedding file ({load_failure(e)})") from None
+
+
+def load_failure(e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words: the pickled global it would have had
+    to run (which it did not), else the error's first line."""
+    text = str(e).strip()
+    culprit = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    if culprit:
+        return f"it holds pickled Python code ({culprit.group(1)}), which was not run"
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _words_of(data, path: Path, token: str | None) -> dict[str, torch.Tensor]:
+    """{word: rows} from a loaded file in any of the known layouts (names are checked unless TOKEN= renames)."""
+
+    def _name(key) -> str:
+        return _word_name(key, path) if token is None else str(key)[:200]
+
+    if isinstance(data, torch.Tensor):
+        if token is None:
+            raise InversionError(f"{path} holds a bare tensor with no word; give TOKEN=")
+        return {token: _as_rows(token, data, path)}
+    if not isinstance(data, dict) or not data:
+        raise InversionError(f"{path}: not an embedding file (expected a dict of tensors)")
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        params = getattr(params, "_parameters", params)
+        if not isinstance(params, dict) or not params:
+            raise InversionError(f"{path}: string_to_param is a {type(params).__name__}, not a dict of tensors")
+        if "name" in data and set(params) == {"*"}:           # AUTOMATIC1111
+            name = token or _word_name(data["name"], path)
+            return {name: _as_rows("*", params["*"], path)}
+        return {_name(k): _as_rows(k, v, path) for k, v in params.items()}  # official EmbeddingManager
+    if "emb_params" in data:                                 # kohya sd-scripts
+        return {token or _word_name(path.stem, path): _as_rows("emb_params", data["emb_params"], path)}
+    if "clip_l" in data or "clip_g" in data:
+        raise InversionError(f"{path} is an SDXL embedding (clip_l/clip_g); this tool runs SD1/SD2/LDM models")
+    words: dict[str, torch.Tensor] = {}                       # diffusers, maybe tok, tok_1, … in one file
+    for key in sorted(data, key=lambda k: (len(str(k)), str(k))):
+        name = _name(key)
+        m = re.fullmatch(r"(.+)_(\d+)", name)
+        if m and m.group(1) in words and int(m.group(2)) == words[m.group(1)].shape[0]:
+            words[m.group(1)] = torch.cat([words[m.group(1)], _as_rows(key, data[key], path)])
+        else:
+            words[name] = _as_rows(key, data[key], path)
+    return words
 
 
 def load_embedding_file(path: str | os.PathLike, token: str | None = None) -> dict[str, torch.Tensor]:
@@ -261,36 +348,20 @@ def load_embedding_file(path: str | os.PathLike, token: str | None = None) -> di
         raise
     except Exception as e:
         raise InversionError(f"{path}: not a readable embedding file ({type(e).__name__}: {e})") from None
-    if isinstance(data, torch.Tensor):
-        if token is None:
-            raise InversionError(f"{path} holds a bare tensor with no word; give TOKEN=")
-        return {token: _as_rows(token, data, path)}
-    if not isinstance(data, dict) or not data:
-        raise InversionError(f"{path}: not an embedding file (expected a dict of tensors)")
-    if "string_to_param" in data:
-        params = data["string_to_param"]
-        params = dict(getattr(params, "_parameters", None) or params)
-        if "name" in data and set(params) == {"*"}:           # AUTOMATIC1111
-            words = {str(data["name"]): _as_rows("*", params["*"], path)}
-        else:                                                  # official EmbeddingManager
-            words = {str(k): _as_rows(k, v, path) for k, v in params.items()}
-    elif "emb_params" in data:                                 # kohya sd-scripts
-        words = {path.stem: _as_rows("emb_params", data["emb_params"], path)}
-    elif "clip_l" in data or "clip_g" in data:
-        raise InversionError(f"{path} is an SDXL embedding (clip_l/clip_g); this tool runs SD1/SD2/LDM models")
-    else:                                                      # diffusers, maybe tok, tok_1, … in one file
-        words = {}
-        for key in sorted(data, key=lambda k: (len(k), k)):
-            m = re.fullmatch(r"(.+)_(\d+)", key)
-            if m and m.group(1) in words and int(m.group(2)) == words[m.group(1)].shape[0]:
-                words[m.group(1)] = torch.cat([words[m.group(1)], _as_rows(key, data[key], path)])
-            else:
-                words[key] = _as_rows(key, data[key], path)
+    try:
+        words = _words_of(data, path, token)
+    except InversionError:
+        raise
+    except Exception as e:  # a structure no known format has: say so in one line, never a traceback
+        raise InversionError(f"{path}: not an embedding file in a known layout ({type(e).__name__})") from None
+    if not words:
+        raise InversionError(f"{path}: holds no words")
     widths = {v.shape[1] for v in words.values()}
     if len(widths) > 1:
         raise InversionError(f"{path}: words of different widths {sorted(widths)}")
     if token is not None:
         if len(words) != 1:
-            raise InversionError(f"{path} holds {len(words)} words ({', '.join(words)}); TOKEN= needs one")
+            raise InversionError(f"{path} holds {len(words)} words ({', '.join(repr(w) for w in list(words)[:5])}); "
+                                 "TOKEN= needs one")
         words = {token: next(iter(words.values()))}
     return words

@@ -1,6 +1,7 @@
 """What the command-line tools share: picking a model, a device and a dtype, and one-line errors."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "tiny")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ROOT = Path(__file__).resolve().parent.parent
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class UsageError(Exception):
@@ -117,3 +119,8 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, file too large, permissions: the machine's problem, said in one line
+        where = f"{e.filename}: " if e.filename else ""
+        hint = " — free some space and run again" if e.errno in DISK_FULL else ""
+        print(f"error: {where}{e.strerror or e}{hint}", file=sys.stderr)
+        return 2
