@@ -31,7 +31,10 @@ import logging
 import math
 import os
 import random
+import re
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -45,8 +48,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from inversion import data as D
+from inversion import embedding as E
 from inversion.embedding import InversionError, LearnedWords, atomic_write, save_embedding_files, save_torch
 from inversion.templates import MIXING_PROB, TemplateError, dual_templates, load_templates
+from ldm.tokenizer import fit_ids
 
 log = logging.getLogger("inversion.train")
 
@@ -103,11 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-latent-cache", action="store_true", help="encode with the VAE every step (as the official code)")
     a("--device", default="auto", help="auto | cpu | cuda | mps (DEVICE=)")
     a("--max-bad-steps", type=int, default=25, help="stop after this many NaN/inf steps in a row")
+    a("--deterministic", action="store_true",
+      help="deterministic algorithms and reference kernels (see ldm/determinism.py for what each device promises)")
     a("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
 
-RESUMABLE_OVERRIDES = ("steps", "save_every", "val_every", "device", "no_progress", "max_bad_steps")
+RESUMABLE_OVERRIDES = ("steps", "save_every", "val_every", "device", "no_progress", "max_bad_steps",
+                       "deterministic")
 
 
 def resolve_args(argv: list[str] | None) -> argparse.Namespace:
@@ -240,7 +248,8 @@ class Batches:
             return tok(prompts)
         out = torch.full((len(prompts), tok.context_length), tok.pad_id, dtype=torch.long)
         for r, p in enumerate(prompts):
-            ids = [i for i in tok.encode(p) if i not in drop][: tok.context_length - 2]
+            ids = fit_ids([i for i in tok.encode(p) if i not in drop], tok.context_length - 2,
+                          {i: t for t, run in self.words.tokens.items() for i in run})
             out[r, : len(ids) + 2] = torch.tensor([tok.bos_id, *ids, tok.eos_id])
         return out
 
@@ -276,7 +285,10 @@ class Batches:
 # --- files -------------------------------------------------------------------------------------------------
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG as plain tensors and numbers, so state.pt loads with weights_only (no pickled code)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -284,17 +296,31 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# what older state.pt files hold besides tensors: NumPy's RNG key array (rebuilt as data, no code runs)
+_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                  (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct]
+
+
 def load_state(path: Path) -> dict:
+    """The RESUME state, read with weights_only: a state.pt crafted to run code is refused, not executed."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InversionError(f"{path}: unreadable resume state ({type(e).__name__}); start a new run") from None
+        raise InversionError(f"{path}: unreadable resume state ({E.load_failure(e)}); start a new run") from None
+    need = {"vectors", "optimizer", "scaler", "step", "skipped", "bad_in_row", "rng"}
+    have = set(st) if isinstance(st, dict) else set()
+    if need - have or not isinstance(st["vectors"], torch.Tensor) or not isinstance(st["step"], int):
+        raise InversionError(f"{path}: not a resume state of this tool (missing or wrong {sorted(need - have)})")
+    return st
 
 
 def write_loss_csv(path: Path, rows: list[tuple[int, float, float, int]]) -> None:
@@ -367,6 +393,46 @@ def validation_grid(model, words: LearnedWords, args: argparse.Namespace, size: 
 
 # --- training ----------------------------------------------------------------------------------------------
 
+class GracefulStop:
+    """First Ctrl-C (SIGINT): finish the current step, save and exit 0; a second Ctrl-C stops at once
+    (KeyboardInterrupt, exit 130) with the files of the last save. Under DDP every rank stops at the same step."""
+
+    def __init__(self, d: Dist) -> None:
+        self.d, self._flag, self._previous = d, False, None
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self._flag:
+            raise KeyboardInterrupt
+        self._flag = True
+        os.write(2, b"\nCtrl-C: finishing this step and saving (press Ctrl-C again to quit without saving)\n")
+
+    def requested(self) -> bool:
+        if self.d.world > 1:   # one rank's Ctrl-C stops them all, at the same step
+            flag = torch.tensor(float(self._flag), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item())
+        return self._flag
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    """Delete the temp files of saves that a kill interrupted (atomic_write's `.<name>.<random>.tmp`)."""
+    for folder in (out, out / "steps", out / "samples"):
+        for f in folder.glob(".*.tmp") if folder.is_dir() else []:
+            if f.is_file() and re.fullmatch(r"\..+\.[A-Za-z0-9_]+\.tmp", f.name):
+                f.unlink(missing_ok=True)
+                log.debug("removed %s, left by an interrupted save", f)
+
+
 def prepare_out(args: argparse.Namespace, concept: Path) -> Path:
     from ldm import cli
 
@@ -400,6 +466,10 @@ def train(args: argparse.Namespace, model=None) -> Path:
     from ldm import cli
 
     d, device = init_distributed(args.device)
+    if getattr(args, "deterministic", False):
+        from ldm import determinism
+
+        determinism.enable(device, args.seed)
     concept = D.resolve_concept(args.concept)
     try:
         templates = load_templates(args.templates)
@@ -474,10 +544,15 @@ def train(args: argparse.Namespace, model=None) -> Path:
 
     start, skipped_total, bad_in_row = 0, 0, 0
     state_path = out / "state.pt"
-    if args.resume:
-        if not state_path.is_file():
-            raise InversionError(f"RESUME={out}: no state.pt yet (the run saved nothing); start it again")
+    if args.resume and d.main:
+        remove_stale_temp_files(out)
+    if args.resume and not state_path.is_file():
+        log.warning("RESUME=%s: no state.pt yet (stopped before its first save); starting from step 0", out)
+    elif args.resume:
         st = load_state(state_path)
+        if tuple(st["vectors"].shape) != tuple(words.vectors.shape):
+            raise InversionError(f"RESUME={out}: state.pt holds vectors {tuple(st['vectors'].shape)} but this "
+                                 f"run needs {tuple(words.vectors.shape)}; was args.json edited?")
         with torch.no_grad():
             words.vectors.copy_(st["vectors"].to(device))
         optimizer.load_state_dict(st["optimizer"])
@@ -486,7 +561,7 @@ def train(args: argparse.Namespace, model=None) -> Path:
         set_rng_state(st["rng"])
         if start >= args.steps:
             log.info("run %s already has %d steps (STEPS=%d)", out, start, args.steps)
-    rows = read_loss_csv(out / "loss.csv", start) if args.resume else []
+    rows = read_loss_csv(out / "loss.csv", start) if args.resume and start else []
     ckpt_hash, ckpt_name = checkpoint_identity(args) if d.main else (None, None)
 
     if d.main:
@@ -516,53 +591,65 @@ def train(args: argparse.Namespace, model=None) -> Path:
     bar = tqdm(total=args.steps, initial=start, desc=f"learning {token}", unit="step", dynamic_ncols=True,
                disable=not d.main or args.no_progress)
     per_step = args.batch * d.world * args.accum
-    for step in range(start, args.steps):
-        active = words.num_vectors if not args.progressive else min(words.num_vectors,
-                                                                   1 + step // args.progressive)
-        mse_sum = torch.zeros((), device=device)
-        for a in range(args.accum):
-            first = step * per_step + (a * d.world + d.rank) * args.batch
-            inputs = batches(list(range(first, first + args.batch)), active)
-            sync = runner.no_sync() if d.world > 1 and a < args.accum - 1 else nullcontext()
-            with sync:
-                with autocast:
-                    loss, mse = runner(*inputs)
-                scaler.scale(loss / args.accum).backward()
-            mse_sum += mse
-        scaler.unscale_(optimizer)
-        grad = words.vectors.grad
-        finite = grad is not None and bool(torch.isfinite(grad).all()) and bool(torch.isfinite(mse_sum))
-        if finite:
-            scaler.step(optimizer)
-            bad_in_row = 0
-        else:
-            skipped_total += 1
-            bad_in_row += 1
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if d.world > 1:
-            dist.all_reduce(mse_sum)
-            mse_sum /= d.world
-        value = float(mse_sum) / args.accum
-        rows.append((step + 1, value, lr, skipped_total))
-        if loss_log is not None:
-            loss_log.write(f"{step + 1},{value:.6g},{lr:.6g},{skipped_total}\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}", skipped=skipped_total, refresh=False)
-        if bad_in_row >= args.max_bad_steps:
+    with GracefulStop(d) as stop:
+        try:
+            for step in range(start, args.steps):
+                active = words.num_vectors if not args.progressive else min(words.num_vectors,
+                                                                           1 + step // args.progressive)
+                mse_sum = torch.zeros((), device=device)
+                for a in range(args.accum):
+                    first = step * per_step + (a * d.world + d.rank) * args.batch
+                    inputs = batches(list(range(first, first + args.batch)), active)
+                    sync = runner.no_sync() if d.world > 1 and a < args.accum - 1 else nullcontext()
+                    with sync:
+                        with autocast:
+                            loss, mse = runner(*inputs)
+                        scaler.scale(loss / args.accum).backward()
+                    mse_sum += mse
+                scaler.unscale_(optimizer)
+                grad = words.vectors.grad
+                finite = grad is not None and bool(torch.isfinite(grad).all()) and bool(torch.isfinite(mse_sum))
+                if finite:
+                    scaler.step(optimizer)
+                    bad_in_row = 0
+                else:
+                    skipped_total += 1
+                    bad_in_row += 1
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if d.world > 1:
+                    dist.all_reduce(mse_sum)
+                    mse_sum /= d.world
+                value = float(mse_sum) / args.accum
+                rows.append((step + 1, value, lr, skipped_total))
+                if loss_log is not None:
+                    loss_log.write(f"{step + 1},{value:.6g},{lr:.6g},{skipped_total}\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", skipped=skipped_total, refresh=False)
+                done = step + 1
+                if bad_in_row >= args.max_bad_steps:  # skipped steps left the vectors as they were: keep them
+                    save(done)
+                    raise InversionError(f"{bad_in_row} steps in a row gave NaN/inf loss or gradients (last at step "
+                                         f"{done}; the vectors from before them are saved in {out}); lower LR, use "
+                                         "PRECISION=bf16 or fp32, or check the checkpoint")
+                saved = done % args.save_every == 0 or done == args.steps
+                if saved:
+                    save(done)
+                    if d.main and args.val_every and (done % args.val_every == 0 or done == args.steps):
+                        path = validation_grid(model, words, args, args.size, done, out)
+                        log.debug("validation grid %s", path)
+                    barrier(d)
+                if stop.requested() and done < args.steps:  # Ctrl-C: this step is complete, keep it and leave
+                    if not saved:
+                        save(done)
+                    args.stopped_at = done
+                    log.warning("interrupted at step %d of %d: saved %s; continue with RESUME=%s", done, args.steps,
+                                out / "learned_embeds.safetensors", out)
+                    break
+        finally:
             bar.close()
-            raise InversionError(f"{bad_in_row} steps in a row gave NaN/inf loss or gradients (last at step "
-                                 f"{step + 1}); lower LR, use PRECISION=bf16 or fp32, or check the checkpoint")
-        done = step + 1
-        if done % args.save_every == 0 or done == args.steps:
-            save(done)
-            if d.main and args.val_every and (done % args.val_every == 0 or done == args.steps):
-                path = validation_grid(model, words, args, args.size, done, out)
-                log.debug("validation grid %s", path)
-            barrier(d)
-    bar.close()
-    if loss_log is not None:
-        loss_log.close()
+            if loss_log is not None:
+                loss_log.close()
     if d.main:
         if start >= args.steps:
             save(start)
@@ -580,8 +667,13 @@ def main(argv: list[str] | None = None) -> int:
     out = train(args)
     if int(os.environ.get("RANK", "0")) == 0:
         rows = read_loss_csv(out / "loss.csv", args.steps)
-        last = f", final loss {rows[-1][1]:.4f}" if rows else ""
-        print(f"learned {args.token} in {time.time() - started:.0f} s{last}: {out / 'learned_embeds.safetensors'}")
+        last = f", loss {rows[-1][1]:.4f}" if rows else ""
+        if getattr(args, "stopped_at", None):
+            print(f"stopped by Ctrl-C at step {args.stopped_at} of {args.steps}{last}; saved "
+                  f"{out / 'learned_embeds.safetensors'}; continue with RESUME={out}")
+        else:
+            print(f"learned {args.token} in {time.time() - started:.0f} s{last}: "
+                  f"{out / 'learned_embeds.safetensors'}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
