@@ -73,8 +73,29 @@ def _load_bpe(path: str) -> tuple[dict[str, int], list[str], dict[tuple[str, str
     return {t: i for i, t in enumerate(vocab)}, vocab, {m: r for r, m in enumerate(merges)}
 
 
+def fit_ids(ids: list[int], room: int, placeholder_of: dict[int, str]) -> list[int]:
+    """The first ≤ room ids, cut before (never inside) a multi-vector placeholder's run of ids."""
+    if len(ids) <= room:
+        return ids
+    cut = room
+    while (cut > 0 and ids[cut] in placeholder_of and ids[cut - 1] == ids[cut] - 1
+           and placeholder_of.get(ids[cut - 1]) == placeholder_of[ids[cut]]):
+        cut -= 1
+    return ids[:cut]
+
+
+def valid_unicode(text: str) -> str:
+    """Lone surrogates (e.g. undecodable command-line bytes) → U+FFFD, so UTF-8 encoding never fails."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def clean(text: str) -> str:
     """CLIP's text cleaning: ftfy repair, HTML unescape twice, whitespace collapse, lower case."""
+    text = valid_unicode(text)
     if ftfy is not None:
         text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
@@ -200,8 +221,9 @@ class Tokenizer:
         for row, prompt in enumerate(prompts):
             ids = self.encode(prompt)
             if len(ids) > room:
-                dropped.append(f"{self.decode(ids[room:])!r} from prompt {row}")
-                ids = ids[:room]
+                kept = fit_ids(ids, room, self._placeholder_of)
+                dropped.append(f"{self.decode(ids[len(kept):])!r} from prompt {row}")
+                ids = kept
             out[row, :len(ids) + 2] = torch.tensor([self.bos_id, *ids, self.eos_id])
         if dropped:
             log.warning("prompt longer than %d tokens was truncated; dropped %s",

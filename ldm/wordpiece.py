@@ -19,6 +19,8 @@ from pathlib import Path
 import regex
 import torch
 
+from ldm.tokenizer import fit_ids
+
 log = logging.getLogger(__name__)
 
 __all__ = ["WordPieceTokenizer", "VOCAB_FILE", "default_vocab_path", "basic_tokenize"]
@@ -234,8 +236,9 @@ class WordPieceTokenizer:
         for row, prompt in enumerate(prompts):
             ids = self.encode(prompt)
             if len(ids) > room:
-                dropped.append(f"{self.decode(ids[room:])!r} from prompt {row}")
-                ids = ids[:room]
+                kept = fit_ids(ids, room, self._placeholder_of)
+                dropped.append(f"{self.decode(ids[len(kept):])!r} from prompt {row}")
+                ids = kept
             out[row, :len(ids) + 2] = torch.tensor([self.bos_id, *ids, self.eos_id])
         if dropped:
             log.warning("prompt longer than %d tokens was truncated; dropped %s",
