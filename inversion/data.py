@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -76,17 +77,40 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def max_pixels() -> int:
+    """PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, ~89.5 MP, ~0.25 GiB as RGB) or 89.5 MP if unset."""
+    return int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB PIL image with EXIF orientation applied; a corrupt file is a one-line InversionError."""
+    """An RGB PIL image with EXIF orientation applied; a corrupt, truncated or oversized file is a one-line
+    InversionError. The size is checked from the header before any pixel is decoded, so memory stays bounded."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels():
+                    raise InversionError(f"{path}: {w}×{h} pixels is over the limit of {max_pixels() / 1e6:.0f} "
+                                         "megapixels (PIL's decompression-bomb guard); downscale it first")
+                if w < 1 or h < 1:
+                    raise InversionError(f"{path}: the image is {w}×{h} pixels")
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except InversionError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InversionError(f"{path}: {str(e).splitlines()[0]}; downscale it first") from None
+    except MemoryError:
+        raise InversionError(f"{path}: not enough memory to decode this image; downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InversionError(f"{path}: not a readable image ({reason}); remove or replace it") from None
+    except Exception as e:  # decoders of hostile bytes raise many other classes (struct.error, IndexError, …)
+        raise InversionError(f"{path}: not a readable image ({type(e).__name__} while decoding); remove or "
+                             "replace it") from None
 
 
 def preprocess(image: Image.Image, size: int, center_crop: bool = False, flip: bool = False,
