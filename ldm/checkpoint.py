@@ -1,6 +1,7 @@
 """Read .safetensors/.ckpt files and diffusers folders, detect the model variant, load strictly."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -555,9 +556,15 @@ def _assign(module: nn.Module, sd: LazyStateDict, prefix: str, config: ModelConf
         raise CheckpointError(f"{source} has an unexpected key {prefix}{unexpected[0]}{more} for "
                               f"{config.name}")
     for k, ref in expected.items():
-        if tuple(sd.shapes[k].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{source}: {prefix}{k} has shape {tuple(sd.shapes[k].shape)} but "
+        have = sd.shapes[k]
+        if not isinstance(have, Tensor):
+            raise CheckpointError(f"{source}: {prefix}{k} is a {type(have).__name__}, not a tensor")
+        if tuple(have.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: {prefix}{k} has shape {tuple(have.shape)} but "
                                   f"{config.name} needs {tuple(ref.shape)}")
+        if ref.is_floating_point() and not (have.is_floating_point() and have.dtype.itemsize >= 2):
+            raise CheckpointError(f"{source}: {prefix}{k} is stored as {str(have.dtype).removeprefix('torch.')}; "
+                                  "weights must be float16, bfloat16, float32 or float64")
     cast = {}
     for k in expected:
         t = sd[k]                                          # read now, one tensor at a time
@@ -565,6 +572,14 @@ def _assign(module: nn.Module, sd: LazyStateDict, prefix: str, config: ModelConf
         del t
     module.load_state_dict(cast, strict=True, assign=True)
     module.to(device=device, dtype=dtype)  # buffers the state dict does not carry
+
+
+def _plausible_alphas(alphas: Tensor, timesteps: int) -> bool:
+    """ᾱ_t as a schedule must be finite, in (0, 1] and non-increasing, one value per training timestep."""
+    if alphas.ndim != 1 or alphas.numel() != timesteps or not alphas.is_floating_point():
+        return False
+    a = alphas.double()
+    return bool(torch.isfinite(a).all() and (a > 0).all() and (a <= 1).all() and (a[1:] <= a[:-1]).all())
 
 
 def load_model(path_or_dir: str | Path, device: torch.device | str | None = None,
@@ -577,14 +592,36 @@ def load_model(path_or_dir: str | Path, device: torch.device | str | None = None
     tensors stay memory-mapped when no cast or move is needed (PyTorch's mmap + assign recipe).
     `prediction` ("eps" | "v") overrides what the files say (a diffusers scheduler config, a sibling .yaml,
     the weights manifest); SD 2.x weights alone cannot tell eps from v, and default to eps."""
-    from ldm.pipeline import LatentDiffusion, build_modules, build_tokenizer
-    from ldm.schedule import Schedule
-
     path = Path(path_or_dir)
     source = str(path)
     device = torch.device(device or "cpu")
     dtype = dtype or torch.float32
     sd, hints = _read(path, allow_pickle)
+    with _malformed(source):
+        return _load(path, source, sd, hints, device, dtype, prediction)
+
+
+@contextlib.contextmanager
+def _malformed(source: str) -> Iterator[None]:
+    """Shapes no real checkpoint has make index, arithmetic or constructor errors while the config is derived
+    and the modules built: report them as a CheckpointError naming the file, never a traceback."""
+    try:
+        yield
+    except (CheckpointError, NotImplementedError, torch.OutOfMemoryError):
+        raise
+    except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError, AssertionError, RuntimeError,
+            OverflowError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"{source}: its tensors do not describe a model this tool can build "
+                              f"({type(e).__name__}{': ' + first if first else ''}) — is it a complete Stable "
+                              "Diffusion 1.x/2.x checkpoint?") from None
+
+
+def _load(path: Path, source: str, sd: LazyStateDict, hints: dict, device: torch.device, dtype: torch.dtype,
+          prediction: str | None):
+    from ldm.pipeline import LatentDiffusion, build_modules, build_tokenizer
+    from ldm.schedule import Schedule
+
     config = detect_variant(sd, prediction, source=source, hints=hints)
     if (prediction is None and "prediction" not in hints and CONFIG_KEY not in sd
             and config.text["kind"] == "openclip" and path.is_file()):
@@ -606,8 +643,10 @@ def load_model(path_or_dir: str | Path, device: torch.device | str | None = None
                                  (text, "text", text_prefix)):
         _assign(module, parts.pop(part), prefix, config, source, device, dtype)
     schedule = Schedule.from_config(config)
-    if alphas is not None and alphas.numel() == config.timesteps and alphas.dtype in (torch.float32,
-                                                                                       torch.float64):
+    if alphas is not None and not _plausible_alphas(alphas, config.timesteps):
+        log.warning("%s: its alphas_cumprod is not a decreasing schedule in (0, 1]; recomputing it", source)
+        alphas = None
+    if alphas is not None and alphas.dtype in (torch.float32, torch.float64):
         schedule = Schedule(alphas, config.parameterization)  # the checkpoint's own ᾱ, as DESIGN prefers
     elif alphas is not None:
         log.info("%s: alphas_cumprod stored as %s; recomputing the schedule in float64", source, alphas.dtype)
