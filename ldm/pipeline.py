@@ -250,7 +250,14 @@ class LatentDiffusion(nn.Module):
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         latents = self.sample_latents(prompts, negative_prompts, steps, scale, eta, sampler, seed, height,
                                       width, callback, progress, cuda_graph)
-        return to_pil(torch.cat([self.decode_latents(z[None]) for z in latents]))
+        images = torch.cat([self.decode_latents(z[None]) for z in latents])
+        bad = [i for i in range(len(images)) if not bool(torch.isfinite(images[i]).all())]
+        if bad:  # fp16 overflow (often the SD 2.x VAE) shows as black images: say so instead of failing quietly
+            log.warning("NaN/inf in %d of %d sample(s) (seeds %s) with %s; their pixels are clamped, expect black "
+                        "pixels — use DTYPE=bf16 or fp32", len(bad), len(images),
+                        ", ".join(str(seed + i) for i in bad), str(self.dtype).removeprefix("torch."))
+            images = torch.nan_to_num(images.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
+        return to_pil(images)
 
 
 def _randomise_zero_weights(module: nn.Module, generator: torch.Generator) -> None:

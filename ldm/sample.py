@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attention", default=None, help="attention backend: math, sdpa, triton, auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (first step is slow)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms, reference kernels (per-device promise: ldm/determinism.py)")
     p.add_argument("--embedding", default=None, help="learned embedding file(s), comma-separated")
     p.add_argument("--token", default=None, help="the word to use for a single embedding file")
     from inversion import curate
@@ -160,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         attention.set_backend(args.attention)
     out = cli.check_writable(args.out)
     device = cli.pick_device(args.device)
+    if args.deterministic:
+        from ldm import determinism
+
+        determinism.enable(device, args.seed)
     dtype = cli.pick_dtype(args.dtype, device)
     model = cli.load(args.model, args.ckpt, device, dtype, args.prediction, args.allow_pickle)
     if args.compile:
@@ -187,16 +193,21 @@ def main(argv: list[str] | None = None) -> int:
         written.append(image)
 
     drawn: list[tuple[Image.Image, int]] = []
-    for first in range(0, total, batch):
-        count = min(batch, total - first)
-        images = model.sample([args.prompt] * count, [args.neg] * count, steps=steps, scale=scale, eta=args.eta,
-                              sampler=args.sampler, seed=args.seed + first, height=height, width=width,
-                              cuda_graph=args.cuda_graph)
-        for i, image in enumerate(images):
-            if args.best_of:
-                drawn.append((image, args.seed + first + i))
-            else:
-                write(image, args.seed + first + i)  # written as they come: Ctrl-C keeps what is done
+    try:
+        for first in range(0, total, batch):
+            count = min(batch, total - first)
+            images = model.sample([args.prompt] * count, [args.neg] * count, steps=steps, scale=scale,
+                                  eta=args.eta, sampler=args.sampler, seed=args.seed + first, height=height,
+                                  width=width, cuda_graph=args.cuda_graph)
+            for i, image in enumerate(images):
+                if args.best_of:
+                    drawn.append((image, args.seed + first + i))
+                else:
+                    write(image, args.seed + first + i)  # written as they come: Ctrl-C keeps what is done
+    except KeyboardInterrupt:
+        kept = f"the {len(written)} image(s) already written in {out} are kept" if written else "no image was done"
+        print(f"interrupted: {kept}; --batch-size 1 writes each image as soon as it is done", file=sys.stderr)
+        return 130
     if args.best_of:
         chosen = curate.select([im for im, _ in drawn], args, words, device)
         for i, score in chosen:
