@@ -335,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--token", default=None, help="the learned word in that file (default the run's TOKEN)")
     a("--out", default=None, help="JSON path (default RUN/eval.json)")
     a("--save-samples", action="store_true", help="also write one PNG grid per prompt under RUN/eval-samples/")
+    a("--overwrite", action="store_true", help="replace an existing eval.json (--out) and eval-samples/ grids")
     a("--device", default="auto", help="auto | cpu | cuda | mps (DEVICE=)")
     a("--dtype", default="fp32", help="fp32 | fp16 | bf16 for the diffusion model (DTYPE=)")
     a("--no-progress", action="store_true", help="no progress bars")
@@ -383,6 +384,12 @@ def main(argv: list[str] | None = None, scorer: CLIPScorer | None = None, model=
         raise InversionError(f"RUN={run} does not name its concept (no args.json); give --concept FOLDER")
     prompts = parse_prompts(args.prompts)
     out = Path(args.out) if args.out else run / "eval.json"
+    samples = run / "eval-samples"
+    if not args.overwrite:
+        if out.exists():
+            raise InversionError(f"{out} already exists; pass --overwrite to replace it, or choose --out")
+        if args.save_samples and samples.is_dir() and any(samples.iterdir()):
+            raise InversionError(f"{samples} already holds grids; pass --overwrite to replace them")
     cli.check_writable(out.parent)
 
     device = cli.pick_device(args.device)
@@ -403,7 +410,7 @@ def main(argv: list[str] | None = None, scorer: CLIPScorer | None = None, model=
     started = time.time()
     result = evaluate(model, scorer, train_images, token, prompts, args.reconstruction, args.n, args.steps,
                       args.scale, args.eta, size, args.seed, args.batch,
-                      run / "eval-samples" if args.save_samples else None, progress=not args.no_progress)
+                      samples if args.save_samples else None, progress=not args.no_progress)
     report = {
         "run": str(run), "token": token, "embedding": str(emb_path), "model": model.config.name,
         "concept": str(concept), "training_images": len(images),

@@ -42,7 +42,16 @@ def local_path(name: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
     entries = manifest()
     if name not in entries:
         raise DownloadError(f"unknown model {name!r}; known: {', '.join(sorted(entries))}")
-    return weights_dir / entries[name]["file"]
+    return inside(weights_dir, entries[name]["file"])
+
+
+def inside(folder: Path, name: str) -> Path:
+    """folder/name, refusing a name that would leave the folder (absolute, `..`, a link out of it)."""
+    path = (Path(folder) / name)
+    if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(
+            Path(folder).resolve()):
+        raise DownloadError(f"manifest file name {name!r} would write outside {folder}")
+    return path
 
 
 def sha256_of(path: Path) -> str:
@@ -123,7 +132,9 @@ def download(name: str, weights_dir: Path = WEIGHTS_DIR, progress: bool = True, 
     if entry["sha256"] is None and not unverified:
         raise DownloadError(f"{name} has no published sha256, so it cannot be verified; add --unverified "
                             "(make weights ... UNVERIFIED=1) to download it anyway and print its sha256")
-    return fetch(entry["url"], weights_dir / entry["file"], entry["sha256"], entry.get("size"), progress)
+    if not str(entry["url"]).startswith("https://"):
+        raise DownloadError(f"{name}: the manifest URL {entry['url']!r} is not https")
+    return fetch(entry["url"], inside(weights_dir, entry["file"]), entry["sha256"], entry.get("size"), progress)
 
 
 def main(argv: list[str] | None = None) -> int:
