@@ -75,6 +75,15 @@ figure-%: $(STAMP)
 figures: $(STAMP)
 	$(PYTHON) -m experiments.figures all $(figure_opts)
 
+demo: $(STAMP)
+	$(PYTHON) -m experiments.shapes.demo $(call opt,--steps,$(STEPS)) $(call opt,--vectors,$(VECTORS)) $(ARGS)
+
+pretrain-shapes: $(STAMP)
+	$(PYTHON) -m experiments.shapes.pretrain $(call opt,--seed,$(SEED)) $(call opt,--steps,$(STEPS)) $(ARGS)
+
+bench: $(STAMP)
+	$(PYTHON) -m bench.run $(call opt,--device,$(DEVICE)) $(ARGS)
+
 weights: $(STAMP)
 	@test -n "$(MODEL)" || { echo 'error: give MODEL=sd15|sd21|sd21-v|ldm-1.4b' >&2; exit 2; }
 	$(PYTHON) -m weights.download $(MODEL) $(if $(UNVERIFIED),--unverified)
