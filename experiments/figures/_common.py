@@ -62,6 +62,7 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     a("--seed", type=int, default=23, help="seed for training and sampling (SEED=, default 23)")
     a("--device", default="auto", help="auto | cpu | cuda | mps (DEVICE=)")
     a("--clip-weights", default=None, help="CLIP ViT-B/32 weights for metrics; 'random' = smoke (CLIP=)")
+    a("--overwrite", action="store_true", help="redraw a figure whose PNG/JSON already exist in OUT")
     a("--prompts", default=None, help="';'-separated prompts replacing the figure's own (S* = the word)")
     return p
 
@@ -360,6 +361,10 @@ def out_dir(args: argparse.Namespace, name: str) -> Path:
     from ldm import cli
 
     out = Path(args.out) if args.out else OUT_ROOT / name
+    done = [p for p in (out / f"{name}.png", out / f"{name}.json") if p.exists()]
+    if done and not getattr(args, "overwrite", False):
+        raise FigureError(f"{done[0]} already exists; pass --overwrite (ARGS=--overwrite) to redraw it, or choose "
+                          "another OUT")
     try:
         return cli.check_writable(out)
     except cli.UsageError as e:
