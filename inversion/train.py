@@ -21,6 +21,11 @@ Run directory (OUT; only rank 0 writes; every file is written atomically):
     samples/val-step<N>.png     validation grid: rows "a photo of <token>" + VAL_PROMPTS, VAL_N seeds each
     loss.csv, loss.png          per-step loss log, and its plot at the end
     state.pt                    RESUME state: vectors, optimiser, scaler, step, counters, every RNG state
+
+Stopping: Ctrl-C finishes the current step, saves and exits 0 (a second Ctrl-C quits at once, keeping the last
+save); a kill -9 or a full disk loses at most the steps since the last save, and RESUME=OUT continues from it
+bit-identically. NaN/inf steps are skipped and counted; MAX_BAD_STEPS in a row stop the run with advice.
+--deterministic: see ldm/determinism.py for what it guarantees on each device.
 """
 from __future__ import annotations
 
