@@ -146,7 +146,7 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tmp
     assert (run / "loss.csv").read_text() == (ref / "loss.csv").read_text()
     for name in MAIN_FILES:
         assert torch.equal(load_embedding_file(run / name)["<cat>"], load_embedding_file(ref / name)["<cat>"])
-    assert not list(run.glob(".*.tmp")), "a resume removes the temp files of the save a kill interrupted"
+    assert not list(run.rglob(".*.tmp")), "a resume removes the temp files of the saves a kill interrupted"
 
 
 @pytest.mark.parametrize("victim", ["embedding", "state"])
