@@ -199,7 +199,7 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, H*W, C) -> (B, C, H, W)
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()  # (B, H*W, C) -> (B, C, H, W), NCHW memory
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
