@@ -45,7 +45,7 @@ sample: $(STAMP)
 		$(call opt,--attention,$(ATTENTION)) $(call opt,--eta,$(ETA)) $(call opt,--prediction,$(PREDICTION)) \
 		$(if $(ALLOW_PICKLE),--allow-pickle) $(if $(COMPILE),--compile) $(if $(CUDA_GRAPH),--cuda-graph) \
 		$(call opt,--best-of,$(BEST_OF)) $(call opt,--keep,$(KEEP)) $(call opt,--rank,$(RANK)) \
-		$(call opt,--concept,$(CONCEPT)) $(call opt,--clip-weights,$(CLIP))
+		$(call opt,--concept,$(CONCEPT)) $(call opt,--clip-weights,$(CLIP)) $(if $(DETERMINISTIC),--deterministic)
 
 train: $(STAMP)
 	@test -n "$(CONCEPT)" || { echo 'error: give CONCEPT=cat (a folder under experiments/concepts/ or a path)' >&2; exit 2; }
@@ -56,18 +56,20 @@ train: $(STAMP)
 		$(call opt,--save-every,$(SAVE_EVERY)) $(call opt,--precision,$(PRECISION)) \
 		$(call opt,--checkpointing,$(CHECKPOINTING)) $(call opt,--resume,$(RESUME)) \
 		$(call opt,--templates,$(TEMPLATES)) $(call opt,--val-prompts,$(VAL_PROMPTS)) \
-		$(call opt,--device,$(DEVICE)) $(call opt,--reg-weight,$(REG_WEIGHT)) $(ARGS)
+		$(call opt,--device,$(DEVICE)) $(call opt,--reg-weight,$(REG_WEIGHT)) $(if $(DETERMINISTIC),--deterministic) \
+		$(if $(OVERWRITE),--overwrite) $(ARGS)
 
 eval: $(STAMP)
 	@test -n "$(RUN)" || { echo 'error: give RUN=runs/<your run>' >&2; exit 2; }
 	$(PYTHON) -m inversion.evaluate --run "$(RUN)" $(call opt,--prompts,$(PROMPTS)) $(call opt,--n,$(N)) \
 		$(call opt,--steps,$(STEPS)) $(call opt,--scale,$(SCALE)) $(call opt,--seed,$(SEED)) \
 		$(call opt,--clip-weights,$(CLIP)) $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) \
-		$(call opt,--device,$(DEVICE)) $(call opt,--out,$(OUT))
+		$(call opt,--device,$(DEVICE)) $(call opt,--out,$(OUT)) $(if $(OVERWRITE),--overwrite)
 
 figure_opts = $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) $(call opt,--concept,$(CONCEPT)) \
 	$(call opt,--run,$(RUN)) $(call opt,--out,$(OUT)) $(call opt,--steps,$(STEPS)) $(call opt,--n,$(N)) \
-	$(call opt,--seed,$(SEED)) $(call opt,--device,$(DEVICE)) $(call opt,--clip-weights,$(CLIP)) $(ARGS)
+	$(call opt,--seed,$(SEED)) $(call opt,--device,$(DEVICE)) $(call opt,--clip-weights,$(CLIP)) \
+	$(if $(OVERWRITE),--overwrite) $(ARGS)
 
 figure-%: $(STAMP)
 	$(PYTHON) -m experiments.figures $* $(figure_opts)
