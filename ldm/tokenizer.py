@@ -5,22 +5,22 @@ import functools
 import gzip
 import html
 import importlib.util
-import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import regex
 import torch
+
+from ldm.placeholders import PlaceholderTokenizer, fit_ids
 
 try:
     import ftfy
 except ImportError:  # ftfy only repairs mojibake; CLIP still works without it
     ftfy = None
 
-log = logging.getLogger(__name__)
 
-__all__ = ["Tokenizer", "BOS_ID", "EOS_ID", "VOCAB_SIZE", "default_bpe_path"]
+__all__ = ["Tokenizer", "BOS_ID", "EOS_ID", "VOCAB_SIZE", "default_bpe_path", "fit_ids"]
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2          # 48,894 merge lines after the header
@@ -73,17 +73,6 @@ def _load_bpe(path: str) -> tuple[dict[str, int], list[str], dict[tuple[str, str
     return {t: i for i, t in enumerate(vocab)}, vocab, {m: r for r, m in enumerate(merges)}
 
 
-def fit_ids(ids: list[int], room: int, placeholder_of: dict[int, str]) -> list[int]:
-    """The first ≤ room ids, cut before (never inside) a multi-vector placeholder's run of ids."""
-    if len(ids) <= room:
-        return ids
-    cut = room
-    while (cut > 0 and ids[cut] in placeholder_of and ids[cut - 1] == ids[cut] - 1
-           and placeholder_of.get(ids[cut - 1]) == placeholder_of[ids[cut]]):
-        cut -= 1
-    return ids[:cut]
-
-
 def valid_unicode(text: str) -> str:
     """Lone surrogates (e.g. undecodable command-line bytes) → U+FFFD, so UTF-8 encoding never fails."""
     try:
@@ -102,7 +91,7 @@ def clean(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-class Tokenizer:
+class Tokenizer(PlaceholderTokenizer):
     """CLIP BPE to 77 ids with SD1 ("sd1": pad EOS) or SD2 ("sd2": open_clip, pad 0) rules, plus placeholders."""
 
     KINDS = tuple(PAD_ID)
@@ -113,61 +102,11 @@ class Tokenizer:
             raise ValueError(f"tokenizer kind {kind!r}; choose one of {', '.join(self.KINDS)}")
         if context_length < 2:
             raise ValueError(f"context_length {context_length} leaves no room for BOS and EOS")
-        self.kind, self.context_length = kind, context_length
-        self.bos_id, self.eos_id, self.pad_id = BOS_ID, EOS_ID, PAD_ID[kind]
+        super().__init__(context_length, BOS_ID, EOS_ID, PAD_ID[kind])
+        self.kind = kind
         self._encoder, self._decoder, self._ranks = _load_bpe(str(bpe_path or default_bpe_path()))
         self._byte_encoder = bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
-        self._cache: dict[str, list[int]] = {}
-        self._placeholders: dict[str, list[int]] = {}
-        self._placeholder_of: dict[int, str] = {}
-        self._split: regex.Pattern | None = None
-
-    # --- vocabulary --------------------------------------------------------------------------------------
-
-    @property
-    def vocab_size(self) -> int:
-        """Rows of the frozen embedding table (49,408); placeholder ids start here."""
-        return len(self._decoder)
-
-    def __len__(self) -> int:
-        return self.vocab_size + len(self._placeholder_of)
-
-    @property
-    def placeholders(self) -> dict[str, list[int]]:
-        return {tok: list(ids) for tok, ids in self._placeholders.items()}
-
-    def add_placeholder(self, token: str, num_vectors: int = 1) -> list[int]:
-        """Register `token` as `num_vectors` new ids ≥ vocab_size, matched verbatim and never split."""
-        if not isinstance(token, str) or not token:
-            raise ValueError("a placeholder must be a non-empty string such as '<my-concept>'")
-        if any(c.isspace() for c in token):
-            raise ValueError(f"placeholder {token!r} contains whitespace; use one word such as '<my-concept>'")
-        if token in self._placeholders:
-            raise ValueError(f"placeholder {token!r} is already registered with ids {self._placeholders[token]}")
-        if not isinstance(num_vectors, int) or num_vectors < 1:
-            raise ValueError(f"num_vectors must be a positive integer, got {num_vectors!r}")
-        existing = self._encode_plain(token)
-        if len(existing) == 1:
-            raise ValueError(f"placeholder {token!r} is already the vocabulary word {self._piece(existing[0])!r} "
-                             f"(id {existing[0]}); pick a string that is not, e.g. '<{token}>'")
-        ids = list(range(len(self), len(self) + num_vectors))
-        self._placeholders[token] = ids
-        self._placeholder_of.update(dict.fromkeys(ids, token))
-        by_length = sorted(self._placeholders, key=len, reverse=True)
-        self._split = regex.compile("(" + "|".join(regex.escape(t) for t in by_length) + ")")
-        return list(ids)
-
-    def is_single_token(self, word: str) -> bool:
-        return len(self.encode(word)) == 1
-
-    def token_id(self, word: str) -> int:
-        """The one id `word` encodes to (e.g. an initializer word); ValueError naming the pieces otherwise."""
-        ids = self.encode(word)
-        if len(ids) != 1:
-            pieces = ", ".join(repr(self._piece(i)) for i in ids) or "nothing"
-            raise ValueError(f"{word!r} is {len(ids)} tokens ({pieces}), not one; choose a single-token word")
-        return ids[0]
 
     # --- encoding ----------------------------------------------------------------------------------------
 
@@ -202,40 +141,10 @@ class Tokenizer:
             ids += self._bpe("".join(self._byte_encoder[b] for b in piece.encode("utf-8")))
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text` without BOS/EOS; placeholders (matched verbatim, before cleaning) expand to their ids."""
-        if self._split is None:
-            return self._encode_plain(text)
-        ids: list[int] = []
-        for i, part in enumerate(self._split.split(text)):
-            ids += self._placeholders[part] if i % 2 else self._encode_plain(part)
-        return ids
-
-    def __call__(self, prompts: str | Sequence[str]) -> torch.LongTensor:
-        """Prompts → (B, context_length) ids: BOS, tokens, EOS, padding; over-long prompts keep EOS last."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        room = self.context_length - 2
-        out = torch.full((len(prompts), self.context_length), self.pad_id, dtype=torch.long)
-        dropped = []
-        for row, prompt in enumerate(prompts):
-            ids = self.encode(prompt)
-            if len(ids) > room:
-                kept = fit_ids(ids, room, self._placeholder_of)
-                dropped.append(f"{self.decode(ids[len(kept):])!r} from prompt {row}")
-                ids = kept
-            out[row, :len(ids) + 2] = torch.tensor([self.bos_id, *ids, self.eos_id])
-        if dropped:
-            log.warning("prompt longer than %d tokens was truncated; dropped %s",
-                        self.context_length, "; ".join(dropped))
-        return out
-
     # --- decoding ----------------------------------------------------------------------------------------
 
-    def _piece(self, i: int) -> str:
-        """Readable text of one id (without the end-of-word marker)."""
-        if i in self._placeholder_of:
-            return self._placeholder_of[i]
+    def _plain_piece(self, i: int) -> str:
+        """Readable text of one vocabulary id (without the end-of-word marker)."""
         return self._join_bytes(self._decoder[i]).strip()
 
     def _join_bytes(self, symbols: str) -> str:
@@ -246,32 +155,16 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         """Ids → text: BOS skipped, stops at the first EOS (padding after it), placeholders by name."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.flatten().tolist()
         words: list[str] = []
         pending: list[str] = []
-
-        def flush() -> None:
-            if pending:
-                words.append(self._join_bytes("".join(pending)))
-                pending.clear()
-
-        prev = None
-        for i in ids:
-            i = int(i)
-            if i == self.bos_id:
-                continue
-            if i == self.eos_id:
-                break
-            if not 0 <= i < len(self):
-                raise ValueError(f"token id {i} is outside this tokenizer's {len(self)} ids")
-            if i in self._placeholder_of:
-                flush()
-                token = self._placeholder_of[i]
-                if prev not in self._placeholders[token] or prev + 1 != i:  # one name per run of its ids
-                    words.append(f" {token} ")
+        for item in self._decode_items(ids):
+            if isinstance(item, str):  # a placeholder: flush the byte-level symbols before it
+                if pending:
+                    words.append(self._join_bytes("".join(pending)))
+                    pending.clear()
+                words.append(f" {item} ")
             else:
-                pending.append(self._decoder[i])
-            prev = i
-        flush()
+                pending.append(self._decoder[item])
+        if pending:
+            words.append(self._join_bytes("".join(pending)))
         return " ".join("".join(words).split())

@@ -10,18 +10,14 @@ a word longer than 100 characters or with an unmatched remainder becomes [UNK]. 
 """
 from __future__ import annotations
 
-import logging
 import os
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
-import regex
 import torch
 
-from ldm.tokenizer import fit_ids
-
-log = logging.getLogger(__name__)
+from ldm.placeholders import PlaceholderTokenizer
 
 __all__ = ["WordPieceTokenizer", "VOCAB_FILE", "default_vocab_path", "basic_tokenize"]
 
@@ -100,10 +96,11 @@ def basic_tokenize(text: str, lowercase: bool = True) -> list[str]:
     return words
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(PlaceholderTokenizer):
     """BERT WordPiece to 77 ids ([CLS] … [SEP] [PAD]…), plus placeholder tokens with new ids ≥ vocab_size."""
 
     kind = "bert"
+    stops_at_pad = True
 
     def __init__(self, vocab_path: str | os.PathLike | None = None, context_length: int = 77,
                  lowercase: bool = True, max_chars_per_word: int = MAX_CHARS_PER_WORD) -> None:
@@ -120,66 +117,10 @@ class WordPieceTokenizer:
         missing = [t for t in (UNK, CLS, SEP, PAD) if t not in self._encoder]
         if missing:
             raise ValueError(f"{path} is not a BERT vocabulary: it has no {', '.join(missing)}")
-        self.context_length, self.lowercase, self.max_chars_per_word = context_length, lowercase, max_chars_per_word
-        self.unk_id, self.bos_id, self.eos_id, self.pad_id = (self._encoder[t] for t in (UNK, CLS, SEP, PAD))
-        self._specials = {t: self._encoder[t] for t in SPECIAL_TOKENS if t in self._encoder}
-        self._special_of = {i: t for t, i in self._specials.items()}
-        self._cache: dict[str, list[int]] = {}
-        self._placeholders: dict[str, list[int]] = {}
-        self._placeholder_of: dict[int, str] = {}
-        self._split = self._splitter()
-
-    # --- vocabulary --------------------------------------------------------------------------------------
-
-    @property
-    def vocab_size(self) -> int:
-        """Rows of the frozen embedding table (30,522 for bert-base-uncased); placeholder ids start here."""
-        return len(self._decoder)
-
-    def __len__(self) -> int:
-        return self.vocab_size + len(self._placeholder_of)
-
-    @property
-    def placeholders(self) -> dict[str, list[int]]:
-        return {tok: list(ids) for tok, ids in self._placeholders.items()}
-
-    def _splitter(self) -> regex.Pattern:
-        """Verbatim matches of placeholders and special tokens, longest first."""
-        verbatim = sorted([*self._placeholders, *self._specials], key=len, reverse=True)
-        return regex.compile("(" + "|".join(regex.escape(t) for t in verbatim) + ")")
-
-    def add_placeholder(self, token: str, num_vectors: int = 1) -> list[int]:
-        """Register `token` as `num_vectors` new ids ≥ vocab_size, matched verbatim and never split."""
-        if not isinstance(token, str) or not token:
-            raise ValueError("a placeholder must be a non-empty string such as '<my-concept>'")
-        if any(c.isspace() for c in token):
-            raise ValueError(f"placeholder {token!r} contains whitespace; use one word such as '<my-concept>'")
-        if token in self._placeholders:
-            raise ValueError(f"placeholder {token!r} is already registered with ids {self._placeholders[token]}")
-        if token in self._specials:
-            raise ValueError(f"placeholder {token!r} is a BERT special token; pick another such as '<my-concept>'")
-        if not isinstance(num_vectors, int) or num_vectors < 1:
-            raise ValueError(f"num_vectors must be a positive integer, got {num_vectors!r}")
-        existing = self._encode_plain(token)
-        if len(existing) == 1 and existing[0] != self.unk_id:
-            raise ValueError(f"placeholder {token!r} is already the vocabulary word {self._decoder[existing[0]]!r} "
-                             f"(id {existing[0]}); pick a string that is not, e.g. '<{token}>'")
-        ids = list(range(len(self), len(self) + num_vectors))
-        self._placeholders[token] = ids
-        self._placeholder_of.update(dict.fromkeys(ids, token))
-        self._split = self._splitter()
-        return list(ids)
-
-    def is_single_token(self, word: str) -> bool:
-        return len(self.encode(word)) == 1
-
-    def token_id(self, word: str) -> int:
-        """The one id `word` encodes to (e.g. an initializer word); ValueError naming the pieces otherwise."""
-        ids = self.encode(word)
-        if len(ids) != 1:
-            pieces = ", ".join(repr(self._piece(i)) for i in ids) or "nothing"
-            raise ValueError(f"{word!r} is {len(ids)} tokens ({pieces}), not one; choose a single-token word")
-        return ids[0]
+        super().__init__(context_length, *(self._encoder[t] for t in (CLS, SEP, PAD)),
+                         specials={t: self._encoder[t] for t in SPECIAL_TOKENS if t in self._encoder})
+        self.lowercase, self.max_chars_per_word = lowercase, max_chars_per_word
+        self.unk_id = self._encoder[UNK]
 
     # --- encoding ----------------------------------------------------------------------------------------
 
@@ -214,67 +155,21 @@ class WordPieceTokenizer:
             ids += self._wordpiece(word)
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text` without [CLS]/[SEP]; placeholders and special tokens (verbatim) keep their ids."""
-        ids: list[int] = []
-        for i, part in enumerate(self._split.split(text)):
-            if i % 2 == 0:
-                ids += self._encode_plain(part)
-            elif part in self._placeholders:
-                ids += self._placeholders[part]
-            else:
-                ids.append(self._specials[part])
-        return ids
-
-    def __call__(self, prompts: str | Sequence[str]) -> torch.LongTensor:
-        """Prompts → (B, context_length) ids: [CLS], pieces, [SEP], [PAD]…; over-long prompts keep [SEP] last."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        room = self.context_length - 2
-        out = torch.full((len(prompts), self.context_length), self.pad_id, dtype=torch.long)
-        dropped = []
-        for row, prompt in enumerate(prompts):
-            ids = self.encode(prompt)
-            if len(ids) > room:
-                kept = fit_ids(ids, room, self._placeholder_of)
-                dropped.append(f"{self.decode(ids[len(kept):])!r} from prompt {row}")
-                ids = kept
-            out[row, :len(ids) + 2] = torch.tensor([self.bos_id, *ids, self.eos_id])
-        if dropped:
-            log.warning("prompt longer than %d tokens was truncated; dropped %s",
-                        self.context_length, "; ".join(dropped))
-        return out
-
     # --- decoding ----------------------------------------------------------------------------------------
 
-    def _piece(self, i: int) -> str:
-        """Readable text of one id (a continuation piece without its "##")."""
-        if i in self._placeholder_of:
-            return self._placeholder_of[i]
+    def _plain_piece(self, i: int) -> str:
+        """Readable text of one vocabulary id (a continuation piece without its "##")."""
         piece = self._decoder[i]
         return piece[len(CONTINUATION):] if piece.startswith(CONTINUATION) else piece
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         """Ids → text: [CLS] skipped, stops at [SEP] or [PAD], "##" pieces glued, placeholders by name."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.flatten().tolist()
         words: list[str] = []
-        prev = None
-        for i in ids:
-            i = int(i)
-            if i == self.bos_id:
-                continue
-            if i in (self.eos_id, self.pad_id):
-                break
-            if not 0 <= i < len(self):
-                raise ValueError(f"token id {i} is outside this tokenizer's {len(self)} ids")
-            if i in self._placeholder_of:
-                token = self._placeholder_of[i]
-                if prev not in self._placeholders[token] or prev + 1 != i:  # one name per run of its ids
-                    words.append(token)
-            elif self._decoder[i].startswith(CONTINUATION) and words:
-                words[-1] += self._piece(i)
+        for item in self._decode_items(ids):
+            if isinstance(item, str):  # a placeholder's name
+                words.append(item)
+            elif self._decoder[item].startswith(CONTINUATION) and words:
+                words[-1] += self._piece(item)
             else:
-                words.append(self._piece(i))
-            prev = i
+                words.append(self._piece(item))
         return " ".join(words)
