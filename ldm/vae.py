@@ -123,6 +123,37 @@ def _attn_type(attn_type: str, use_linear_attn: bool) -> str:
     return attn_type
 
 
+def _level(block_in: int, block_out: int, num_blocks: int, with_attn: bool, attn_type: str,
+           dropout: float) -> nn.Module:
+    """One resolution of the original's down/up stack: `block` ResnetBlocks, each followed by `attn` if any."""
+    block, attn = nn.ModuleList(), nn.ModuleList()
+    for _ in range(num_blocks):
+        block.append(ResnetBlock(block_in, block_out, dropout=dropout))
+        block_in = block_out
+        if with_attn:
+            attn.append(make_attn(block_in, attn_type))
+    level = nn.Module()
+    level.block, level.attn = block, attn
+    return level
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for i_block, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i_block](h)
+    return h
+
+
+def _mid(block_in: int, attn_type: str, dropout: float) -> nn.Module:
+    """The bottleneck: ResnetBlock, attention, ResnetBlock (keys mid.block_1, mid.attn_1, mid.block_2)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
+    mid.attn_1 = make_attn(block_in, attn_type)
+    mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+    return mid
+
+
 class Encoder(nn.Module):
     """Image (B, in_channels, H, W) → moments (B, 2·z_channels, H/f, W/f), f = 2^(len(ch_mult)−1)."""
 
@@ -142,33 +173,21 @@ class Encoder(nn.Module):
         curr_res = resolution
         self.down = nn.ModuleList()
         for i_level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
-            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type))
-            down = nn.Module()
-            down.block, down.attn = block, attn
+            block_in = ch * ch_mult[i_level]
+            down = _level(ch * in_ch_mult[i_level], block_in, num_res_blocks, curr_res in attn_resolutions,
+                          attn_type, dropout)
             if i_level != self.num_resolutions - 1:
                 down.downsample = Downsample(block_in, resamp_with_conv)
                 curr_res //= 2
             self.down.append(down)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid = _mid(block_in, attn_type, dropout)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
-            for i_block, block in enumerate(down.block):
-                h = block(h)
-                if len(down.attn) > 0:
-                    h = down.attn[i_block](h)
+            h = _run_level(down, h)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -194,21 +213,12 @@ class Decoder(nn.Module):
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid = _mid(block_in, attn_type, dropout)
         ups: list[nn.Module] = []
         for i_level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type))
-            up = nn.Module()
-            up.block, up.attn = block, attn
+            up = _level(block_in, block_out, num_res_blocks + 1, curr_res in attn_resolutions, attn_type, dropout)
+            block_in = block_out
             if i_level != 0:
                 up.upsample = Upsample(block_in, resamp_with_conv)
                 curr_res *= 2
@@ -221,13 +231,9 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for i_level in reversed(range(self.num_resolutions)):
-            up = self.up[i_level]
-            for i_block, block in enumerate(up.block):
-                h = block(h)
-                if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+            h = _run_level(self.up[i_level], h)
             if i_level != 0:
-                h = up.upsample(h)
+                h = self.up[i_level].upsample(h)
         if self.give_pre_end:
             return h
         h = self.conv_out(self.norm_out.forward_silu(h))
