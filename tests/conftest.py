@@ -7,3 +7,16 @@ import torch
 # any @triton.jit function is defined, i.e. before ldm.kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402  (appended: the TRITON_INTERPRET setup above must stay first)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while a test runs: tiny models are faster so on a shared machine, and it is what
+    the CLI subprocesses use (OMP_NUM_THREADS=1), so in- and out-of-process float results agree."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,8 +1,9 @@
-"""Shared test helpers: original-layout state dicts (real, meta or pattern-filled) and diffusers folders made
-by diffusers' own converters (an independent check of the key layout)."""
+"""Shared test helpers: original-layout state dicts (real, meta or pattern-filled), diffusers folders made
+by diffusers' own converters (an independent check of the key layout), and tiny `inversion.train` runs."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 from ldm.config import ModelConfig
 from ldm.pipeline import build_modules
 
+ROOT = Path(__file__).resolve().parent.parent
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
             "clip": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model.",
             "ldmbert": "cond_stage_model.transformer."}
@@ -95,3 +97,15 @@ def write_diffusers_folder(sd: dict[str, torch.Tensor], config: ModelConfig, fol
             save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / sub / f"{file}.safetensors"))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
+
+
+def train_argv(tmp_path: Path, *extra: str, out: str = "run", steps: int = 3, save_every: int = 3) -> list[str]:
+    """`inversion.train` arguments for a tiny 32-px run into tmp_path/out (latents cached in tmp_path/cache)."""
+    return ["--concept", "cat", "--model", "tiny", "--size", "32", "--batch", "1", "--steps", str(steps),
+            "--save-every", str(save_every), "--val-every", "0", "--init", "cat", "--out", str(tmp_path / out),
+            "--latent-cache", str(tmp_path / "cache"), "--no-progress", *extra]
+
+
+def subprocess_env() -> dict:
+    """Environment for a CLI subprocess: one OpenMP thread, warnings only, this checkout importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "ONEWORD_LOG": "WARNING", "PYTHONPATH": str(ROOT)}

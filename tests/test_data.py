@@ -14,13 +14,7 @@ from inversion import data as D
 from inversion.embedding import InversionError
 from inversion.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, TemplateError, load_templates
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _write(folder, name, mode="RGB", size=(40, 30), color=(200, 30, 10), **save):

@@ -14,32 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, subprocess_env, train_argv
 from PIL import Image
 
 from inversion import train as T
 from inversion.embedding import load_embedding_file
 
-ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MAIN_FILES = ("embeddings.pt", "learned_embeds.safetensors", "cat.pt")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # what the subprocesses use too: identical float results
-    yield
-    torch.set_num_threads(n)
-
-
-def _args(tmp_path, *extra: str, out: str = "run") -> list[str]:
-    return ["--concept", "cat", "--model", "tiny", "--size", "32", "--batch", "1", "--steps", "3",
-            "--save-every", "3", "--val-every", "0", "--init", "cat", "--out", str(tmp_path / out),
-            "--latent-cache", str(tmp_path / "cache"), "--no-progress", *extra]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "ONEWORD_LOG": "WARNING", "PYTHONPATH": str(ROOT)}
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _loss_steps(run: Path) -> list[int]:
@@ -104,9 +89,9 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tmp
     seed = int(os.environ.get("ONEWORD_KILL_SEED", "8"))
     rng = random.Random(seed)
     run = tmp_path / "run"
-    first = _args(tmp_path, "--steps", "100000", "--save-every", "1", out="run")
+    first = train_argv(tmp_path, "--steps", "100000", "--save-every", "1", out="run")
     log = open(tmp_path / "zygote.log", "w")
-    zygote = subprocess.Popen([PY, "-c", ZYGOTE], cwd=ROOT, env=_env(), stdin=subprocess.PIPE,
+    zygote = subprocess.Popen([PY, "-c", ZYGOTE], cwd=ROOT, env=subprocess_env(), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=log, text=True)
     kills, steps_seen, delays, mid_save = 0, [], [], 0
     try:
@@ -142,7 +127,7 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tmp
           "mid-save")
     assert sum(s > 0 for s in steps_seen) >= 10, "most kills should land after the first save"
     assert _loss_steps(run) == list(range(1, final + 1))         # no gap, no duplicate after 20 resumes
-    ref = T.train(T.resolve_args(_args(tmp_path, "--steps", str(final), "--save-every", str(final), out="ref")))
+    ref = T.train(T.resolve_args(train_argv(tmp_path, "--steps", str(final), "--save-every", str(final), out="ref")))
     assert (run / "loss.csv").read_text() == (ref / "loss.csv").read_text()
     for name in MAIN_FILES:
         assert torch.equal(load_embedding_file(run / name)["<cat>"], load_embedding_file(ref / name)["<cat>"])
@@ -153,7 +138,7 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tmp
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_file(tmp_path, capsys, monkeypatch, victim):
     """RLIMIT_FSIZE makes the kernel refuse writes past a size (EFBIG), as a full disk refuses them (ENOSPC)."""
     monkeypatch.setenv("ONEWORD_LOG", "WARNING")
-    out = T.train(T.resolve_args(_args(tmp_path, "--steps", "2", "--save-every", "2")))
+    out = T.train(T.resolve_args(train_argv(tmp_path, "--steps", "2", "--save-every", "2")))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     sizes = {p.name: len(b) for p, b in before.items()}
     small = max(sizes["args.json"], sizes["loss.csv"]) + 512
@@ -186,9 +171,9 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_file(tmp_pat
 
 def test_ctrl_c_during_training_saves_and_exits_0(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([PY, "-m", "inversion.train", *_args(tmp_path, "--steps", "100000",
+    proc = subprocess.Popen([PY, "-m", "inversion.train", *train_argv(tmp_path, "--steps", "100000",
                                                                  "--save-every", "100000")],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while len(_loss_steps(run)) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
@@ -211,7 +196,7 @@ def test_ctrl_c_during_sampling_keeps_the_images_already_written(tmp_path):
     out = tmp_path / "samples"
     proc = subprocess.Popen([PY, "-m", "ldm.sample", "--model", "tiny", "--prompt", "a photo of a cat", "--n", "200",
                              "--batch-size", "1", "--steps", "4", "--H", "32", "--W", "32", "--device", "cpu",
-                             "--out", str(out)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                             "--out", str(out)], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while (not out.is_dir() or len(list(out.glob("0*.png"))) < 3) and proc.poll() is None and time.time() < deadline:

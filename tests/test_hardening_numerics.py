@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import train_argv
 
 import ldm
 from inversion import train as T
@@ -15,12 +16,7 @@ from ldm import attention, determinism
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture
@@ -40,9 +36,7 @@ def restore_determinism():
 
 
 def _args(tmp_path, *extra: str, out: str = "run") -> list[str]:
-    return ["--concept", "cat", "--model", "tiny", "--size", "32", "--batch", "1", "--steps", "6",
-            "--save-every", "1", "--val-every", "0", "--init", "cat", "--out", str(tmp_path / out),
-            "--latent-cache", str(tmp_path / "cache"), "--no-progress", *extra]
+    return train_argv(tmp_path, *extra, out=out, steps=6, save_every=1)
 
 
 def _nan_model(bad_calls: set[int] | None):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_argv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,12 +26,7 @@ LIBRARY = [p for folder in ("ldm", "inversion", "weights", "experiments/figures"
            for p in (ROOT / folder).rglob("*.py")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class Evil:
@@ -44,9 +40,7 @@ class Evil:
 
 
 def _args(tmp_path, *extra: str, out: str = "run") -> list[str]:
-    return ["--concept", "cat", "--model", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
-            "--save-every", "1", "--val-every", "0", "--init", "cat", "--out", str(tmp_path / out),
-            "--latent-cache", str(tmp_path / "cache"), "--no-progress", *extra]
+    return train_argv(tmp_path, *extra, out=out, steps=1, save_every=1)
 
 
 @pytest.fixture(scope="module")

@@ -10,36 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, subprocess_env, train_argv
 from safetensors.torch import load_file
 
 import ldm
 from inversion import train as T
 from inversion.embedding import InversionError, LearnedWords, load_embedding_file
 
-ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # also what the subprocesses use: identical float results
-    yield
-    torch.set_num_threads(n)
-
-
-def _args(tmp_path, *extra: str, out: str = "run") -> list[str]:
-    return ["--concept", "cat", "--model", "tiny", "--size", "32", "--batch", "1", "--steps", "3",
-            "--save-every", "3", "--val-every", "0", "--init", "cat", "--out", str(tmp_path / out),
-            "--latent-cache", str(tmp_path / "cache"), "--no-progress", *extra]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _run(tmp_path, *extra: str, model=None, out: str = "run") -> Path:
-    return T.train(T.resolve_args(_args(tmp_path, *extra, out=out)), model=model)
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "ONEWORD_LOG": "WARNING", "PYTHONPATH": str(ROOT)}
+    return T.train(T.resolve_args(train_argv(tmp_path, *extra, out=out)), model=model)
 
 
 def test_only_the_new_vectors_change(tmp_path):
@@ -198,9 +183,9 @@ def test_two_process_gloo_equals_one_process_with_twice_the_batch(tmp_path):
     different order): max |Δ| ≤ 1e-4 × the largest change of any value, and ≤ 1e-6 absolute."""
     one = _run(tmp_path, "--batch", "2", "--seed", "5", out="one")
     cmd = [str(Path(PY).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "inversion.train",
-           *_args(tmp_path, "--seed", "5", out="two")]
+           *train_argv(tmp_path, "--seed", "5", out="two")]
     t0 = time.time()
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     a = load_file(str(one / "learned_embeds.safetensors"))["<cat>"]
     b = load_file(str(tmp_path / "two" / "learned_embeds.safetensors"))["<cat>"]
@@ -238,8 +223,8 @@ def test_kill_during_save_keeps_files_and_resume_is_bit_identical(tmp_path):
     full = _run(tmp_path, "--steps", "6", "--save-every", "2", out="full")
     marker = tmp_path / "marker"
     proc = subprocess.Popen([PY, "-c", KILL_DURING_SAVE, str(marker),
-                             *_args(tmp_path, "--steps", "6", "--save-every", "2", out="cut")],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             *train_argv(tmp_path, "--steps", "6", "--save-every", "2", out="cut")],
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -294,7 +279,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         (["--templates", str(tmp_path / "none.txt")], "neither 'object', 'style' nor a readable file"),
     ]
     for i, (extra, expected) in enumerate(cases):
-        argv = _args(tmp_path, out=f"bad{i}")
+        argv = train_argv(tmp_path, out=f"bad{i}")
         for j in range(0, len(extra), 2):           # later flags win: replace or append
             if extra[j] in argv:
                 argv[argv.index(extra[j]) + 1] = extra[j + 1]
@@ -304,5 +289,5 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         assert rc == 2 and line.startswith("error: ") and expected in line and "\n" not in line, (extra, line)
     (tmp_path / "bad0" / "x").parent.mkdir(exist_ok=True)
     (tmp_path / "bad0" / "x").write_text("user file")
-    rc, line = _cli(capsys, _args(tmp_path, out="bad0"))
+    rc, line = _cli(capsys, train_argv(tmp_path, out="bad0"))
     assert rc == 2 and "already holds files" in line
