@@ -11,7 +11,7 @@ def shapes(scale_factor: float = 1.0) -> ModelConfig:
     return ModelConfig(
         name=NAME,
         unet=dict(image_size=8, in_channels=4, out_channels=4, model_channels=64,
-                  attention_resolutions=[2], num_res_blocks=1, channel_mult=[1, 2],
+                  attention_resolutions=[1, 2], num_res_blocks=1, channel_mult=[1, 2],
                   num_heads=4, use_spatial_transformer=True, transformer_depth=1,
                   context_dim=64, use_checkpoint=False, legacy=False),
         vae={"ddconfig": dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=64,

@@ -36,7 +36,7 @@ COLOURS = {
 COLOUR_NAMES = tuple(COLOURS)
 BACKGROUNDS = {"white": (242, 242, 242), "black": (22, 22, 22), "gray": (128, 128, 128)}
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
-SIZES = {"small": (6.0, 8.0), "large": (10.5, 13.0)}    # outer radius in pixels at 32 px
+SIZES = {"small": (8.0, 9.5), "large": (11.0, 13.5)}    # outer radius in pixels at 32 px
 SIZE_NAMES = tuple(SIZES)
 
 # The textual-inversion paper's object templates (Gal et al. 2022; photo, illustration and depiction
@@ -192,3 +192,18 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def label_tensors(labels: list[Labels]) -> tuple[torch.Tensor, torch.Tensor]:
     """(shape ids, colour ids) as LongTensors."""
     return (torch.tensor([lab.shape for lab in labels]), torch.tensor([lab.colour for lab in labels]))
+
+
+def concept_labels() -> list[Labels]:
+    """The five held-out-concept images: stars in five colours, both sizes, all backgrounds."""
+    star = SHAPES.index(HELD_OUT)
+    spec = [("red", "white", "large", 16.0, 16.5, 0.0), ("blue", "black", "large", 14.5, 16.0, 0.1),
+            ("green", "gray", "small", 20.0, 11.0, -0.1), ("yellow", "gray", "large", 16.5, 15.5, 0.05),
+            ("purple", "white", "small", 11.5, 20.5, 0.0)]
+    out = []
+    for colour, bg, size, cx, cy, angle in spec:
+        lo, hi = SIZES[size]
+        out.append(Labels(shape=star, colour=COLOUR_NAMES.index(colour), background=BACKGROUND_NAMES.index(bg),
+                          size=SIZE_NAMES.index(size), radius=(lo + hi) / 2, cx=cx, cy=cy, angle=angle,
+                          colour_jitter=(0, 0, 0)))
+    return out
