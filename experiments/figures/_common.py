@@ -380,6 +380,19 @@ def header(ctx: Context, name: str, words: Sequence[Word]) -> dict:
             "n": a.n, "training_steps": a.steps}
 
 
+def prompt_figure(ctx: Context, name: str, words: Sequence[Word], model, head: list, prompts: Sequence[str],
+                  title: str, **extra) -> dict:
+    """A grid of `head` rows, then one row of samples per prompt (S* filled in); writes <name>.png and
+    <name>.json (header, prompts, `extra`) and returns that metadata with the png path and a summary."""
+    rows = head + [(f'"{p}"', ctx.sample(model, fill(p, words))) for p in prompts]
+    rows = [r for r in rows if r[1]]
+    out = out_dir(ctx.args, name)
+    png = save_png(grid(rows, title=title), out / f"{name}.png")
+    info = {**header(ctx, name, words), "prompts": prompts, **extra}
+    save_json(info, out / f"{name}.json")
+    return {**info, "png": str(png), "summary": f"{len(prompts)} prompts × {ctx.args.n}"}
+
+
 def default_concepts(ctx: Context, count: int = 1) -> list[str]:
     """The figures' default concept(s): the held-out star on the shapes model, else the shipped cat."""
     shapes = ctx.args.ckpt is None and ctx.args.model == "shapes"

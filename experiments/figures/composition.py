@@ -21,17 +21,11 @@ def run(ctx: C.Context) -> dict:
         raise C.FigureError(f"both runs learned {words[0].token!r}; composition needs two different words")
     model = ctx.model_with(words)
     prompts = C.prompts_or(a, PROMPTS)
-    rows = [(f"S{i + 1} = {w.token}", C.concept_images(w.concept, ctx.size, limit=a.n))
+    head = [(f"S{i + 1} = {w.token}", C.concept_images(w.concept, ctx.size, limit=a.n))
             for i, w in enumerate(words)]
-    rows += [(f'"{p}"', ctx.sample(model, C.fill(p, words))) for p in prompts]
-    rows = [r for r in rows if r[1]]
-    out = C.out_dir(a, NAME)
-    png = C.save_png(C.grid(rows, title=f"composition of {words[0].token} and {words[1].token}"),
-                     out / f"{NAME}.png")
-    info = {**C.header(ctx, NAME, words), "prompts": prompts,
-            "filled": [C.fill(p, words) for p in prompts]}
-    C.save_json(info, out / f"{NAME}.json")
-    return {**info, "png": str(png), "summary": f"{len(prompts)} prompts × {a.n}"}
+    return C.prompt_figure(ctx, NAME, words, model, head, prompts,
+                           f"composition of {words[0].token} and {words[1].token}",
+                           filled=[C.fill(p, words) for p in prompts])
 
 
 if __name__ == "__main__":

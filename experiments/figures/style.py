@@ -20,16 +20,10 @@ def run(ctx: C.Context) -> dict:
     words = ctx.words(C.default_concepts(ctx), flags=flags, tag="style", count=1)
     model = ctx.model_with(words)
     prompts = C.prompts_or(a, PROMPTS)
-    rows = [("style images", C.concept_images(words[0].concept, ctx.size, limit=a.n))]
-    rows += [(f'"{p}"', ctx.sample(model, C.fill(p, words))) for p in prompts]
-    rows = [r for r in rows if r[1]]
-    out = C.out_dir(a, NAME)
-    png = C.save_png(C.grid(rows, title=f"style transfer with {words[0].token} (style templates)"),
-                     out / f"{NAME}.png")
-    info = {**C.header(ctx, NAME, words), "prompts": prompts,
-            "trainer_flags": [] if a.run else flags}
-    C.save_json(info, out / f"{NAME}.json")
-    return {**info, "png": str(png), "summary": f"{len(prompts)} prompts × {a.n}"}
+    head = [("style images", C.concept_images(words[0].concept, ctx.size, limit=a.n))]
+    return C.prompt_figure(ctx, NAME, words, model, head, prompts,
+                           f"style transfer with {words[0].token} (style templates)",
+                           trainer_flags=[] if a.run else flags)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,8 @@ def run(ctx: C.Context) -> dict:
     words = ctx.words(C.default_concepts(ctx), count=1)
     model = ctx.model_with(words)
     prompts = C.prompts_or(a, PROMPTS)
-    rows = [("training images", C.concept_images(words[0].concept, ctx.size, limit=a.n))]
-    rows += [(f'"{p}"', ctx.sample(model, C.fill(p, words))) for p in prompts]
-    rows = [r for r in rows if r[1]]
-    out = C.out_dir(a, NAME)
-    png = C.save_png(C.grid(rows, title=f"text-guided synthesis with {words[0].token}"), out / f"{NAME}.png")
-    info = {**C.header(ctx, NAME, words), "prompts": prompts}
-    C.save_json(info, out / f"{NAME}.json")
-    return {**info, "png": str(png), "summary": f"{len(prompts)} prompts × {a.n}"}
+    head = [("training images", C.concept_images(words[0].concept, ctx.size, limit=a.n))]
+    return C.prompt_figure(ctx, NAME, words, model, head, prompts, f"text-guided synthesis with {words[0].token}")
 
 
 if __name__ == "__main__":
