@@ -101,6 +101,19 @@ def _attn_fwd(Q, K, V, O, LSE,
 
 
 @triton.jit
+def _bwd_p_ds(q, kt, vt, do, lse, delta, offs_m, offs_n, mask_m, mask_n, qk_scale,
+              CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of P, recomputed from the saved log-sum-exp, and dS = P ∘ (dP − Δ) (FA-2, alg. 2)."""
+    s = _dot(q, kt, IEEE) * qk_scale
+    valid = mask_m[:, None] & mask_n[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+    dp = _dot(do, vt, IEEE)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    sdob, sdoh, sdom, sdod,
@@ -141,14 +154,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-        s = _dot(q, kt, IEEE) * qk_scale
-        valid = mask_m[:, None] & mask_n[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        p, ds = _bwd_p_ds(q, kt, vt, do, lse, delta, offs_m, offs_n, mask_m, mask_n, qk_scale, CAUSAL, IEEE)
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-        dp = _dot(do, vt, IEEE)
-        ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
 
     dk = dk * sm_scale
@@ -196,13 +203,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        valid = mask_m[:, None] & mask_n[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
+        _, ds = _bwd_p_ds(q, tl.trans(k), tl.trans(v), do, lse, delta, offs_m, offs_n, mask_m, mask_n, qk_scale,
+                          CAUSAL, IEEE)
         dq += _dot(ds.to(k.dtype), k, IEEE)
 
     dq = dq * sm_scale

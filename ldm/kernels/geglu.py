@@ -41,8 +41,8 @@ def geglu(h: torch.Tensor, backend: str | None = None) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _geglu_fwd(H, Y, total, inner, BLOCK: tl.constexpr):
-        """y[r, c] = h[r, c]·Φ(h[r, inner + c])·h[r, inner + c], fp32 math."""
+    def _load_halves(H, total, inner, BLOCK: tl.constexpr):
+        """This program's flat output offsets, their mask, the h offsets of `a`, and the a and gate halves (fp32)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < total
         row = offs // inner
@@ -50,19 +50,19 @@ if triton is not None:
         src = row * (2 * inner) + col
         a = tl.load(H + src, mask=m, other=0.0).to(tl.float32)
         g = tl.load(H + src + inner, mask=m, other=0.0).to(tl.float32)
+        return offs, m, src, a, g
+
+    @triton.jit
+    def _geglu_fwd(H, Y, total, inner, BLOCK: tl.constexpr):
+        """y[r, c] = h[r, c]·Φ(h[r, inner + c])·h[r, inner + c], fp32 math."""
+        offs, m, src, a, g = _load_halves(H, total, inner, BLOCK)
         y = a * (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
     def _geglu_bwd(H, DY, DH, total, inner, BLOCK: tl.constexpr):
         """da = dy·GELU(g); dg = dy·a·(Φ(g) + g·φ(g))."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < total
-        row = offs // inner
-        col = offs - row * inner
-        src = row * (2 * inner) + col
-        a = tl.load(H + src, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(H + src + inner, mask=m, other=0.0).to(tl.float32)
+        offs, m, src, a, g = _load_halves(H, total, inner, BLOCK)
         dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
