@@ -174,7 +174,8 @@ def test_kl_and_deterministic():
     assert torch.equal(det.sample(torch.Generator().manual_seed(0)), det.mean)
 
 
-def test_attention_entry_point_shapes(monkeypatch):
+def _spy_attention(monkeypatch) -> list[tuple[int, ...]]:
+    """Route the VAE's attention calls through the math reference, recording each q shape in the returned list."""
     calls = []
 
     def spy(q, k, v, **kw):
@@ -182,6 +183,11 @@ def test_attention_entry_point_shapes(monkeypatch):
         return attn_mod.attention_math(q, k, v)
 
     monkeypatch.setattr(vae_mod, "attention", spy)
+    return calls
+
+
+def test_attention_entry_point_shapes(monkeypatch):
+    calls = _spy_attention(monkeypatch)
     model = small_vae()
     with torch.no_grad():
         model.encode(torch.zeros(2, 3, 32, 32))
@@ -190,13 +196,7 @@ def test_attention_entry_point_shapes(monkeypatch):
 
 
 def test_attn_resolutions(monkeypatch):
-    calls = []
-
-    def spy(q, k, v, **kw):
-        calls.append(tuple(q.shape))
-        return attn_mod.attention_math(q, k, v)
-
-    monkeypatch.setattr(vae_mod, "attention", spy)
+    calls = _spy_attention(monkeypatch)
     model = small_vae(ch_mult=[1, 2], attn_resolutions=[16])
     keys = model.state_dict().keys()
     assert "encoder.down.1.attn.0.q.weight" in keys and "encoder.down.0.attn.0.q.weight" not in keys
