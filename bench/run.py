@@ -1,0 +1,558 @@
+"""`make bench`: oneword vs diffusers on the same machine and the same random full-size SD1 weights.
+
+    python -m bench.run [--device cpu|cuda] [--size 256 512] [--quick] [--skip-train] [--out FILE.json]
+
+One process; oneword (A) and diffusers (B) repetitions alternate A, B, A, B so that load from other
+processes hits both alike. Reported: medians of seconds per step and the ratio oneword speed / diffusers
+speed (= diffusers s/step ÷ oneword s/step; > 1 means oneword is faster), and peak memory per phase.
+
+(a) sampling: DDIM with classifier-free guidance (scale 7.5, batch 1 → UNet batch 2), seconds per denoising
+    step from step callbacks, the first step of every run excluded, latents only (no VAE decode).
+(b) textual-inversion training step: diffusers' examples/textual_inversion step (VAE encode of the batch,
+    text encoder with the whole token table trainable and masked back, UNet fwd/bwd, AdamW over the table)
+    vs inversion.train's step (cached-latent draw, text tower with the spliced vector, UNet fwd/bwd, AdamW
+    over the vector only). 1 warm-up step each, then timed steps.
+(c) memory: CUDA max_memory_allocated over each repetition minus the allocation at its start (both models'
+    weights stay resident, so own weights + Δ is what one library alone would need); CPU: the peak RSS
+    over each repetition minus the RSS at its start (VmHWM reset via /proc/self/clear_refs), weights shared.
+(d) bench/attention.py (Triton FlashAttention vs SDPA) on CUDA; skipped on CPU unless --attention.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # `python bench/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common as C  # noqa: E402
+
+log = logging.getLogger("bench")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCEPT = ROOT / "experiments" / "concepts" / "cat"
+PROMPT = "a photo of a cat sitting on a wooden table"
+TOKEN, INIT_WORD = "<cat>", "sculpture"
+BASE_LR = 5e-3
+SEED = 23
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --- arguments ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--config", default="sd1", help="sd1 (full size) | tiny (harness smoke test)")
+    p.add_argument("--size", type=int, nargs="+", default=None,
+                   help="pixel sizes to run (default: CPU 512 256 sampling, 256 512 training; CUDA 512)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not a measurement)")
+    p.add_argument("--skip-train", action="store_true", help="sampling only")
+    p.add_argument("--skip-sample", action="store_true", help="training only")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="training batch sizes (default 1 2 4)")
+    p.add_argument("--reps", type=int, default=None, help="sampling runs per library (default 2, quick 1)")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="DDIM steps per sampling run, the first not timed (default CPU 3, CUDA 12)")
+    p.add_argument("--train-steps", type=int, default=None, help="timed training steps per library (default 3)")
+    p.add_argument("--sample-dtype", default=None, choices=sorted(PRECISIONS),
+                   help="sampling dtype (default CPU fp32, CUDA fp16)")
+    p.add_argument("--train-precision", default=None, choices=sorted(PRECISIONS),
+                   help="training precision (default CPU fp32, CUDA bf16 mixed)")
+    p.add_argument("--attention", action="store_true", help="also run bench/attention.py on the CPU")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default torch's; on a CPU shared with other jobs 1 avoids "
+                        "OpenMP threads stalling each other)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--out", default=None, help="JSON file (default bench/results-<device>-<date>.json)")
+    return p
+
+
+# --- timing helpers ----------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Memory:
+    """Peak memory over one repetition: CUDA allocator peak or CPU RSS peak, minus the value at its start."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.delta_mib: float | None = None
+
+    def __enter__(self) -> Memory:
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._rss = C.RSSPeak().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.delta_mib = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
+        else:
+            self._rss.__exit__(*exc)
+            self.delta_mib = self._rss.delta_mib
+
+
+def module_mib(*modules: torch.nn.Module) -> float:
+    seen, total = set(), 0
+    for m in modules:
+        for t in [*m.parameters(), *m.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total / 2**20
+
+
+def summarise(kind: str, params: dict, samples: dict[str, list[tuple[float, float]]],
+              mem: dict[str, list[float]], weights: dict[str, float], device: torch.device,
+              load: tuple[float, float]) -> dict:
+    """One table row: medians, ratio (oneword speed / diffusers speed), peak memory.
+
+    Process CPU seconds are recorded beside wall seconds: with one torch thread on a CPU shared with other
+    jobs they measure the work done, not the time spent waiting for a core."""
+    times = {k: [w for w, _ in v] for k, v in samples.items()}
+    cpu = {k: [c for _, c in v] for k, v in samples.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    peak = {k: (max(v) if v and all(x is not None for x in v) else None) for k, v in mem.items()}
+    row = dict(kind=kind, **params,
+               oneword_s_per_step=med["oneword"], diffusers_s_per_step=med["diffusers"],
+               ratio=med["diffusers"] / med["oneword"],
+               oneword_samples=times["oneword"], diffusers_samples=times["diffusers"],
+               oneword_cpu_s_per_step=med_cpu["oneword"], diffusers_cpu_s_per_step=med_cpu["diffusers"],
+               cpu_ratio=med_cpu["diffusers"] / med_cpu["oneword"] if med_cpu["oneword"] > 0 else None,
+               oneword_cpu_samples=cpu["oneword"], diffusers_cpu_samples=cpu["diffusers"],
+               oneword_peak_delta_mib=peak["oneword"], diffusers_peak_delta_mib=peak["diffusers"],
+               oneword_weights_mib=weights["oneword"], diffusers_weights_mib=weights["diffusers"],
+               memory="cuda max_memory_allocated - allocated at start" if device.type == "cuda"
+               else "peak RSS (VmHWM) - RSS at start",
+               loadavg_before=load[0], loadavg_after=load[1])
+    log.info("%s %s: oneword %.3f s/step, diffusers %.3f s/step, ratio %.3f", kind, params,
+             row["oneword_s_per_step"], row["diffusers_s_per_step"], row["ratio"])
+    return row
+
+
+# --- the two models over one set of weights ----------------------------------------------------------------
+
+@dataclass
+class Setup:
+    config: object
+    ours: object                   # ldm LatentDiffusion
+    unet: torch.nn.Module          # diffusers UNet2DConditionModel
+    vae: torch.nn.Module           # diffusers AutoencoderKL
+    text: torch.nn.Module          # transformers CLIPTextModel
+    tokenizer: object              # transformers CLIPTokenizer
+    pipe: object                   # diffusers StableDiffusionPipeline
+    build_s: float
+
+
+def build(config_name: str, seed: int, tmp: Path) -> Setup:
+    t0 = time.perf_counter()
+    config = C.get_config(config_name)
+    unet, vae, text = C.random_modules(config, seed)
+    sd = C.original_state_dict(unet, vae, text)
+    d_unet, d_vae, d_text = C.diffusers_modules(sd, config)
+    del sd
+    ours = C.oneword_model(config, unet, vae, text)
+    tok = C.hf_tokenizer(tmp / "tokenizer")
+    pipe = C.diffusers_pipeline(d_unet, d_vae, d_text, tok, config)
+    return Setup(config, ours, d_unet, d_vae, d_text, tok, pipe, time.perf_counter() - t0)
+
+
+def place(modules, device: torch.device, dtype: torch.dtype) -> None:
+    for m in modules:
+        p = next(m.parameters())
+        if p.device != device or p.dtype != dtype:
+            m.to(device=device, dtype=dtype)
+
+
+def interleave(fns: dict[str, Callable[[int], list[tuple[float, float]]]], reps: int, device: torch.device
+               ) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[float]]]:
+    """Run oneword, diffusers, oneword, … collecting per-step (wall, process CPU) seconds and peak memory."""
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+    mem: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(reps):
+        for name, fn in fns.items():
+            with Memory(device) as m:
+                times[name].extend(fn(r))
+            mem[name].append(m.delta_mib)
+    return times, mem
+
+
+# --- (a) sampling ------------------------------------------------------------------------------------------
+
+def bench_sampling(s: Setup, size: int, device: torch.device, dtype: torch.dtype, reps: int, steps: int,
+                   scale: float = 7.5) -> dict:
+    place([s.ours, s.unet, s.vae, s.text], device, dtype)
+    if steps < 2:
+        raise ValueError("sampling needs at least 2 steps per run (the first is not timed)")
+
+    def stamps() -> tuple[list[float], Callable[[], None]]:
+        marks: list[tuple[float, float]] = []
+
+        def mark() -> None:
+            sync(device)
+            marks.append((time.perf_counter(), time.process_time()))
+        return marks, mark
+
+    def intervals(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        if len(marks) != steps:
+            raise RuntimeError(f"expected {steps} step callbacks, got {len(marks)}")
+        # step 1 (warm-up, prompt work) excluded
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+
+    def ours(r: int) -> list[tuple[float, float]]:
+        marks, mark = stamps()
+        s.ours.sample_latents([PROMPT], steps=steps, scale=scale, sampler="ddim", seed=r, height=size,
+                              width=size, callback=lambda i, t, x: mark(), progress=False)
+        return intervals(marks)
+
+    def theirs(r: int) -> list[tuple[float, float]]:
+        marks, mark = stamps()
+
+        def on_step(pipe, i, t, kwargs):
+            mark()
+            return kwargs
+
+        s.pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=scale,
+               generator=torch.Generator(device).manual_seed(r), output_type="latent",
+               callback_on_step_end=on_step)
+        return intervals(marks)
+
+    load0 = os.getloadavg()[0]
+    with torch.no_grad():
+        times, mem = interleave({"oneword": ours, "diffusers": theirs}, reps, device)
+    weights = {"oneword": module_mib(s.ours.unet, s.ours.vae, s.ours.text_encoder),
+               "diffusers": module_mib(s.unet, s.vae, s.text)}
+    params = dict(size=size, batch=1, dtype=str(dtype).removeprefix("torch."), cfg_scale=scale,
+                  steps_per_run=steps, runs=reps, timed_steps=reps * (steps - 1))
+    return summarise("sampling", params, times, mem, weights, device, (load0, os.getloadavg()[0]))
+
+
+# --- (b) textual-inversion training step -------------------------------------------------------------------
+
+class OnewordTrainer:
+    """inversion.train's step: the same InversionLoss, Batches, LearnedWords, AdamW and GradScaler calls."""
+
+    def __init__(self, s: Setup, device: torch.device) -> None:
+        from inversion.embedding import LearnedWords
+
+        self.s = s
+        g = torch.Generator().manual_seed(SEED)
+        self.words = LearnedWords(s.ours, TOKEN, 1, [INIT_WORD], generator=g)
+
+    def configure(self, size: int, batch: int, device: torch.device, precision: str) -> None:
+        from inversion import data as D
+        from inversion.templates import dual_templates, load_templates
+        from inversion.train import Batches, InversionLoss
+
+        m, dtype = self.s.ours, PRECISIONS[precision]
+        place([m], device, torch.float32)
+        if dtype != torch.float32:  # as train(): frozen UNet and text tower in half, learned rows fp32
+            m.unet.to(dtype)
+            m.text_encoder.to(dtype)
+        if hasattr(m.unet, "set_gradient_checkpointing"):
+            m.unet.set_gradient_checkpointing(False)  # train.py's default CHECKPOINTING=0
+        self.words.to(device)
+        images = D.ConceptImages(CONCEPT, size)
+        cache = D.LatentCache(m, images, None)  # in memory: filled once before training, as train() does
+        args = argparse.Namespace(seed=SEED, repeats=100, flip_p=0.5)
+        self.batches = Batches(m, self.words, images, cache, load_templates("object"), dual_templates("object"),
+                               args, cache.latent_shape, device)
+        self.optimizer = torch.optim.AdamW([self.words.vectors], lr=BASE_LR * batch, weight_decay=1e-2)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.loss_fn = InversionLoss(m, self.words)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        self.batch, self.k, self.device = batch, 0, device
+
+    def step(self) -> float:
+        ks = list(range(self.k, self.k + self.batch))
+        self.k += self.batch
+        inputs = self.batches(ks, 1)
+        with self.autocast:
+            loss, mse = self.loss_fn(*inputs)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad = self.words.vectors.grad
+        if grad is not None and bool(torch.isfinite(grad).all()) and bool(torch.isfinite(mse)):
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(mse)
+
+
+class DiffusersTrainer:
+    """diffusers examples/textual_inversion/textual_inversion.py's step, without accelerate."""
+
+    def __init__(self, s: Setup, device: torch.device) -> None:
+        self.s = s
+        tok, text = s.tokenizer, s.text
+        tok.add_tokens([TOKEN])
+        self.placeholder = tok.convert_tokens_to_ids([TOKEN])
+        init = tok.encode(INIT_WORD, add_special_tokens=False)
+        if len(init) != 1:
+            raise RuntimeError(f"init word {INIT_WORD!r} is not one token")
+        text.resize_token_embeddings(len(tok), mean_resizing=False)
+        with torch.no_grad():
+            table = text.get_input_embeddings().weight
+            table[self.placeholder] = table[init[0]].clone()
+        text.requires_grad_(False)
+        text.get_input_embeddings().requires_grad_(True)  # the example: whole table trainable, masked back
+
+    def configure(self, size: int, batch: int, device: torch.device, precision: str) -> None:
+        from diffusers import DDPMScheduler
+
+        from inversion import data as D
+        from inversion.templates import load_templates
+
+        s, cfg = self.s, self.s.config
+        self.weight_dtype = PRECISIONS[precision]
+        place([s.text], device, torch.float32)                # trainable: fp32, forward under autocast
+        place([s.unet, s.vae], device, self.weight_dtype)     # frozen: weight_dtype
+        s.text.train()
+        emb = s.text.get_input_embeddings()
+        self.orig = emb.weight.data.clone()
+        self.keep = torch.ones(len(s.tokenizer), dtype=torch.bool)
+        self.keep[min(self.placeholder): max(self.placeholder) + 1] = False
+        self.optimizer = torch.optim.AdamW(emb.parameters(), lr=BASE_LR * batch, betas=(0.9, 0.999),
+                                           weight_decay=1e-2, eps=1e-8)
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_start=cfg.linear_start,
+                                             beta_end=cfg.linear_end, beta_schedule="scaled_linear")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.autocast = (torch.autocast(device.type, dtype=self.weight_dtype)
+                         if self.weight_dtype != torch.float32 else nullcontext())
+        self.scale = cfg.scale_factor
+        # the example's dataset (its DataLoader, not the step): PIL bicubic resize, flip, template, tokens
+        images = D.ConceptImages(CONCEPT, size)
+        templates = load_templates("object")
+        g = torch.Generator().manual_seed(SEED)
+        self.batches = []
+        for _ in range(16):
+            idx = [int(torch.randint(len(images), (), generator=g)) for _ in range(batch)]
+            flips = [bool(torch.rand((), generator=g) < 0.5) for _ in range(batch)]
+            prompts = [templates[int(torch.randint(len(templates), (), generator=g))].format(TOKEN)
+                       for _ in range(batch)]
+            ids = s.tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
+                              return_tensors="pt").input_ids
+            self.batches.append((images.batch(idx, flips), ids))
+        self.k, self.device = 0, device
+
+    def step(self) -> float:
+        s, dev = self.s, self.device
+        pixels, ids = self.batches[self.k % len(self.batches)]
+        self.k += 1
+        pixels, ids = pixels.to(dev), ids.to(dev)
+        latents = s.vae.encode(pixels.to(dtype=self.weight_dtype)).latent_dist.sample().detach()
+        latents = latents * self.scale
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=dev).long()
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        with self.autocast:  # accelerate wraps only the prepared (text) model's forward
+            hidden = s.text(ids)[0].to(dtype=self.weight_dtype)
+        pred = s.unet(noisy, timesteps, hidden).sample
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        with torch.no_grad():
+            s.text.get_input_embeddings().weight[self.keep] = self.orig[self.keep]
+        return float(loss.detach())
+
+
+def bench_training(s: Setup, trainers: dict, size: int, batch: int, device: torch.device, precision: str,
+                   steps: int) -> dict:
+    for t in trainers.values():
+        t.configure(size, batch, device, precision)
+
+    def timed(trainer) -> Callable[[int], list[tuple[float, float]]]:
+        def run(r: int) -> list[tuple[float, float]]:
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            trainer.step()
+            sync(device)
+            return [(time.perf_counter() - t0, time.process_time() - c0)]
+        return run
+
+    fns = {k: timed(t) for k, t in trainers.items()}
+    for fn in fns.values():  # one warm-up step each
+        fn(-1)
+    load0 = os.getloadavg()[0]
+    times, mem = interleave(fns, steps, device)
+    weights = {"oneword": module_mib(s.ours.unet, s.ours.vae, s.ours.text_encoder),
+               "diffusers": module_mib(s.unet, s.vae, s.text)}
+    params = dict(size=size, batch=batch, dtype=precision, timed_steps=steps, warmup_steps=1)
+    return summarise("train", params, times, mem, weights, device, (load0, os.getloadavg()[0]))
+
+
+# --- (d) attention kernel ----------------------------------------------------------------------------------
+
+def bench_attention(backward: bool) -> dict | None:
+    try:
+        from bench import attention as A
+    except ImportError as e:
+        return {"skipped": f"bench/attention.py not importable: {e}"}
+    args = argparse.Namespace(dtype="fp16", batch=2, heads=8, repeats=20, backward=backward)
+    report = A.run(args)
+    A.print_table(report)
+    return report
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"device: {report['device_name']} ({report['device']}), nproc {report['nproc']}, torch threads "
+             f"{report['threads']}, torch {report['versions']['torch']}, diffusers {report['versions']['diffusers']}, "
+             f"loadavg {report['loadavg_start']:.2f} → {report['loadavg_end']:.2f}, {report['date']}",
+             "",
+             "| phase | px | batch | dtype | oneword s/step | diffusers s/step | ratio (oneword speed / diffusers) "
+             "| oneword CPU-s/step | diffusers CPU-s/step | ratio by CPU-s | oneword peak Δ MiB "
+             "| diffusers peak Δ MiB | timed steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def mib(x):
+        return "n/a" if x is None else f"{x:,.0f}"
+
+    def num(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    for r in report["sampling"] + report["training"]:
+        lines.append(f"| {r['kind']} | {r['size']} | {r['batch']} | {r['dtype']} | {r['oneword_s_per_step']:.3f} | "
+                     f"{r['diffusers_s_per_step']:.3f} | {r['ratio']:.3f} | {r['oneword_cpu_s_per_step']:.3f} | "
+                     f"{r['diffusers_cpu_s_per_step']:.3f} | {num(r['cpu_ratio'])} | "
+                     f"{mib(r['oneword_peak_delta_mib'])} | {mib(r['diffusers_peak_delta_mib'])} | "
+                     f"{len(r['oneword_samples'])} |")
+    if report["sampling"] or report["training"]:
+        r = (report["sampling"] + report["training"])[-1]
+        lines.append("")
+        lines.append(f"weights resident: oneword {r['oneword_weights_mib']:,.0f} MiB, diffusers "
+                     f"{r['diffusers_weights_mib']:,.0f} MiB (CPU: the same storage); memory = {r['memory']}")
+    for note in report["notes"]:
+        lines.append(f"- {note}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(report, f, indent=1)
+    os.replace(f.name, path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    tiny = args.config == "tiny"
+    sample_sizes = args.size or ([64] if tiny else [512] if cuda else [512, 256])
+    train_sizes = args.size or ([64] if tiny else [512] if cuda else [256, 512])
+    batches = args.batches or [1, 2, 4]
+    reps = args.reps or (1 if args.quick else (3 if cuda else 2))
+    sample_steps = args.sample_steps or (3 if (args.quick or not cuda) else 12)
+    train_steps = args.train_steps or (2 if args.quick else (5 if cuda else 3))
+    sample_dtype = args.sample_dtype or ("fp16" if cuda else "fp32")
+    train_precision = args.train_precision or ("bf16" if cuda else "fp32")
+    if device.type == "cpu" and "fp16" in (sample_dtype, train_precision):
+        log.warning("fp16 on the CPU is slow and not what either library recommends")
+    train_configs = []
+    for size in train_sizes:
+        for b in batches:
+            # CPU (issues 4, 5): batch 1 at every size, batches 2 and 4 at 256 px only; CUDA: all at 512
+            if cuda or tiny or b == 1 or size <= 256:
+                train_configs.append((size, b))
+    train_configs.sort(key=lambda c: (c[1] > 1, c[0], c[1]))
+
+    report = {"device": device.type, "device_name": torch.cuda.get_device_name(device) if cuda else
+              (platform.processor() or platform.machine()), "nproc": os.cpu_count(),
+              "threads": torch.get_num_threads(), "versions": versions(),
+              "date": dt.datetime.now().isoformat(timespec="seconds"), "config": args.config,
+              "quick": args.quick, "loadavg_start": os.getloadavg()[0], "sampling": [], "training": [],
+              "attention": None, "notes": []}
+    t_start = time.perf_counter()
+    if args.attention or (cuda and not tiny):  # first, before ldm.kernels is imported in compiled mode
+        report["attention"] = {"forward": bench_attention(False), "backward": bench_attention(True)}
+    with tempfile.TemporaryDirectory() as tmp:
+        s = build(args.config, args.seed, Path(tmp))
+        report["build_s"] = s.build_s
+        report["rss_after_build_mib"] = C.rss_mib()
+        if not args.skip_sample:
+            for size in sample_sizes:
+                report["sampling"].append(bench_sampling(s, size, device, PRECISIONS[sample_dtype], reps,
+                                                         sample_steps))
+        if not args.skip_train:
+            trainers = {"oneword": OnewordTrainer(s, device), "diffusers": DiffusersTrainer(s, device)}
+            for size, b in train_configs:
+                report["training"].append(bench_training(s, trainers, size, b, device, train_precision,
+                                                         train_steps))
+    report["loadavg_end"] = os.getloadavg()[0]
+    report["total_s"] = time.perf_counter() - t_start
+    report["notes"] = [
+        "ratio = diffusers s/step ÷ oneword s/step: > 1 means oneword is faster; CPU-s = process CPU seconds "
+        "(all threads; meaningful on the CPU device only)",
+        "train: diffusers encodes the batch with the VAE every step (its example); oneword draws latents "
+        "from the VAE-moment cache filled once before training (inversion.train's default)",
+        "diffusers AdamW runs over the whole 49,409-row token table, masked back after the step (its example); "
+        "oneword's over the one learned vector",
+    ]
+    if args.quick:
+        report["notes"].append("--quick: too few repetitions for a measurement")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    args = build_parser().parse_args(argv)
+    report = run(args)
+    out = Path(args.out) if args.out else ROOT / "bench" / (
+        f"results-{report['device']}-{dt.date.today().isoformat()}.json")
+    write_json(report, out)
+    print(markdown(report))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
