@@ -84,7 +84,8 @@ pretrain-shapes: $(STAMP)
 	$(PYTHON) -m experiments.shapes.pretrain $(call opt,--seed,$(SEED)) $(call opt,--steps,$(STEPS)) $(ARGS)
 
 bench: $(STAMP)
-	$(PYTHON) -m bench.run $(call opt,--device,$(DEVICE)) $(ARGS)
+	$(PYTHON) -m bench.run $(call opt,--device,$(DEVICE)) $(call opt,--threads,$(THREADS)) $(call opt,--out,$(OUT)) \
+		$(if $(QUICK),--quick) $(ARGS)
 
 weights: $(STAMP)
 	@test -n "$(MODEL)" || { echo 'error: give MODEL=sd15|sd21|sd21-v|ldm-1.4b' >&2; exit 2; }
