@@ -28,13 +28,7 @@ TRITON_RUNS = _common.triton_available() and (CUDA or _common.interpreter_enable
 needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs triton and CUDA or TRITON_INTERPRET=1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is faster than two contending."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # conftest.py
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,13 +22,7 @@ SD2_SMALL = dict(image_size=16, in_channels=4, out_channels=4, model_channels=32
                  transformer_depth=2, context_dim=48, use_checkpoint=True, use_fp16=True, legacy=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two contending."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # conftest.py
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
