@@ -61,3 +61,25 @@ def test_missing_bert_vocabulary_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("ONEWORD_BERT_VOCAB", str(tmp_path / "absent.txt"))
     with pytest.raises(CheckpointError, match="no BERT vocabulary"):
         load_model(tmp_path / "ldm.safetensors")
+
+
+def test_inversion_learns_a_wide_word_on_the_ldm_family(tmp_path, vocab):
+    """The trainer runs unchanged on a BERT-towered LDM: one new row of the tower's width, nothing else moves."""
+    from helpers import train_argv
+    from safetensors.torch import load_file
+
+    from inversion.train import resolve_args, train
+
+    cfg = small_ldm()
+    torch.manual_seed(0)
+    sd = original_state_dict(*build_modules(cfg), cfg) | {CONFIG_KEY: config_to_tensor(cfg)}
+    save_file(sd, tmp_path / "ldm.safetensors")
+    model = load_model(tmp_path / "ldm.safetensors")
+    table = model.text_encoder.token_embedding.weight.clone()
+    argv = train_argv(tmp_path, "--token", "<cat>", "--init", "cat", steps=2, save_every=2)
+    argv[argv.index("--model") + 1] = "tiny"  # ignored: the model is passed in
+    run = train(resolve_args(argv), model=model)
+    learned = load_file(run / "learned_embeds.safetensors")["<cat>"]
+    assert learned.shape == (1, 64)
+    assert not torch.equal(learned[0], table[WORDS.index("cat") + 5])  # moved away from its init word
+    assert torch.equal(model.text_encoder.token_embedding.weight, table)
