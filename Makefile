@@ -77,7 +77,11 @@ figure-%: $(STAMP)
 figures: $(STAMP)
 	$(PYTHON) -m experiments.figures all $(figure_opts)
 
-demo: $(STAMP)
+# the shipped model; rebuilt from scratch (~30 min CPU) only if it is missing
+weights/shapes.safetensors: | $(STAMP)
+	$(PYTHON) -m experiments.shapes.pretrain
+
+demo: $(STAMP) weights/shapes.safetensors
 	$(PYTHON) -m experiments.shapes.demo $(call opt,--steps,$(STEPS)) $(call opt,--vectors,$(VECTORS)) $(ARGS)
 
 pretrain-shapes: $(STAMP)
