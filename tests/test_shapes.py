@@ -113,18 +113,13 @@ def _tiny_pretrain(tmp_path, name):
     return out
 
 
-def test_pretrain_is_deterministic_and_writes_a_loadable_single_file_checkpoint(tmp_path):
+def test_pretrain_is_deterministic_and_writes_a_loadable_single_file_checkpoint(tmp_path, one_thread):
     from safetensors.torch import load_file
 
     import ldm
     from ldm.checkpoint import CONFIG_KEY
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        a, b = _tiny_pretrain(tmp_path, "a"), _tiny_pretrain(tmp_path, "b")
-    finally:
-        torch.set_num_threads(threads)
+    a, b = _tiny_pretrain(tmp_path, "a"), _tiny_pretrain(tmp_path, "b")
     sa, sb = load_file(str(a)), load_file(str(b))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     prefixes = {k.split(".")[0] for k in sa if k != CONFIG_KEY}
@@ -139,16 +134,11 @@ def test_pretrain_is_deterministic_and_writes_a_loadable_single_file_checkpoint(
 # -- the shipped model -----------------------------------------------------------------------------------------
 
 MODEL = ROOT / "weights" / "shapes.safetensors"
+needs_shipped_model = pytest.mark.skipif(
+    not MODEL.is_file(), reason=f"{MODEL.name} is not in this checkout yet (make pretrain-shapes builds it)")
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # on a loaded 2-core machine one thread is much faster than two
-    yield
-    torch.set_num_threads(threads)
-
-
+@needs_shipped_model
 def test_shipped_model_is_small_and_loads_like_any_checkpoint():
     import ldm
 
@@ -161,6 +151,7 @@ def test_shipped_model_is_small_and_loads_like_any_checkpoint():
     assert images[0].size == (32, 32)
 
 
+@needs_shipped_model
 def test_inversion_lifts_the_held_out_shape_and_stays_editable(tmp_path, one_thread):
     """The issue-7 CI check: init word ≤ 30% stars, S* ≥ 80%, "a <colour> S*" in that colour ≥ 70%."""
     from experiments.shapes import demo
@@ -173,6 +164,7 @@ def test_inversion_lifts_the_held_out_shape_and_stays_editable(tmp_path, one_thr
     assert all(p.is_file() for p in r.grids)
 
 
+@needs_shipped_model
 @pytest.mark.parametrize("extra", [dict(vectors=3), dict(vectors=2, progressive=2), dict(reg_weight=0.01)],
                          ids=["multi-vector", "progressive", "regularised"])
 def test_inversion_variants_run_on_the_shipped_model(tmp_path, one_thread, extra):
