@@ -58,6 +58,7 @@ class Settings:
     lr: float = 1e-3
     warmup: int = 200
     ema: float = 0.995
+    snr_gamma: float = 0.0        # 0: plain ε-MSE
     eval_per_prompt: int = 4
     snapshots: tuple[int, ...] = ()
 
@@ -216,6 +217,10 @@ def train_diffusion(unet: nn.Module, text: nn.Module, schedule, tokens: CaptionT
     unet.train()
     text.train()
     T = schedule.num_timesteps
+    weights = None
+    if s.snr_gamma > 0:  # Min-SNR-γ weighting for ε-prediction (Hang et al. 2023): min(SNR, γ) / SNR
+        snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
+        weights = (snr.clamp(max=s.snr_gamma) / snr).float()
     bar = tqdm(range(s.steps), desc="UNet + text", dynamic_ncols=True)
     for step in bar:
         lr = lr_at(step, s.steps, s.lr, s.warmup)
@@ -229,7 +234,11 @@ def train_diffusion(unet: nn.Module, text: nn.Module, schedule, tokens: CaptionT
         noise = torch.randn(x0.shape, generator=g)
         context = text(words[tokens.rows(tokens(captions))])
         out = unet(schedule.q_sample(x0, t, noise), t, context)
-        loss = F.mse_loss(out, schedule.prediction.target(x0, noise, t))
+        target = schedule.prediction.target(x0, noise, t)
+        if weights is None:
+            loss = F.mse_loss(out, target)
+        else:
+            loss = ((out - target).pow(2).mean(dim=(1, 2, 3)) * weights[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -384,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=d.vae_steps)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--n-images", type=int, default=d.n_images)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--kl-weight", type=float, default=d.kl_weight)
+    p.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="Min-SNR-γ loss weighting (0: off)")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--snapshots", default="", help="comma-separated steps at which to save the EMA model too")
     p.add_argument("--threads", type=int, default=THREADS, help="CPU threads (results depend on it)")
@@ -392,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     shipped = json.loads(METRICS_PATH.read_text()) if METRICS_PATH.is_file() else None  # read before a rerun
     s = Settings(seed=a.seed, steps=a.steps, vae_steps=a.vae_steps, batch=a.batch, n_images=a.n_images,
+                 lr=a.lr, kl_weight=a.kl_weight, snr_gamma=a.snr_gamma,
                  snapshots=tuple(int(v) for v in a.snapshots.split(",") if v))
     metrics = pretrain(s, Path(a.out), Path(a.log), Path(a.plot), evaluate_after=not a.no_eval)
     log.info("pretrain-shapes: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
