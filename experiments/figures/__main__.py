@@ -77,7 +77,7 @@ def run_all(argv: list[str]) -> int:
                 log.warning("composition skipped: it needs two learned words and RUN= names one")
                 continue
             if len(concepts) == 1:
-                partner = next(c for c in ("cat", "shapes-star", "shapes-heart") if c != concepts[0])
+                partner = next(c for c in ("cat", "shapes-ring", "shapes-heart") if c != concepts[0])
                 argv_f = _without(argv_f, "--concept") + ["--concept", f"{concepts[0]},{partner}"]
         if ctx is None:
             ctx = C.Context(C.finish_args(parsers[name].parse_args(argv_f)))

@@ -394,9 +394,11 @@ def prompt_figure(ctx: Context, name: str, words: Sequence[Word], model, head: l
 
 
 def default_concepts(ctx: Context, count: int = 1) -> list[str]:
-    """The figures' default concept(s): the held-out star on the shapes model, else the shipped cat."""
+    """The figures' default concept(s): the held-out shape on the shapes model, else the shipped cat."""
+    from experiments.shapes.world import HELD_OUT
+
     shapes = ctx.args.ckpt is None and ctx.args.model == "shapes"
-    pool = ["shapes-star", "shapes-heart"] if shapes else ["cat", "shapes-star"]
+    pool = [f"shapes-{HELD_OUT}", "shapes-heart"] if shapes else ["cat", f"shapes-{HELD_OUT}"]
     return pool[:count]
 
 

@@ -21,6 +21,7 @@ REG_WEIGHT = 0.1                       # ours: the official configs ship embeddi
 LOW_LRS = ("1e-3", "1e-4")             # ours: lower base LRs than the paper's 5e-3 (the paper's values unverified)
 CAPTIONS = {                           # (short, long) human captions per concept folder name
     "cat": ("cat", "a grey and brown striped tabby cat with yellow-green eyes and white whiskers"),
+    "shapes-ring": ("shape", "a large thick ring, a hollow circle, in one bright colour on a plain background"),
     "shapes-star": ("shape", "a large five-pointed star shape in one bright colour on a plain background"),
     "shapes-circle": ("circle", "a large round circle in one bright colour on a plain background"),
 }

@@ -1,11 +1,13 @@
 """A procedural captioned world of coloured shapes: deterministic images, captions and labels.
 
-The held-out concept is the star: it is drawn as often as every other shape, but its word never appears in
-a caption. Every shape (the star included) is captioned with the generic word "shape" with the same
-probability `GENERIC_PROB`, so "a photo of a shape" carries no information about which shape is meant and
-draws a star only at its prior rate (1 / len(SHAPES)); otherwise a shape gets its own name, except the star,
-whose caption simply has no noun ("a photo of a red on a white background"). The model therefore learns
-to draw stars (from captions without a shape word) without ever learning a word for them.
+Every shape, the held-out ring included, is drawn equally often and captioned either with its own name or,
+with the same probability `GENERIC_PROB`, with the generic word "shape". "a photo of a shape" therefore
+carries no information about which shape is meant and draws a ring only at its prior rate (1/7).
+
+The ring's own word is withheld from the shipped model: pretraining teaches the model to draw rings from
+captions that name them, then `pretrain.withhold_word` resets the word's row of the token table to its
+untrained initial value, as if the word had never appeared. The shipped model can draw a ring, but no word
+in its vocabulary asks for one; textual inversion, started from "shape", has to find one.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ RESOLUTION = 32
 SUPERSAMPLE = 4
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "ring", "cross")
-HELD_OUT = "star"
+HELD_OUT = "ring"          # drawn and named in pretraining; its word is withheld from the shipped model
 GENERIC_WORD = "shape"
 GENERIC_PROB = 0.25
 NAMED_SHAPES = tuple(s for s in SHAPES if s != HELD_OUT)
@@ -146,12 +148,11 @@ def _position_word(labels: Labels) -> str | None:
     return "at the top" if dy < 0 else "at the bottom"
 
 
-def noun(shape: int, rng: np.random.Generator, generic_prob: float = GENERIC_PROB) -> str | None:
-    """The shape's word in a caption: the generic word with equal odds for all shapes, no word for the star."""
+def noun(shape: int, rng: np.random.Generator, generic_prob: float = GENERIC_PROB) -> str:
+    """The shape's word in a caption: the generic word with equal odds for all shapes, else its name."""
     if rng.random() < generic_prob:
         return GENERIC_WORD
-    name = SHAPES[shape]
-    return None if name == HELD_OUT else name
+    return SHAPES[shape]
 
 
 def caption(labels: Labels, rng: np.random.Generator, generic_prob: float = GENERIC_PROB) -> str:
@@ -161,9 +162,7 @@ def caption(labels: Labels, rng: np.random.Generator, generic_prob: float = GENE
         words.append(SIZE_NAMES[labels.size])
     if rng.random() < 0.85:
         words.append(COLOUR_NAMES[labels.colour])
-    n = noun(labels.shape, rng, generic_prob)
-    if n is not None:
-        words.append(n)
+    words.append(noun(labels.shape, rng, generic_prob))
     phrase = " ".join(words)
     if rng.random() < 0.5:
         text = OBJECT_TEMPLATES[int(rng.integers(len(OBJECT_TEMPLATES)))].format(phrase)
@@ -195,15 +194,15 @@ def label_tensors(labels: list[Labels]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def concept_labels() -> list[Labels]:
-    """The five held-out-concept images: stars in five colours, both sizes, all backgrounds."""
-    star = SHAPES.index(HELD_OUT)
+    """The five held-out-concept images: the held-out shape in five colours, both sizes, all backgrounds."""
+    held_out = SHAPES.index(HELD_OUT)
     spec = [("red", "white", "large", 16.0, 16.5, 0.0), ("blue", "black", "large", 14.5, 16.0, 0.1),
             ("green", "gray", "small", 20.0, 11.0, -0.1), ("yellow", "gray", "large", 16.5, 15.5, 0.05),
             ("purple", "white", "small", 11.5, 20.5, 0.0)]
     out = []
     for colour, bg, size, cx, cy, angle in spec:
         lo, hi = SIZES[size]
-        out.append(Labels(shape=star, colour=COLOUR_NAMES.index(colour), background=BACKGROUND_NAMES.index(bg),
+        out.append(Labels(shape=held_out, colour=COLOUR_NAMES.index(colour), background=BACKGROUND_NAMES.index(bg),
                           size=SIZE_NAMES.index(size), radius=(lo + hi) / 2, cx=cx, cy=cy, angle=angle,
                           colour_jitter=(0, 0, 0)))
     return out
