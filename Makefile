@@ -15,7 +15,7 @@ help:
 	@echo "make sample PROMPT=\"...\"     [MODEL=sd15|sd21|sd21-v|shapes|tiny] [CKPT=] [N=] [STEPS=] [SCALE=] ..."
 	@echo "make train CONCEPT=cat       [MODEL=] [STEPS=] [BATCH=] [LR=] [INIT=] [TOKEN=] [VECTORS=] ..."
 	@echo "make weights MODEL=sd15      download a public checkpoint (sha256-verified, resumable)"
-	@echo "make pretrain-shapes         retrain the shipped shapes model from scratch (CPU, ~30 min)"
+	@echo "make pretrain-shapes         retrain the shipped shapes model from scratch (2 CPU cores, ~27 min)"
 
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
@@ -77,7 +77,7 @@ figure-%: $(STAMP)
 figures: $(STAMP)
 	$(PYTHON) -m experiments.figures all $(figure_opts)
 
-# the shipped model; rebuilt from scratch (~30 min CPU) only if it is missing
+# the shipped model; rebuilt from scratch (~27 min on 2 cores) only if it is missing
 weights/shapes.safetensors: | $(STAMP)
 	$(PYTHON) -m experiments.shapes.pretrain
 

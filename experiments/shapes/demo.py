@@ -1,9 +1,10 @@
-"""`make demo`: learn a word for the held-out star on the shipped shapes model, then judge the samples.
+"""`make demo`: learn a word for the held-out shape on the shipped shapes model, then judge the samples.
 
     python -m experiments.shapes.demo [--steps N] [--vectors K] [--progressive N] [--reg-weight W]
+    python -m experiments.shapes.demo --variants      # every variant; rewrites its section of RESULTS.md
 
 Textual inversion (Gal et al. 2022) with the normal trainer (inversion.train), init word = the generic
-word "shape". Reconstruction = the judge's star rate for "a photo of a shape" (init) and "a photo of S*"
+word "shape". Reconstruction = the judge's held-out-shape rate for "a photo of a shape" (init) and "a photo of S*"
 (learned); editability = the rate at which "a <colour> S*" comes out in the asked colour. Ends with one line:
     demo: reconstruction init=NN% learned=NN%; editability=NN%
 """
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from experiments.shapes.pretrain import MODEL_PATH, ROOT
 
 log = logging.getLogger(__name__)
 
-CONCEPT = "shapes-star"
+CONCEPT = f"shapes-{world.HELD_OUT}"
 CONCEPT_DIR = ROOT / "experiments" / "concepts" / CONCEPT
 TOKEN = "S*"
 OUT = ROOT / "outputs" / "demo-shapes"
@@ -34,6 +37,16 @@ LR = 5e-3          # base LR; the trainer scales it by batch (official scale_lr)
 N_SAMPLES = 32     # per reconstruction prompt
 N_PER_COLOUR = 8   # per "a <colour> S*" prompt
 SEED = 0
+RESULTS = ROOT / "experiments" / "RESULTS.md"
+# The paper's variants on the shapes world: (label, run_demo keyword arguments, trainer flags shown).
+VARIANTS = (
+    ("Textual inversion (one word)", {}, "—"),
+    ("3 vectors", dict(vectors=3), "`--vectors 3`"),
+    ("Progressive (to 3 vectors)", dict(vectors=3, progressive=STEPS // 3),
+     f"`--vectors 3 --progressive {STEPS // 3}`"),
+    ("Regularised toward “shape” (weight 0.1)", dict(reg_weight=0.1), "`--reg-weight 0.1`"),
+    ("Regularised toward “shape” (weight 0.01)", dict(reg_weight=0.01), "`--reg-weight 0.01`"),
+)
 
 
 @dataclass
@@ -43,7 +56,7 @@ class DemoResult:
     init_rate: float
     learned_rate: float
     edit_rate: float
-    edit_star_rate: float
+    edit_held_out_rate: float
     run_dir: Path
     grids: list[Path] = field(default_factory=list)
     seconds: float = 0.0
@@ -58,7 +71,7 @@ def write_concept(folder: Path = CONCEPT_DIR) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, lab in enumerate(world.concept_labels(), 1):
-        path = folder / (f"star-{i}-{world.COLOUR_NAMES[lab.colour]}-on-"
+        path = folder / (f"{world.HELD_OUT}-{i}-{world.COLOUR_NAMES[lab.colour]}-on-"
                          f"{world.BACKGROUND_NAMES[lab.background]}.png")
         world.render(lab).save(path)
         paths.append(path)
@@ -94,10 +107,10 @@ def run_demo(model_path: Path = MODEL_PATH, out: Path = OUT, steps: int = STEPS,
     from inversion.embedding import load_embedding_file
 
     t0 = time.time()
-    star = world.SHAPES.index(world.HELD_OUT)
+    held_out = world.SHAPES.index(world.HELD_OUT)
     model = ldm.load_model(model_path)
     init_images = _sample(model, [f"a photo of a {world.GENERIC_WORD}"] * n_samples, seed)
-    init_rate = (judge.score(init_images)[0] == star).float().mean().item()
+    init_rate = (judge.score(init_images)[0] == held_out).float().mean().item()
 
     run_dir = out / "run"
     argv = ["--concept", str(CONCEPT_DIR), "--ckpt", str(model_path), "--init", world.GENERIC_WORD,
@@ -113,7 +126,7 @@ def run_demo(model_path: Path = MODEL_PATH, out: Path = OUT, steps: int = STEPS,
     model.extra_embeddings = vecs.to(model.device, model.dtype)
 
     learned_images = _sample(model, [f"a photo of {TOKEN}"] * n_samples, seed)
-    learned_rate = (judge.score(learned_images)[0] == star).float().mean().item()
+    learned_rate = (judge.score(learned_images)[0] == held_out).float().mean().item()
     edit_prompts = [f"a {c} {TOKEN}" for c in world.COLOUR_NAMES for _ in range(n_per_colour)]
     edit_images = _sample(model, edit_prompts, seed + 1)
     es, ec = judge.score(edit_images)
@@ -126,7 +139,35 @@ def run_demo(model_path: Path = MODEL_PATH, out: Path = OUT, steps: int = STEPS,
                   out / "edit-colours.png"),
     ]
     return DemoResult(init_rate, learned_rate, (ec == want).float().mean().item(),
-                      (es == star).float().mean().item(), run_dir, grids, time.time() - t0)
+                      (es == held_out).float().mean().item(), run_dir, grids, time.time() - t0)
+
+
+def run_variants(model_path: Path = MODEL_PATH, out: Path = OUT, results: Path = RESULTS) -> list[str]:
+    """Run every variant with the demo recipe and rewrite the shapes-judge section of RESULTS.md."""
+    rows = []
+    for label, kwargs, flags in VARIANTS:
+        r = run_demo(model_path, out / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"), **kwargs)
+        log.warning("%s: %s (%.0f s)", label, r.summary(), r.seconds)
+        rows.append(f"| {label} | {flags} | {100 * r.init_rate:.0f} % | {100 * r.learned_rate:.0f} % | "
+                    f"{100 * r.edit_rate:.0f} % | {100 * r.edit_held_out_rate:.0f} % |")
+    key = f"judged:shapes/{CONCEPT}"
+    block = (f"<!-- {key} -->\n### shapes · {CONCEPT}, judged (the demo's numbers)\n\n"
+             f"Written by `python -m experiments.shapes.demo --variants` on {date.today().isoformat()}: the demo "
+             f"recipe ({STEPS} steps, batch {BATCH}, base LR {LR}, seed {SEED}, init word "
+             f"“{world.GENERIC_WORD}”) per variant; the shipped judge scores {N_SAMPLES} samples of “a photo of "
+             f"a {world.GENERIC_WORD}” (init) and of “a photo of S*” (learned), and {N_PER_COLOUR} of “a <colour> "
+             f"S*” for each of {len(world.COLOUR_NAMES)} colours (editability = in the asked colour; the last "
+             f"column: those samples that are still {world.HELD_OUT}s).\n\n"
+             f"| Variant | Trainer flags | Init word: {world.HELD_OUT} | S*: {world.HELD_OUT} ↑ | "
+             f"“a <colour> S*”: colour ↑ | “a <colour> S*”: {world.HELD_OUT} ↑ |\n|---|---|---|---|---|---|\n"
+             + "\n".join(rows) + f"\n<!-- /{key} -->")
+    text = results.read_text()
+    pattern = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = results.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(results)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,16 +181,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progressive", type=int, default=0)
     p.add_argument("--reg-weight", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
+    p.add_argument("--variants", action="store_true",
+                   help="run every variant (one word, 3 vectors, progressive, regularised) and record them in "
+                        "experiments/RESULTS.md")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    torch.set_num_threads(a.threads)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if not Path(a.ckpt).is_file():
         raise SystemExit(f"error: {a.ckpt} is missing; run `make pretrain-shapes` to rebuild it")
+    if a.variants:
+        print("\n".join(run_variants(Path(a.ckpt), Path(a.out))))
+        return 0
     r = run_demo(Path(a.ckpt), Path(a.out), a.steps, a.batch, a.lr, a.vectors, a.progressive, a.reg_weight,
                  seed=a.seed)
-    log.warning("grids: %s; run: %s; %.0f s; 'a <colour> S*' judged a star %.0f%% of the time",
-                ", ".join(str(g) for g in r.grids), r.run_dir, r.seconds, 100 * r.edit_star_rate)
+    log.warning("grids: %s; run: %s; %.0f s; 'a <colour> S*' judged a %s %.0f%% of the time",
+                ", ".join(str(g) for g in r.grids), r.run_dir, r.seconds, world.HELD_OUT, 100 * r.edit_held_out_rate)
     print(r.summary(), flush=True)
     return 0
 
