@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -111,6 +112,9 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     except ImportError:
         pass
     logging.basicConfig(level=os.environ.get("ONEWORD_LOG", "INFO"), format="%(levelname)s: %(message)s")
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # handler: Ctrl-C / kill -INT must stop a CLI the same way however it was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main(argv)
     except expected as e:
