@@ -272,14 +272,12 @@ def _with_words(unet: nn.Module, text: nn.Module, vocab: torch.Tensor, words: to
 
 # -- evaluation ---------------------------------------------------------------------------------------------
 
-def _judged(model, prompts: list[str], seed: int, steps: int | None = None, scale: float | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _judged(model, prompts: list[str], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample prompts on the model's own defaults and return the judge's (shape ids, colour ids)."""
     from experiments.shapes import judge
 
     size = model.config.image_size
-    images = model.sample(prompts, steps=steps or model.config.steps,
-                          scale=model.config.guidance if scale is None else scale, seed=seed, height=size,
+    images = model.sample(prompts, steps=model.config.steps, scale=model.config.guidance, seed=seed, height=size,
                           width=size, progress=False)
     return judge.score(images)
 
