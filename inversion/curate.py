@@ -139,6 +139,18 @@ def check_args(args: argparse.Namespace) -> None:
         raise InversionError(f"--image-weight {args.image_weight} must be in [0, 1]")
 
 
+def check_files(args: argparse.Namespace) -> None:
+    """With BEST_OF, the CLIP weights and CONCEPT= folders must exist before sampling starts, not after."""
+    if not args.best_of:
+        return
+    from inversion.evaluate import CLIP_WEIGHTS, RANDOM
+
+    weights = Path(args.clip_weights or CLIP_WEIGHTS)
+    if str(weights) != RANDOM and not weights.is_file():
+        raise InversionError(f"CLIP={weights}: no such file (RANK=clip needs OpenAI's ViT-B-32 weights there)")
+    concept_folders(args)
+
+
 def concept_folders(args: argparse.Namespace) -> list[Path]:
     """--concept folders, else the concept named in args.json beside each EMBEDDING= file (trainer runs)."""
     from inversion import data as D

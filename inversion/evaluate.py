@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from inversion import data as D
 from inversion.embedding import InversionError, atomic_write, load_embedding_file
+from ldm import cli
 
 log = logging.getLogger("inversion.evaluate")
 
@@ -120,7 +122,7 @@ def parse_prompts(spec: str | Sequence[str] | None) -> list[str]:
         raise InversionError("PROMPTS= is empty; give ';'-separated prompts such as 'A photo of S* on the moon'")
     for p in prompts:
         if MARKER not in p:
-            raise InversionError(f"prompt {p!r} has no {MARKER}; write {MARKER} where the learned word goes")
+            raise InversionError(f"PROMPTS: {p!r} has no {MARKER}; write {MARKER} where the learned word goes")
     return prompts
 
 
@@ -192,6 +194,8 @@ class CLIPScorer:
                                  f"{CLIP_URL} to {CLIP_WEIGHTS} (or pass --clip-weights PATH)")
         import open_clip
 
+        if arch not in open_clip.list_models():
+            raise InversionError(f"--clip-arch {arch!r} is not an open_clip architecture (the paper's: {CLIP_ARCH})")
         model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=True)  # OpenAI CLIP: QuickGELU
         if path is None:
             log.warning("CLIP has random weights (--clip-weights %s): the metrics are meaningless", RANDOM)
@@ -312,7 +316,7 @@ def save_grid(samples: torch.Tensor, path: Path, columns: int = 8) -> Path:
 # --- CLI ---------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m inversion.evaluate", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m inversion.evaluate", description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--run", required=True, help="training run directory (RUN=)")
     a("--prompts", default=None, help="';'-separated editing prompts with S* (PROMPTS=; default the paper's)")
@@ -343,14 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
-    checks = [(args.n >= 1, f"N={args.n} must be at least 1"), (args.steps >= 1, f"STEPS={args.steps} must be ≥ 1"),
-              (args.batch >= 1, f"--batch {args.batch} must be ≥ 1"),
-              (math.isfinite(args.scale), f"SCALE={args.scale} must be a number"),
-              (args.eta >= 0, f"--eta {args.eta} must be ≥ 0"),
-              (args.size is None or args.size >= 8, f"--size {args.size} is too small")]
-    for ok, message in checks:
-        if not ok:
-            raise InversionError(message)
+    cli.check([
+        cli.at_least("N", args.n), cli.at_least("STEPS", args.steps), cli.at_least("--batch", args.batch),
+        cli.finite("SCALE", args.scale), cli.finite("--eta", args.eta, 0.0), cli.seed_rule("SEED", args.seed),
+        cli.at_least("--size", args.size, 8),
+        (args.dtype in cli.DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(cli.DTYPES)}"),
+        (args.ckpt is not None or args.model is None or args.model in cli.MODEL_CHOICES,
+         f"unknown MODEL={args.model!r}; choose one of {', '.join(cli.MODEL_CHOICES)} or give CKPT=path"),
+        (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
+        (args.embedding is None or Path(args.embedding).is_file(), f"--embedding {args.embedding}: no such file"),
+    ], InversionError)
+    if args.concept:
+        D.resolve_concept(args.concept)
     if MARKER not in args.reconstruction:
         raise InversionError(f"--reconstruction {args.reconstruction!r} has no {MARKER}")
 
@@ -367,9 +375,6 @@ def _pick_words(words: dict[str, torch.Tensor], token: str | None, path: Path) -
 
 def main(argv: list[str] | None = None, scorer: CLIPScorer | None = None, model=None) -> int:
     """CLI entry; `scorer`/`model` may be given by tests (a small CLIP, an already-built model)."""
-    from inversion import data as D
-    from ldm import cli
-
     args = build_parser().parse_args(argv)
     _check(args)
     run = Path(args.run)
@@ -390,20 +395,20 @@ def main(argv: list[str] | None = None, scorer: CLIPScorer | None = None, model=
             raise InversionError(f"{out} already exists; pass --overwrite to replace it, or choose --out")
         if args.save_samples and samples.is_dir() and any(samples.iterdir()):
             raise InversionError(f"{samples} already holds grids; pass --overwrite to replace them")
-    cli.check_writable(out.parent)
+    cli.check_writable(out.parent, "--out")
 
     device = cli.pick_device(args.device)
+    dtype = cli.pick_dtype(args.dtype, device)
     if scorer is None:
         scorer = CLIPScorer.load(args.clip_weights, device, args.clip_arch)  # fail fast, before the big model
     if model is None:
         model = cli.load(args.model or info.get("model"), args.ckpt or info.get("ckpt"), device,
-                         cli.pick_dtype(args.dtype, device))
+                         dtype)
     model.eval()
     for word, vectors in words.items():  # per-image tokens too, so every id of the file is defined
         model.add_embedding(word, vectors)
     size = args.size or model.config.image_size
-    if size % model.latent_factor:
-        raise InversionError(f"--size {size} must be a multiple of {model.latent_factor} for this model")
+    cli.check([cli.multiple_rule("--size", size, model.latent_factor)], InversionError)
     images = D.ConceptImages(D.resolve_concept(concept), size)
     train_images = images.batch(list(range(len(images))), [False] * len(images))  # official: flip_p 0
 
@@ -430,8 +435,6 @@ def main(argv: list[str] | None = None, scorer: CLIPScorer | None = None, model=
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    from ldm import cli
-
     return cli.run(main, argv)
 
 

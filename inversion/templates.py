@@ -88,3 +88,17 @@ def dual_templates(spec: str) -> tuple[str, ...]:
     if spec in DUAL:
         return DUAL[spec]
     return tuple(t + " with {}" for t in load_templates(spec))
+
+
+def max_vectors(tokenizer, templates: tuple[str, ...], duals: tuple[str, ...] = ()) -> int:
+    """The most vectors a word can have so that every prompt still fits the text context whole.
+
+    Each `{}` of a template holds the word's vectors; in a dual template the second `{}` holds one per-image
+    token. BOS and EOS take two places."""
+    room = tokenizer.context_length - 2
+    need = []
+    for t in templates:
+        need.append((len(tokenizer.encode(t.replace("{}", " "))), t.count("{}")))
+    for t in duals:
+        need.append((len(tokenizer.encode(t.replace("{}", " "))) + 1, 1))
+    return min((room - fixed) // slots for fixed, slots in need if slots) if need else room

@@ -55,7 +55,8 @@ from tqdm.auto import tqdm
 from inversion import data as D
 from inversion import embedding as E
 from inversion.embedding import InversionError, LearnedWords, atomic_write, save_embedding_files, save_torch
-from inversion.templates import MIXING_PROB, TemplateError, dual_templates, load_templates
+from inversion.templates import MIXING_PROB, TemplateError, dual_templates, load_templates, max_vectors
+from ldm import cli
 from ldm.tokenizer import fit_ids
 
 log = logging.getLogger("inversion.train")
@@ -73,7 +74,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 # --- arguments ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m inversion.train", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m inversion.train", description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--concept", help="folder under experiments/concepts/ or a path (CONCEPT=)")
     a("--model", default=None, help="sd15 | sd21 | sd21-v | shapes | tiny (MODEL=, default sd15)")
@@ -143,23 +144,54 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
         raise InversionError("give CONCEPT= (a folder under experiments/concepts/ or a path)")
     if args.steps is None:
         args.steps = STEPS
-    checks = [(args.steps >= 1, f"STEPS={args.steps} must be at least 1"),
-              (args.accum >= 1, f"ACCUM={args.accum} must be at least 1"),
-              (args.batch is None or args.batch >= 1, f"BATCH={args.batch} must be at least 1"),
-              (args.vectors >= 1, f"VECTORS={args.vectors} must be at least 1"),
-              (args.lr > 0 and math.isfinite(args.lr), f"LR={args.lr} must be a positive number"),
-              (args.save_every >= 1, f"SAVE_EVERY={args.save_every} must be at least 1"),
-              (args.progressive >= 0, f"--progressive {args.progressive} must be ≥ 0"),
-              (args.repeats >= 1, f"--repeats {args.repeats} must be at least 1"),
-              (0.0 <= args.flip_p <= 1.0, f"--flip-p {args.flip_p} must be in [0, 1]"),
-              (args.size is None or args.size >= 8, f"SIZE={args.size} is too small"),
-              (args.reg_weight >= 0, f"--reg-weight {args.reg_weight} must be ≥ 0")]
-    for ok, message in checks:
-        if not ok:
-            raise InversionError(message)
+    init_words = [w.strip() for w in args.init_words.split(",")] if args.init_words else None
+    cli.check([
+        cli.at_least("STEPS", args.steps), cli.at_least("ACCUM", args.accum), cli.at_least("BATCH", args.batch),
+        cli.at_least("VECTORS", args.vectors),
+        (args.lr > 0 and math.isfinite(args.lr), f"LR={args.lr} must be a positive number"),
+        cli.finite("--weight-decay", args.weight_decay, 0.0),
+        cli.at_least("SAVE_EVERY", args.save_every), cli.at_least("--val-every", args.val_every, 0),
+        cli.at_least("--val-n", args.val_n), cli.at_least("--val-steps", args.val_steps),
+        (args.progressive >= 0, f"--progressive {args.progressive} must be ≥ 0"),
+        (args.repeats >= 1, f"--repeats {args.repeats} must be at least 1"),
+        (0.0 <= args.flip_p <= 1.0, f"--flip-p {args.flip_p} must be in [0, 1]"),
+        (args.size is None or args.size >= 8, f"SIZE={args.size} is too small (at least 8)"),
+        (args.reg_weight >= 0 and math.isfinite(args.reg_weight), f"--reg-weight {args.reg_weight} must be ≥ 0"),
+        cli.at_least("--max-bad-steps", args.max_bad_steps), cli.seed_rule("SEED", args.seed),
+        (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
+        (args.ckpt is not None or args.model is None or args.model in cli.MODEL_CHOICES,
+         f"unknown MODEL={args.model!r}; choose one of {', '.join(cli.MODEL_CHOICES)} or give CKPT=path"),
+        (bool(args.init.strip()), f"INIT={args.init!r} must be a word"),
+        (init_words is None or all(init_words), f"--init-words {args.init_words!r} has an empty word"),
+        (init_words is None or len(init_words) <= args.vectors,
+         f"--init-words gives {len(init_words or [])} words for VECTORS={args.vectors}; give at most one word per "
+         f"vector (or raise VECTORS to {len(init_words or [])})"),
+        (not Path(args.latent_cache).exists() or Path(args.latent_cache).is_dir(),
+         f"--latent-cache {args.latent_cache} is a file, not a folder"),
+        (not (args.random_init and args.init_words), "--random-init and --init-words exclude each other; give one"),
+        (args.token is None or (args.token.strip() and not any(c.isspace() for c in args.token)),
+         f"TOKEN={args.token!r} must be one word without spaces, e.g. '<my-concept>'"),
+    ], InversionError)
+    if args.progressive and (args.vectors - 1) * args.progressive >= args.steps:
+        log.warning("--progressive %d adds vector %d at step %d, not before STEPS=%d: the last vectors never train",
+                    args.progressive, args.vectors, (args.vectors - 1) * args.progressive, args.steps)
     if args.val_every is None:
         args.val_every = args.save_every
     return args
+
+
+def check_context(tokenizer, args: argparse.Namespace, templates: tuple[str, ...], duals: tuple[str, ...]) -> None:
+    """VECTORS (with per-image tokens) must fit the text context in every template and validation prompt."""
+    val = ("a photo of {}", *(p.strip().replace("S*", "{}") for p in args.val_prompts.split(";") if p.strip()))
+    fits = max_vectors(tokenizer, templates, duals if args.per_image_tokens else ())
+    fits_val = max_vectors(tokenizer, val)
+    what = f"TEMPLATES={args.templates}{' with --per-image-tokens' if args.per_image_tokens else ''}"
+    if fits_val < min(fits, args.vectors):
+        fits, what = fits_val, "VAL_PROMPTS"
+    if args.vectors > fits:
+        limit = f"the largest VECTORS that fits is {fits}" if fits >= 1 else f"no vector fits: shorten {what}"
+        raise InversionError(f"VECTORS={args.vectors} does not fit the {tokenizer.context_length}-token text context "
+                             f"with {what}; {limit}")
 
 
 # --- distributed -------------------------------------------------------------------------------------------
@@ -177,8 +209,6 @@ class Dist:
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """torchrun's env → a process group (NCCL on CUDA, gloo on CPU) and this rank's device."""
-    from ldm import cli
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), cli.pick_device(device_name)
@@ -439,18 +469,13 @@ def remove_stale_temp_files(out: Path) -> None:
 
 
 def prepare_out(args: argparse.Namespace, concept: Path) -> Path:
-    from ldm import cli
-
     if args.out is None:
         args.out = str(Path("runs") / f"{concept.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(args.out)
     if not args.resume and out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise InversionError(f"OUT={out} already holds files; choose another OUT, pass --overwrite, "
                              f"or continue it with RESUME={out}")
-    try:
-        cli.check_writable(out)
-    except cli.UsageError as e:
-        raise InversionError(f"OUT={out}: {e}") from None
+    cli.check_writable(out)
     return out
 
 
@@ -468,8 +493,6 @@ def checkpoint_identity(args: argparse.Namespace) -> tuple[str | None, str | Non
 
 def train(args: argparse.Namespace, model=None) -> Path:
     """Run (or resume) textual inversion as `args` says; returns the run directory."""
-    from ldm import cli
-
     d, device = init_distributed(args.device)
     if getattr(args, "deterministic", False):
         from ldm import determinism
@@ -504,14 +527,14 @@ def train(args: argparse.Namespace, model=None) -> Path:
     defaults = FAMILY_DEFAULTS.get(family, SD_DEFAULTS)
     args.batch = args.batch or defaults["batch"]
     args.size = args.size or defaults.get("size", model.config.image_size)
-    if args.size % model.latent_factor:
-        raise InversionError(f"SIZE={args.size} must be a multiple of {model.latent_factor} for this model")
+    cli.check([cli.multiple_rule("SIZE", args.size, model.latent_factor)], InversionError)
     token = args.token or f"<{concept.name}>"
     args.token = token
     init_words = None
     if not args.random_init:
         init_words = [w.strip() for w in args.init_words.split(",") if w.strip()] if args.init_words else [args.init]
     images = D.ConceptImages(concept, args.size, args.center_crop)
+    check_context(model.tokenizer, args, templates, duals)
     words = LearnedWords(model, token, args.vectors, init_words,
                          per_image=len(images) if args.per_image_tokens else 0,
                          generator=torch.Generator().manual_seed(D.mix_seed(args.seed, 0x1417)))
@@ -685,8 +708,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    from ldm import cli
-
     return cli.run(main, argv)
 
 

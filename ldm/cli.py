@@ -1,8 +1,10 @@
 """What the command-line tools share: picking a model, a device and a dtype, and one-line errors."""
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
+import math
 import os
 import signal
 import sys
@@ -22,6 +24,43 @@ DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose complaints (unknown option, a value of the wrong type) are one line, not usage + error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def check(rules: list[tuple[bool, str]], error: type[Exception] = UsageError) -> None:
+    """Raise `error` with the message of the first rule that fails: (ok, "SETTING=value must be …")."""
+    for ok, message in rules:
+        if not ok:
+            raise error(message)
+
+
+def at_least(name: str, value: int | float | None, low: int | float = 1) -> tuple[bool, str]:
+    """The rule "name=value must be at least low" (None passes: the default is used)."""
+    return value is None or value >= low, f"{name}={value} must be at least {low}"
+
+
+def finite(name: str, value: float | None, low: float | None = None) -> tuple[bool, str]:
+    """The rule "name=value must be a finite number [≥ low]" (None passes)."""
+    ok = value is None or (math.isfinite(value) and (low is None or value >= low))
+    return ok, f"{name}={value} must be a finite number" + (f" ≥ {low:g}" if low is not None else "")
+
+
+def seed_rule(name: str, value: int | None) -> tuple[bool, str]:
+    """Seeds are non-negative 63-bit integers (torch.Generator.manual_seed's range)."""
+    return value is None or 0 <= value < 2**63, f"{name}={value} must be between 0 and 2**63 - 1"
+
+
+def multiple_rule(name: str, value: int | None, factor: int) -> tuple[bool, str]:
+    """Image sides must be positive multiples of the model's latent factor (no silent rounding)."""
+    nearest = max(factor, round((value or 0) / factor) * factor)
+    return (value is None or (value > 0 and value % factor == 0),
+            f"{name}={value} must be a positive multiple of {factor} (this model's latent factor); try {nearest}")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -51,14 +90,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_writable(folder: Path) -> Path:
+def check_writable(folder: Path, name: str = "OUT") -> Path:
     """Create the output folder and prove it is writable before any long work starts."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
             pass
     except OSError as e:
-        raise UsageError(f"cannot write to {folder}: {e.strerror or e}") from None
+        raise UsageError(f"cannot write to {name}={folder}: {e.strerror or e}") from None
     return folder
 
 

@@ -18,14 +18,15 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from ldm import cli
+from ldm.attention import BACKENDS
 
 log = logging.getLogger("ldm.sample")
 
 SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "ddpm": "DDPM", "dpmpp_2m": "DPM++ 2M"}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ldm.sample", description="Sample images from a text prompt.")
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m ldm.sample", description="Sample images from a text prompt.")
     p.add_argument("--prompt", required=True)
     p.add_argument("--neg", default="", help="negative prompt")
     p.add_argument("--model", default=None, help=f"one of {', '.join(cli.MODEL_CHOICES)} (default sd15)")
@@ -55,7 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from inversion import curate
 
     curate.add_arguments(p)          # --best-of --keep --rank --concept --clip-weights --image-weight
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def next_index(folder: Path) -> int:
@@ -142,20 +147,42 @@ def add_embeddings(model, spec: str, token: str | None) -> list[str]:
     return words
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.sampler not in SAMPLER_NAMES:
-        raise cli.UsageError(f"unknown SAMPLER={args.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
-    if args.steps is not None and args.steps <= 0:
-        raise cli.UsageError(f"STEPS must be a positive number, got {args.steps}")
-    if args.n <= 0:
-        raise cli.UsageError(f"N must be a positive number, got {args.n}")
+def check_args(args: argparse.Namespace) -> None:
+    """Every setting that can be checked before the model loads: one line naming it, exit status 2."""
+    cli.check([
+        (args.sampler in SAMPLER_NAMES, f"unknown SAMPLER={args.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}"),
+        cli.at_least("STEPS", args.steps), cli.at_least("N", args.n), cli.at_least("--batch-size", args.batch_size),
+        cli.finite("SCALE", args.scale), cli.finite("ETA", args.eta, 0.0), cli.seed_rule("SEED", args.seed),
+        cli.at_least("H", args.H, 8), cli.at_least("W", args.W, 8),
+        (args.ckpt is not None or args.model is None or args.model in cli.MODEL_CHOICES,
+         f"unknown MODEL={args.model!r}; choose one of {', '.join(cli.MODEL_CHOICES)} or give CKPT=path"),
+        (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
+        (args.dtype in cli.DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(cli.DTYPES)}"),
+        (args.attention is None or args.attention in BACKENDS,
+         f"unknown ATTENTION={args.attention!r}; choose one of {', '.join(BACKENDS)}"),
+        (not (args.token and args.embedding and "," in args.embedding),
+         "TOKEN= names the word of a single embedding file; give one EMBEDDING= file"),
+        (not (args.token and not args.embedding), f"TOKEN={args.token!r} needs EMBEDDING= (the file it names)"),
+    ])
+    for f in [s for s in (args.embedding or "").split(",") if s]:
+        if not Path(f).is_file():
+            raise cli.UsageError(f"EMBEDDING={f}: no such file")
     from inversion import curate
 
     curate.check_args(args)
-    for name, v in (("H", args.H), ("W", args.W)):
-        if v is not None and (v <= 0 or v % 8):
-            raise cli.UsageError(f"{name}={v} must be a positive multiple of 8")
+    curate.check_files(args)
+
+
+def check_size(model, height: int, width: int) -> None:
+    """Image sides must be multiples of the model's latent factor: an error, never a silent rounding."""
+    cli.check([cli.multiple_rule("H", height, model.latent_factor), cli.multiple_rule("W", width, model.latent_factor)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    from inversion import curate
+
     if args.attention:
         from ldm import attention
 
@@ -180,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or cfg.steps
     scale = cfg.guidance if args.scale is None else args.scale
     height, width = args.H or cfg.image_size, args.W or cfg.image_size
+    check_size(model, height, width)
     mhash, mname = model_hash(args)
     total = args.best_of or args.n                     # BEST_OF candidates, KEEP of them saved
     batch = args.batch_size or total

@@ -40,8 +40,8 @@ def test_same_seed_gives_byte_identical_pngs_and_never_overwrites(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--H", "30"), "H=30 must be a positive multiple of 8"),
-    (("--steps", "0"), "STEPS must be a positive number"),
+    (("--H", "30"), "H=30 must be a positive multiple of 4 (this model's latent factor)"),
+    (("--steps", "0"), "STEPS=0 must be at least 1"),
     (("--sampler", "euler_z"), "unknown SAMPLER"),
     (("--model", "sd99"), "unknown MODEL"),
     (("--ckpt", "/nonexistent/model.safetensors"), "no such file"),

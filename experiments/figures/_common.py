@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from inversion.embedding import InversionError, atomic_write
+from ldm import cli
 
 log = logging.getLogger("experiments.figures")
 
@@ -45,7 +46,7 @@ class FigureError(InversionError):
 
 def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The options every figure takes (each script adds its own)."""
-    p = argparse.ArgumentParser(prog=f"python -m experiments.figures {name}", description=description)
+    p = cli.ArgumentParser(prog=f"python -m experiments.figures {name}", description=description)
     a = p.add_argument
     a("--model", default=None, help="sd15 | sd21 | sd21-v | shapes | tiny (MODEL=, default sd15)")
     a("--ckpt", default=None, help="checkpoint file or diffusers folder, overrides --model (CKPT=)")
@@ -75,10 +76,23 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.smoke = tiny
-    for key in ("steps", "n", "sample_steps", "batch", "size"):
-        v = getattr(args, key)
-        if v is not None and v < 1:
-            raise FigureError(f"--{key.replace('_', '-')} {v} must be at least 1")
+    cli.check([
+        *(cli.at_least(f"--{key.replace('_', '-')}", getattr(args, key, None))
+          for key in ("steps", "n", "sample_steps", "batch", "rows", "eval_n")),
+        cli.at_least("--size", args.size, 8), cli.finite("--scale", args.scale), cli.seed_rule("--seed", args.seed),
+        (args.ckpt is not None or args.model is None or args.model in cli.MODEL_CHOICES,
+         f"unknown --model {args.model!r}; choose one of {', '.join(cli.MODEL_CHOICES)} or give --ckpt PATH"),
+        (args.ckpt is None or Path(args.ckpt).exists(), f"--ckpt {args.ckpt}: no such file or folder"),
+        *((Path(r).is_dir(), f"--run {r}: no such run directory") for r in split_list(args.run)),
+        (args.prompts is None or bool(prompts_or(args, ())), f"--prompts {args.prompts!r} holds no prompt"),
+        (args.clip_weights in (None, "random") or Path(args.clip_weights).is_file(),
+         f"--clip-weights {args.clip_weights}: no such file"),
+        (args.runs_dir is None or not Path(args.runs_dir).exists() or Path(args.runs_dir).is_dir(),
+         f"--runs-dir {args.runs_dir} is a file, not a folder"),
+    ], FigureError)
+    cli.pick_device(args.device)
+    if args.out:
+        cli.check_writable(Path(args.out), "--out")
     return args
 
 
@@ -168,16 +182,12 @@ class Context:
     @property
     def device(self) -> torch.device:
         if self._device is None:
-            from ldm import cli
-
             self._device = cli.pick_device(self.args.device)
         return self._device
 
     def base(self):
         """The frozen LatentDiffusion, loaded once and shared by every fresh copy."""
         if self._base is None:
-            from ldm import cli
-
             self._base = cli.load(self.args.model, self.args.ckpt, self.device, torch.float32).eval()
             self._base.requires_grad_(False)
         return self._base
@@ -199,7 +209,9 @@ class Context:
 
     @property
     def size(self) -> int:
-        return self.args.size or self.base().config.image_size
+        size = self.args.size or self.base().config.image_size
+        cli.check([cli.multiple_rule("--size", size, self.base().latent_factor)], FigureError)
+        return size
 
     @property
     def sample_steps(self) -> int:
@@ -358,15 +370,13 @@ def save_json(obj: dict, path: Path) -> Path:
 
 
 def out_dir(args: argparse.Namespace, name: str) -> Path:
-    from ldm import cli
-
     out = Path(args.out) if args.out else OUT_ROOT / name
     done = [p for p in (out / f"{name}.png", out / f"{name}.json") if p.exists()]
     if done and not getattr(args, "overwrite", False):
         raise FigureError(f"{done[0]} already exists; pass --overwrite (ARGS=--overwrite) to redraw it, or choose "
                           "another OUT")
     try:
-        return cli.check_writable(out)
+        return cli.check_writable(out, "--out")
     except cli.UsageError as e:
         raise FigureError(str(e)) from None
 
@@ -407,6 +417,8 @@ def run_figure(module, argv: Sequence[str] | None = None, ctx: Context | None = 
     p = base_parser(module.NAME, module.__doc__.split("\n")[0])
     module.add_arguments(p)
     args = finish_args(p.parse_args(argv))
+    if hasattr(module, "check_args"):               # the figure's own options, before anything loads
+        module.check_args(args)
     if ctx is None:
         ctx = Context(args)
     else:  # shared by `all`: same model and runs, this figure's options
@@ -418,8 +430,6 @@ def run_figure(module, argv: Sequence[str] | None = None, ctx: Context | None = 
 
 def script_main(module) -> int:
     """`python -m experiments.figures.<script>`: run_figure with one-line errors (exit 2)."""
-    from ldm import cli
-
     def main(argv: list[str] | None) -> int:
         run_figure(module, argv)
         return 0

@@ -52,6 +52,11 @@ def judge_colours(images) -> dict | None:
     return {name: int((colours == i).sum()) for i, name in enumerate(world.COLOUR_NAMES)}
 
 
+def check_args(args) -> None:
+    if args.word is not None and not args.word.strip():
+        raise C.FigureError(f"--word {args.word!r} must be a word, e.g. --word doctor")
+
+
 def plain_word(ctx: C.Context, concept: str | None) -> str:
     if ctx.args.word:
         return ctx.args.word

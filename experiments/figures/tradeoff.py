@@ -63,6 +63,13 @@ def add_arguments(p) -> None:
     a("--save-samples", action="store_true", help="keep one PNG grid per variant and prompt")
 
 
+def check_args(args) -> None:
+    pick(args.variants, variants(args.steps or 1))
+    results = Path(args.results)
+    if args.results != "none" and not results.parent.is_dir():
+        raise C.FigureError(f"--results {args.results}: folder {results.parent} does not exist ('none' to skip)")
+
+
 def captions(ctx: C.Context, concept: str) -> tuple[str, str]:
     a = ctx.args
     short, long = CAPTIONS.get(concept, (concept.replace("-", " ").replace("_", " "), None))
