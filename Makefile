@@ -50,7 +50,7 @@ sample: $(STAMP)
 train: $(STAMP)
 	@test -n "$(CONCEPT)" || { echo 'error: give CONCEPT=cat (a folder under experiments/concepts/ or a path)' >&2; exit 2; }
 	$(PYTHON) -m inversion.train --concept "$(CONCEPT)" $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) \
-		$(call opt,--steps,$(STEPS)) $(call opt,--batch,$(BATCH)) $(call opt,--accum,$(ACCUM)) $(call opt,--lr,$(LR)) \
+		$(call opt,--steps,$(STEPS)) $(call opt,--max-steps,$(MAX_STEPS)) $(call opt,--batch,$(BATCH)) $(call opt,--accum,$(ACCUM)) $(call opt,--lr,$(LR)) \
 		$(call opt,--init,$(INIT)) $(call opt,--token,$(TOKEN)) $(call opt,--vectors,$(VECTORS)) \
 		$(call opt,--size,$(SIZE)) $(call opt,--seed,$(SEED)) $(call opt,--out,$(OUT)) \
 		$(call opt,--save-every,$(SAVE_EVERY)) $(call opt,--precision,$(PRECISION)) \

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from inversion import data as D
 from inversion import embedding as E
+from inversion import stopping
 from inversion.embedding import InversionError, LearnedWords, atomic_write, save_embedding_files, save_torch
 from inversion.templates import MIXING_PROB, TemplateError, dual_templates, load_templates, max_vectors
 from ldm import cli
@@ -79,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--concept", help="folder under experiments/concepts/ or a path (CONCEPT=)")
     a("--model", default=None, help="sd15 | sd21 | sd21-v | shapes | tiny (MODEL=, default sd15)")
     a("--ckpt", default=None, help="checkpoint file or diffusers folder, overrides --model (CKPT=)")
-    a("--steps", type=int, default=None, help=f"optimiser steps (STEPS=, default {STEPS})")
+    a("--steps", default=None, help=f"optimiser steps, or 'auto' to stop by itself (STEPS=, default {STEPS})")
+    a("--max-steps", type=int, default=STEPS, help=f"cap of a STEPS=auto run (MAX_STEPS=, default {STEPS})")
+    a("--stop-every", type=int, default=stopping.EVERY,
+      help=f"STEPS=auto: evaluate the fixed-batch objective every N steps (default {stopping.EVERY})")
+    a("--stop-window", type=int, default=stopping.WINDOW,
+      help=f"STEPS=auto: evaluations in the recent window (default {stopping.WINDOW})")
+    a("--stop-threshold", type=float, default=stopping.THRESHOLD,
+      help=f"STEPS=auto: stop when recent/overall variance < this (default {stopping.THRESHOLD})")
     a("--batch", type=int, default=None, help="images per step per process (BATCH=; SD 2, LDM 4)")
     a("--accum", type=int, default=1, help="gradient accumulation micro-batches (ACCUM=)")
     a("--lr", type=float, default=BASE_LR, help=f"base learning rate (LR=, default {BASE_LR})")
@@ -120,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-RESUMABLE_OVERRIDES = ("steps", "save_every", "val_every", "device", "no_progress", "max_bad_steps",
+RESUMABLE_OVERRIDES = ("steps", "max_steps", "save_every", "val_every", "device", "no_progress", "max_bad_steps",
                        "deterministic")
 
 
@@ -142,10 +150,12 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
         args.resume, args.out = str(run), str(run)
     if not args.concept:
         raise InversionError("give CONCEPT= (a folder under experiments/concepts/ or a path)")
-    if args.steps is None:
-        args.steps = STEPS
+    parse_steps(args)
     init_words = [w.strip() for w in args.init_words.split(",")] if args.init_words else None
     cli.check([
+        cli.at_least("--max-steps", args.max_steps), cli.at_least("--stop-every", args.stop_every),
+        cli.at_least("--stop-window", args.stop_window, 2),
+        (0 < args.stop_threshold < 1, f"--stop-threshold {args.stop_threshold} must be between 0 and 1"),
         cli.at_least("STEPS", args.steps), cli.at_least("ACCUM", args.accum), cli.at_least("BATCH", args.batch),
         cli.at_least("VECTORS", args.vectors),
         (args.lr > 0 and math.isfinite(args.lr), f"LR={args.lr} must be a positive number"),
@@ -178,6 +188,22 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
     if args.val_every is None:
         args.val_every = args.save_every
     return args
+
+
+def parse_steps(args: argparse.Namespace) -> None:
+    """STEPS: a whole number (exactly that many steps), 'auto' (stop by itself, at most MAX_STEPS), or unset."""
+    value = args.steps
+    if value is None:
+        args.auto, args.steps = getattr(args, "auto", False), STEPS
+    elif isinstance(value, str) and value.strip().lower() == "auto":
+        args.auto = True
+    elif isinstance(value, str):
+        try:
+            args.auto, args.steps = False, int(value)
+        except ValueError:
+            raise InversionError(f"STEPS={value!r} must be a whole number or auto") from None
+    if getattr(args, "auto", False):
+        args.steps = args.max_steps
 
 
 def check_context(tokenizer, args: argparse.Namespace, templates: tuple[str, ...], duals: tuple[str, ...]) -> None:
@@ -479,6 +505,26 @@ def prepare_out(args: argparse.Namespace, concept: Path) -> Path:
     return out
 
 
+def fixed_latents(model, images: D.ConceptImages, cache: D.LatentCache | None) -> torch.Tensor:
+    """Every concept image, unflipped, at its posterior mean (scaled): the latents of the fixed batch."""
+    if cache is not None:
+        return cache.mean[:, 0].float() * cache.scale
+    with torch.no_grad():
+        post = model.posterior(images.batch(list(range(len(images))), [False] * len(images)))
+    return post.mean.float().cpu() * model.config.scale_factor
+
+
+def record_stop(out: Path, args: argparse.Namespace, rule: stopping.StopRule, reason: str | None, step: int) -> None:
+    """stop.json: where and why a STEPS=auto run ended, with the objective's history."""
+    args.auto_stopped_at = step
+    args.stop_reason = reason or f"reached --max-steps {args.max_steps} before the objective settled"
+    info = {"stopped_at": step, "reason": args.stop_reason, "max_steps": args.max_steps,
+            "rule": {"every": args.stop_every, "window": rule.window, "threshold": rule.threshold},
+            "objective": [{"step": s, "value": v} for s, v in rule.history]}
+    atomic_write(out / "stop.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
+    log.info("STEPS=auto stopped at step %d: %s", step, args.stop_reason)
+
+
 def checkpoint_identity(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """(short hash, name) of the base checkpoint for the A1111 file."""
     try:
@@ -569,6 +615,11 @@ def train(args: argparse.Namespace, model=None) -> Path:
             cache = D.LatentCache(model, images, cache_dir)
         latent_shape = cache.latent_shape
     batches = Batches(model, words, images, cache, templates, duals, args, latent_shape, device)
+    objective, rule, stop_reason = None, None, None
+    if args.auto:
+        objective = stopping.DeterministicObjective(loss_fn, batches, fixed_latents(model, images, cache),
+                                                    args.seed, batch=max(args.batch, 1))
+        rule = stopping.StopRule(args.stop_window, args.stop_threshold)
 
     start, skipped_total, bad_in_row = 0, 0, 0
     state_path = out / "state.pt"
@@ -587,6 +638,8 @@ def train(args: argparse.Namespace, model=None) -> Path:
         scaler.load_state_dict(st["scaler"])
         start, skipped_total, bad_in_row = st["step"], st["skipped"], st["bad_in_row"]
         set_rng_state(st["rng"])
+        if rule is not None and "stop_rule" in st:
+            rule.load_state_dict(st["stop_rule"])
         if start >= args.steps:
             log.info("run %s already has %d steps (STEPS=%d)", out, start, args.steps)
     rows = read_loss_csv(out / "loss.csv", start) if args.resume and start else []
@@ -609,7 +662,23 @@ def train(args: argparse.Namespace, model=None) -> Path:
         save_embedding_files(out, words, step, ckpt_hash, ckpt_name)
         save_torch({"vectors": words.vectors.detach().cpu().clone(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "skipped": skipped_total,
-                    "bad_in_row": bad_in_row, "rng": rng_state(), "token_ids": words.tokens}, state_path)
+                    "bad_in_row": bad_in_row, "rng": rng_state(), "token_ids": words.tokens,
+                    **({"stop_rule": rule.state_dict()} if rule is not None else {})}, state_path)
+
+    def settled(step: int, active: int) -> str | None:
+        """STEPS=auto: evaluate the fixed-batch objective at multiples of --stop-every; the reason to stop."""
+        if rule is None or step % args.stop_every or (rule.history and rule.history[-1][0] >= step):
+            return None
+        with autocast:
+            value = objective(active)
+        reason = rule.update(step, value)
+        log.debug("fixed-batch objective at step %d: %.6f", step, value)
+        if d.world > 1:   # rank 0 decides for all, so every rank stops at the same step
+            flag = torch.tensor(float(reason is not None and d.main),
+                                device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            reason = reason or ("rank 0's stop rule" if bool(flag.item()) else None)
+        return reason
 
     loss_log = None
     if d.main:
@@ -621,6 +690,8 @@ def train(args: argparse.Namespace, model=None) -> Path:
     per_step = args.batch * d.world * args.accum
     with GracefulStop(d) as stop:
         try:
+            if start == 0:
+                settled(0, words.num_vectors if not args.progressive else 1)
             for step in range(start, args.steps):
                 active = words.num_vectors if not args.progressive else min(words.num_vectors,
                                                                            1 + step // args.progressive)
@@ -660,10 +731,12 @@ def train(args: argparse.Namespace, model=None) -> Path:
                     raise InversionError(f"{bad_in_row} steps in a row gave NaN/inf loss or gradients (last at step "
                                          f"{done}; the vectors from before them are saved in {out}); lower LR, use "
                                          "PRECISION=bf16 or fp32, or check the checkpoint")
-                saved = done % args.save_every == 0 or done == args.steps
+                stop_reason = settled(done, active)
+                last = done == args.steps or stop_reason is not None
+                saved = done % args.save_every == 0 or last
                 if saved:
                     save(done)
-                    if d.main and args.val_every and (done % args.val_every == 0 or done == args.steps):
+                    if d.main and args.val_every and (done % args.val_every == 0 or last):
                         path = validation_grid(model, words, args, args.size, done, out)
                         log.debug("validation grid %s", path)
                     barrier(d)
@@ -674,6 +747,8 @@ def train(args: argparse.Namespace, model=None) -> Path:
                     log.warning("interrupted at step %d of %d: saved %s; continue with RESUME=%s", done, args.steps,
                                 out / "learned_embeds.safetensors", out)
                     break
+                if stop_reason is not None:
+                    break
         finally:
             bar.close()
             if loss_log is not None:
@@ -681,6 +756,8 @@ def train(args: argparse.Namespace, model=None) -> Path:
     if d.main:
         if start >= args.steps:
             save(start)
+        if rule is not None and not getattr(args, "stopped_at", None):
+            record_stop(out, args, rule, stop_reason, rule.history[-1][0] if stop_reason else args.steps)
         if rows:
             plot_loss(rows, out / "loss.png", f"{token}: {args.steps} steps, batch {args.batch}×{args.accum}×{d.world}")
         if skipped_total:
@@ -700,8 +777,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped by Ctrl-C at step {args.stopped_at} of {args.steps}{last}; saved "
                   f"{out / 'learned_embeds.safetensors'}; continue with RESUME={out}")
         else:
+            when = (f" (STEPS=auto stopped at step {args.auto_stopped_at}: {args.stop_reason})"
+                    if getattr(args, "auto_stopped_at", None) else "")
             print(f"learned {args.token} in {time.time() - started:.0f} s{last}: "
-                  f"{out / 'learned_embeds.safetensors'}")
+                  f"{out / 'learned_embeds.safetensors'}{when}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
