@@ -253,7 +253,7 @@ def bench_sampling(s: Setup, size: int, device: torch.device, dtype: torch.dtype
 # --- (b) textual-inversion training step -------------------------------------------------------------------
 
 class OnewordTrainer:
-    """inversion.train's step: the same InversionLoss, Batches, LearnedWords, AdamW and GradScaler calls."""
+    """inversion.train's own `train_step` on its InversionLoss, Batches, LearnedWords, AdamW and GradScaler."""
 
     def __init__(self, s: Setup, device: torch.device) -> None:
         from inversion.embedding import LearnedWords
@@ -264,6 +264,7 @@ class OnewordTrainer:
 
     def configure(self, size: int, batch: int, device: torch.device, precision: str) -> None:
         from inversion import data as D
+        from inversion.config import TrainConfig
         from inversion.templates import dual_templates, load_templates
         from inversion.train import Batches, InversionLoss
 
@@ -277,29 +278,23 @@ class OnewordTrainer:
         self.words.to(device)
         images = D.ConceptImages(CONCEPT, size)
         cache = D.LatentCache(m, images, None)  # in memory: filled once before training, as train() does
-        args = argparse.Namespace(seed=SEED, repeats=100, flip_p=0.5)
+        self.config = TrainConfig(concept=str(CONCEPT), seed=SEED, batch=batch, precision=precision)
         self.batches = Batches(m, self.words, images, cache, load_templates("object"), dual_templates("object"),
-                               args, cache.latent_shape, device)
+                               self.config, cache.latent_shape, device)
         self.optimizer = torch.optim.AdamW([self.words.vectors], lr=BASE_LR * batch, weight_decay=1e-2)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.loss_fn = InversionLoss(m, self.words)
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-        self.batch, self.k, self.device = batch, 0, device
+        self.k = 0
 
     def step(self) -> float:
-        ks = list(range(self.k, self.k + self.batch))
-        self.k += self.batch
-        inputs = self.batches(ks, 1)
-        with self.autocast:
-            loss, mse = self.loss_fn(*inputs)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        grad = self.words.vectors.grad
-        if grad is not None and bool(torch.isfinite(grad).all()) and bool(torch.isfinite(mse)):
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(mse)
+        from inversion.distributed import Dist
+        from inversion.train import train_step
+
+        value, _ = train_step(self.loss_fn, self.batches, self.optimizer, self.scaler, self.config, Dist(), self.k,
+                              1, self.autocast)
+        self.k += 1
+        return value
 
 
 class DiffusersTrainer:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from inversion import data as D
 from inversion.embedding import InversionError, atomic_write, load_embedding_file
+from inversion.rundir import RunDir
 from ldm import cli
 
 log = logging.getLogger("inversion.evaluate")
@@ -224,31 +225,6 @@ class CLIPScorer:
 
 # --- a training run -----------------------------------------------------------------------------------------
 
-EMBEDDING_FILES = ("embeddings.pt", "learned_embeds.safetensors")
-
-
-def run_info(run: Path) -> dict:
-    """The trainer's args.json options of a run directory ({} when absent)."""
-    path = run / "args.json"
-    if not path.is_file():
-        return {}
-    try:
-        return dict(json.loads(path.read_text()).get("options", {}))
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise InversionError(f"{path} is not the trainer's args.json ({e})") from None
-
-
-def find_embedding(run: Path) -> Path:
-    """The run's learned-word file: the official embeddings.pt (all words), else the diffusers file."""
-    if not run.is_dir():
-        raise InversionError(f"RUN={run}: no such run directory")
-    for name in EMBEDDING_FILES:
-        if (run / name).is_file():
-            return run / name
-    raise InversionError(f"RUN={run} holds no learned embedding ({' or '.join(EMBEDDING_FILES)}); "
-                         f"train one first with `make train CONCEPT=… OUT={run}`")
-
-
 @torch.no_grad()
 def generate(model, prompt: str, n: int = N_SAMPLES, steps: int = STEPS, scale: float = GUIDANCE,
              eta: float = ETA, size: int = 256, seed: int = SEED, batch: int = BATCH,
@@ -378,8 +354,8 @@ def main(argv: list[str] | None = None, scorer: CLIPScorer | None = None, model=
     args = build_parser().parse_args(argv)
     _check(args)
     run = Path(args.run)
-    info = run_info(run) if run.is_dir() else {}
-    emb_path = Path(args.embedding) if args.embedding else find_embedding(run)
+    info = RunDir(run).options() if run.is_dir() else {}
+    emb_path = Path(args.embedding) if args.embedding else RunDir(run).embedding_file()
     words = load_embedding_file(emb_path)
     token = _pick_words(words, args.token or info.get("token"), emb_path)
     if token not in words:  # a one-word file saved under another name

@@ -6,6 +6,7 @@ from Ho & Salimans 2022.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -73,6 +74,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] → PIL RGB images."""
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return [Image.fromarray(a) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None, background: str = "white") -> Image.Image:
+    """Images of one size in rows of `cols` (default: the most square layout), on a plain background."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), background)
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
 
 
 def from_pil(images: Sequence[Image.Image]) -> torch.Tensor:

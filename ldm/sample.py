@@ -83,18 +83,18 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
     return path
 
 
-def model_hash(args: argparse.Namespace) -> tuple[str, str]:
+def model_hash(model: str | None, ckpt: str | None) -> tuple[str, str]:
     """(AUTOMATIC1111-style short sha256, model name) of the checkpoint used."""
-    model = args.model or "sd15"
-    if args.ckpt is None and model == "tiny":
+    model = model or "sd15"
+    if ckpt is None and model == "tiny":
         return "tiny", "tiny"
-    if args.ckpt is None and model != "shapes":
+    if ckpt is None and model != "shapes":
         from weights.download import manifest
 
         entry = manifest()[model]
         if entry["sha256"]:
             return entry["sha256"][:10], Path(entry["file"]).stem
-    path = Path(args.ckpt) if args.ckpt else cli.model_path(model)
+    path = Path(ckpt) if ckpt else cli.model_path(model)
     if path.is_dir():
         return "", path.name
     h = hashlib.sha256()
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = cfg.guidance if args.scale is None else args.scale
     height, width = args.H or cfg.image_size, args.W or cfg.image_size
     check_size(model, height, width)
-    mhash, mname = model_hash(args)
+    mhash, mname = model_hash(args.model, args.ckpt)
     total = args.best_of or args.n                     # BEST_OF candidates, KEEP of them saved
     batch = args.batch_size or total
     start = next_index(out)

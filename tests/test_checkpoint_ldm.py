@@ -68,7 +68,7 @@ def test_inversion_learns_a_wide_word_on_the_ldm_family(tmp_path, vocab):
     from helpers import train_argv
     from safetensors.torch import load_file
 
-    from inversion.train import resolve_args, train
+    from inversion.train import TrainConfig, train
 
     cfg = small_ldm()
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def test_inversion_learns_a_wide_word_on_the_ldm_family(tmp_path, vocab):
     table = model.text_encoder.token_embedding.weight.clone()
     argv = train_argv(tmp_path, "--token", "<cat>", "--init", "cat", steps=2, save_every=2)
     argv[argv.index("--model") + 1] = "tiny"  # ignored: the model is passed in
-    run = train(resolve_args(argv), model=model)
+    run = train(TrainConfig.from_argv(argv), model=model)
     learned = load_file(run / "learned_embeds.safetensors")["<cat>"]
     assert learned.shape == (1, 64)
     assert not torch.equal(learned[0], table[WORDS.index("cat") + 5])  # moved away from its init word

@@ -89,11 +89,12 @@ def test_variants_are_trainer_flags_of_the_paper():
     assert keys[:3] == ["one-word", "caption-short", "caption-long"]
     assert {"two-words", "three-words", "progressive", "regularised", "per-image"} <= set(keys)
     assert sum(k.startswith("lr-") for k in keys) == 2
-    flags = {v.key: v.flags for v in vs}
-    assert flags["progressive"] == ("--vectors", "3", "--progressive", "2033")
-    from inversion.train import build_parser
-    for v in vs:  # every variant is a valid trainer command line
-        build_parser().parse_args(["--concept", "cat", *v.flags])
+    changes = {v.key: v.changes for v in vs}
+    assert changes["progressive"] == {"vectors": 3, "progressive": 2033}
+    assert {v.key: v.flags for v in vs}["progressive"] == ["--vectors", "3", "--progressive", "2033"]
+    from inversion.config import TrainConfig
+    for v in vs:  # every variant is a trainer command line that gives exactly its config
+        assert TrainConfig.from_argv(["--concept", "cat", *v.flags]) == TrainConfig(concept="cat", **v.changes)
 
 
 def test_plot_has_one_point_per_variant(tmp_path):

@@ -18,6 +18,7 @@ from helpers import ROOT, subprocess_env, train_argv
 from PIL import Image
 
 from inversion import train as T
+from inversion.config import TrainConfig
 from inversion.embedding import load_embedding_file
 
 PY = sys.executable
@@ -70,7 +71,7 @@ for line in sys.stdin:                      # one training process per line, for
     if pid == 0:
         code = 0
         try:
-            T.train(T.resolve_args(argv))
+            T.train(T.TrainConfig.from_argv(argv))
         except BaseException:
             traceback.print_exc()
             code = 1
@@ -127,7 +128,8 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tmp
           "mid-save")
     assert sum(s > 0 for s in steps_seen) >= 10, "most kills should land after the first save"
     assert _loss_steps(run) == list(range(1, final + 1))         # no gap, no duplicate after 20 resumes
-    ref = T.train(T.resolve_args(train_argv(tmp_path, "--steps", str(final), "--save-every", str(final), out="ref")))
+    ref_argv = train_argv(tmp_path, "--steps", str(final), "--save-every", str(final), out="ref")
+    ref = T.train(TrainConfig.from_argv(ref_argv))
     assert (run / "loss.csv").read_text() == (ref / "loss.csv").read_text()
     for name in MAIN_FILES:
         assert torch.equal(load_embedding_file(run / name)["<cat>"], load_embedding_file(ref / name)["<cat>"])
@@ -138,7 +140,7 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tmp
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_file(tmp_path, capsys, monkeypatch, victim):
     """RLIMIT_FSIZE makes the kernel refuse writes past a size (EFBIG), as a full disk refuses them (ENOSPC)."""
     monkeypatch.setenv("ONEWORD_LOG", "WARNING")
-    out = T.train(T.resolve_args(train_argv(tmp_path, "--steps", "2", "--save-every", "2")))
+    out = T.train(TrainConfig.from_argv(train_argv(tmp_path, "--steps", "2", "--save-every", "2")))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     sizes = {p.name: len(b) for p, b in before.items()}
     small = max(sizes["args.json"], sizes["loss.csv"]) + 512
@@ -165,7 +167,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_file(tmp_pat
         load_embedding_file(out / name)
     assert T.load_state(out / "state.pt")["step"] == 2
     assert not [p for p in out.rglob(".*.tmp")], "no temp file is left behind"
-    resumed = T.train(T.resolve_args(["--resume", str(out), "--steps", "4", "--no-progress"]))
+    resumed = T.train(TrainConfig.from_argv(["--resume", str(out), "--steps", "4", "--no-progress"]))
     assert T.load_state(resumed / "state.pt")["step"] == 4 and _loss_steps(resumed) == [1, 2, 3, 4]
 
 
@@ -188,7 +190,7 @@ def test_ctrl_c_during_training_saves_and_exits_0(tmp_path):
     assert _loss_steps(run) == list(range(1, step + 1))
     for name in MAIN_FILES:
         assert torch.equal(load_embedding_file(run / name)["<cat>"], state["vectors"])
-    T.train(T.resolve_args(["--resume", str(run), "--steps", str(step + 2), "--no-progress"]))
+    T.train(TrainConfig.from_argv(["--resume", str(run), "--steps", str(step + 2), "--no-progress"]))
     assert T.load_state(run / "state.pt")["step"] == step + 2 and _loss_steps(run) == list(range(1, step + 3))
 
 

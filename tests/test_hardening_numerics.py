@@ -10,6 +10,7 @@ from helpers import train_argv
 
 import ldm
 from inversion import train as T
+from inversion.config import TrainConfig
 from inversion.embedding import InversionError, load_embedding_file
 from ldm import attention, determinism
 
@@ -58,7 +59,7 @@ def _vectors(run, step):
 
 
 def test_nan_steps_are_skipped_counted_and_leave_the_vectors_alone(tmp_path, caplog):
-    out = T.train(T.resolve_args(_args(tmp_path)), model=_nan_model({2, 3}))
+    out = T.train(TrainConfig.from_argv(_args(tmp_path)), model=_nan_model({2, 3}))
     rows = T.read_loss_csv(out / "loss.csv", 6)
     assert [r[3] for r in rows] == [0, 1, 2, 2, 2, 2]             # the `skipped` column counts them
     assert torch.equal(_vectors(out, 1), _vectors(out, 3)) and not torch.equal(_vectors(out, 3), _vectors(out, 4))
@@ -98,10 +99,10 @@ def test_deterministic_mode_sets_its_switches_and_reruns_are_bit_identical(tmp_p
     assert set(determinism.GUARANTEES) == {"cpu", "cuda", "mps"}
     doc = determinism.__doc__
     assert all(f"\n  {d} " in doc for d in ("cpu", "cuda", "mps"))   # the promise is written down per device
-    a = T.train(T.resolve_args(_args(tmp_path, "--deterministic", "--steps", "3", out="a")))
+    a = T.train(TrainConfig.from_argv(_args(tmp_path, "--deterministic", "--steps", "3", out="a")))
     assert torch.are_deterministic_algorithms_enabled() and attention.current_backend() == "math"
     assert os.environ["ONEWORD_KERNELS"] == "math" and not torch.backends.cudnn.benchmark
-    b = T.train(T.resolve_args(_args(tmp_path, "--deterministic", "--steps", "3", out="b")))
+    b = T.train(TrainConfig.from_argv(_args(tmp_path, "--deterministic", "--steps", "3", out="b")))
     assert (a / "loss.csv").read_text() == (b / "loss.csv").read_text()
     assert torch.equal(load_embedding_file(a / "learned_embeds.safetensors")["<cat>"],
                        load_embedding_file(b / "learned_embeds.safetensors")["<cat>"])
@@ -125,7 +126,7 @@ def test_cuda_fp16_guard_and_deterministic_reruns(tmp_path, restore_determinism)
     runs = []
     for out in ("a", "b"):
         model = _nan_model({2}).to("cuda")
-        runs.append(T.train(T.resolve_args(_args(tmp_path, "--device", "cuda", "--precision", "fp16",
+        runs.append(T.train(TrainConfig.from_argv(_args(tmp_path, "--device", "cuda", "--precision", "fp16",
                                                  "--deterministic", "--steps", "4", out=out)), model=model))
     a, b = runs
     state = T.load_state(a / "state.pt")
@@ -134,5 +135,5 @@ def test_cuda_fp16_guard_and_deterministic_reruns(tmp_path, restore_determinism)
     assert torch.equal(load_embedding_file(a / "learned_embeds.safetensors")["<cat>"],
                        load_embedding_file(b / "learned_embeds.safetensors")["<cat>"])
     with pytest.raises(InversionError, match="steps in a row gave NaN/inf"):
-        T.train(T.resolve_args(_args(tmp_path, "--device", "cuda", "--precision", "fp16", "--max-bad-steps", "2",
+        T.train(TrainConfig.from_argv(_args(tmp_path, "--device", "cuda", "--precision", "fp16", "--max-bad-steps", "2",
                                      out="c")), model=_nan_model(None).to("cuda"))

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import ldm
 from inversion import train as T
+from inversion.config import TrainConfig
 from inversion.embedding import InversionError, LearnedWords, file_stem, load_embedding_file, save_embedding_files
 from ldm.checkpoint import CheckpointError
 from ldm.tokenizer import Tokenizer
@@ -49,7 +50,7 @@ def run(tmp_path_factory) -> Path:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return T.train(T.resolve_args(_args(tmp)))
+        return T.train(TrainConfig.from_argv(_args(tmp)))
     finally:
         torch.set_num_threads(n)
 
@@ -204,9 +205,9 @@ def test_training_with_a_traversal_token_and_a_dotdot_concept_stays_inside(tmp_p
     argv = ["--concept", concept, "--model", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
             "--val-every", "1", "--val-n", "1", "--val-steps", "1", "--init", "cat", "--per-image-tokens",
             "--latent-cache", "", "--no-progress"]
-    out = T.train(T.resolve_args(argv))                       # default OUT and default token <..>
+    out = T.train(TrainConfig.from_argv(argv))                       # default OUT and default token <..>
     assert out.resolve().parent == (tmp_path / "runs").resolve()
-    out2 = T.train(T.resolve_args([*argv, "--token", "../../../evil", "--out", str(tmp_path / "o2")]))
+    out2 = T.train(TrainConfig.from_argv([*argv, "--token", "../../../evil", "--out", str(tmp_path / "o2")]))
     written = {p for p in tmp_path.rglob("*") if p.is_file()}
     allowed = (out.resolve(), out2.resolve(), (tmp_path / "c").resolve())
     assert all(any(p.resolve().is_relative_to(a) for a in allowed) for p in written), written

@@ -19,6 +19,8 @@ from experiments.figures import FIGURES, figure_module
 from experiments.figures import _common as C
 from inversion import evaluate as E
 from inversion import train as T
+from inversion.config import TrainConfig
+from inversion.config import build_parser as train_parser
 from inversion.templates import dual_templates, load_templates, max_vectors
 from ldm import cli
 from ldm import sample as S
@@ -206,7 +208,7 @@ ROWS = ([("train", *r) for r in TRAIN] + [("sample", *r) for r in SAMPLE] + [("e
 
 def parser_options(command: str) -> set[str]:
     if command == "train":
-        p = T.build_parser()
+        p = train_parser()
     elif command == "sample":
         p = S.build_parser()
     elif command == "eval":
@@ -302,20 +304,21 @@ def test_the_largest_vectors_that_fits_trains_and_one_more_does_not(tmp_path):
     longest = max(load_templates("object") + tuple(dual_templates("object")),
                   key=lambda t: len(tok.encode(t.replace("{}", " "))) + (t.count("{}") == 2))
     assert len(tok.encode(longest.replace("{}", " "))) + fits + 2 + (longest.count("{}") == 2) <= 77
-    out = T.train(T.resolve_args(train_argv(tmp_path, "--vectors", str(fits), "--per-image-tokens", "--steps", "1",
-                                            "--save-every", "1")))
+    argv = train_argv(tmp_path, "--vectors", str(fits), "--per-image-tokens", "--steps", "1", "--save-every", "1")
+    out = T.train(TrainConfig.from_argv(argv))
     assert (out / "learned_embeds.safetensors").is_file()
     with pytest.raises(T.InversionError, match=f"largest VECTORS that fits is {fits}"):
-        T.train(T.resolve_args(train_argv(tmp_path, "--vectors", str(fits + 1), "--per-image-tokens", out="more")))
+        T.train(TrainConfig.from_argv(train_argv(tmp_path, "--vectors", str(fits + 1), "--per-image-tokens",
+                                                 out="more")))
 
 
 def test_max_bad_steps_1_stops_only_on_a_real_nan(tmp_path, monkeypatch):
     """The smallest allowed value trains normally; the reported `-1` is refused above."""
-    out = T.train(T.resolve_args(train_argv(tmp_path, "--max-bad-steps", "1")))
+    out = T.train(TrainConfig.from_argv(train_argv(tmp_path, "--max-bad-steps", "1")))
     rows = T.read_loss_csv(out / "loss.csv", 99)
     assert len(rows) == 3 and all(math.isfinite(r[1]) and r[3] == 0 for r in rows)
 
 
 def test_too_many_progressive_steps_warn_that_vectors_never_train(tmp_path, caplog):
-    T.resolve_args(train_argv(tmp_path, "--vectors", "3", "--progressive", "2"))
+    T.train(TrainConfig.from_argv(train_argv(tmp_path, "--vectors", "3", "--progressive", "2")))
     assert "the last vectors never train" in caplog.text

@@ -215,18 +215,16 @@ def test_inversion_lifts_the_held_out_shape_and_stays_editable(tmp_path, one_thr
 def test_inversion_variants_run_on_the_shipped_model(tmp_path, one_thread, extra):
     import ldm
     from experiments.shapes import demo
-    from inversion import train as trainer
+    from inversion.config import TrainConfig
     from inversion.embedding import load_embedding_file
+    from inversion.train import train
 
-    argv = ["--concept", str(demo.CONCEPT_DIR), "--ckpt", str(MODEL), "--init", "shape", "--token", "S*",
-            "--steps", "4", "--batch", "2", "--vectors", str(extra.get("vectors", 1)),
-            "--reg-weight", str(extra.get("reg_weight", 0.0)), "--out", str(tmp_path), "--overwrite",
-            "--save-every", "4", "--val-every", "0", "--latent-cache", "", "--device", "cpu", "--no-progress"]
-    if "progressive" in extra:
-        argv += ["--progressive", str(extra["progressive"])]
+    config = TrainConfig(concept=str(demo.CONCEPT_DIR), ckpt=str(MODEL), init="shape", token="S*", steps=4, batch=2,
+                         out=str(tmp_path), overwrite=True, save_every=4, val_every=0, latent_cache="", device="cpu",
+                         no_progress=True, **extra)
     model = ldm.load_model(MODEL)
     start = model.text_encoder.token_embedding.weight[model.tokenizer.token_id("shape")].clone()
-    trainer.train(trainer.resolve_args(argv), model=model)
+    train(config, model=model)
     vecs = load_embedding_file(tmp_path / "learned_embeds.safetensors", token="S*")["S*"]
     assert vecs.shape == (extra.get("vectors", 1), 64)
     assert torch.isfinite(vecs).all() and not torch.allclose(vecs[0], start)

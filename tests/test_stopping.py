@@ -8,6 +8,7 @@ import torch
 
 from inversion import stopping
 from inversion import train as T
+from inversion.config import TrainConfig
 from inversion.embedding import load_embedding_file
 from tests.helpers import train_argv
 
@@ -40,7 +41,7 @@ def test_the_rule_state_round_trips():
 @pytest.fixture(scope="module")
 def auto_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auto")
-    out = T.train(T.resolve_args(train_argv(tmp, *AUTO, "--max-steps", "200", "--save-every", "1000")))
+    out = T.train(TrainConfig.from_argv(train_argv(tmp, *AUTO, "--max-steps", "200", "--save-every", "1000")))
     return tmp, out, json.loads((out / "stop.json").read_text())
 
 
@@ -56,7 +57,7 @@ def test_an_auto_run_stops_by_itself_and_records_why(auto_run):
 def test_the_objective_touches_no_randomness_of_the_run(auto_run):
     """An auto run stopped at S holds exactly the vectors of a STEPS=S run: same batches, same updates."""
     tmp, out, info = auto_run
-    fixed = T.train(T.resolve_args(train_argv(tmp, "--lr", "5e-2", "--steps", str(info["stopped_at"]),
+    fixed = T.train(TrainConfig.from_argv(train_argv(tmp, "--lr", "5e-2", "--steps", str(info["stopped_at"]),
                                               "--save-every", "1000", out="fixed")))
     a = load_embedding_file(out / "learned_embeds.safetensors")["<cat>"]
     b = load_embedding_file(fixed / "learned_embeds.safetensors")["<cat>"]
@@ -68,10 +69,10 @@ def test_resume_continues_the_rule_where_it_was(auto_run):
     """Cut at the cap, then RESUME with a higher cap: the same stop step, history and vectors as one run."""
     tmp, out, info = auto_run
     cut_at = (info["stopped_at"] // 10) * 5
-    first = T.train(T.resolve_args(train_argv(tmp, *AUTO, "--max-steps", str(cut_at), "--save-every", "1000",
+    first = T.train(TrainConfig.from_argv(train_argv(tmp, *AUTO, "--max-steps", str(cut_at), "--save-every", "1000",
                                               out="cut")))
     assert json.loads((first / "stop.json").read_text())["reason"].startswith("reached --max-steps")
-    resumed = T.train(T.resolve_args(["--resume", str(first), "--max-steps", "200", "--no-progress"]))
+    resumed = T.train(TrainConfig.from_argv(["--resume", str(first), "--max-steps", "200", "--no-progress"]))
     again = json.loads((resumed / "stop.json").read_text())
     assert again["stopped_at"] == info["stopped_at"] and again["objective"] == info["objective"]
     a = load_embedding_file(out / "learned_embeds.safetensors")["<cat>"]

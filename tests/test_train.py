@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import ldm
 from inversion import train as T
+from inversion.config import TrainConfig
 from inversion.embedding import InversionError, LearnedWords, load_embedding_file
 
 PY = sys.executable
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _run(tmp_path, *extra: str, model=None, out: str = "run") -> Path:
-    return T.train(T.resolve_args(train_argv(tmp_path, *extra, out=out)), model=model)
+    return T.train(TrainConfig.from_argv(train_argv(tmp_path, *extra, out=out)), model=model)
 
 
 def test_only_the_new_vectors_change(tmp_path):
@@ -214,7 +215,7 @@ def slow_replace(src, dst):
         time.sleep(600)                      # killed here: mid-save, temp file written, not yet renamed
     real(src, dst)
 E._replace = slow_replace
-T.train(T.resolve_args(sys.argv[2:]))
+T.train(T.TrainConfig.from_argv(sys.argv[2:]))
 """
 
 
@@ -237,7 +238,7 @@ def test_kill_during_save_keeps_files_and_resume_is_bit_identical(tmp_path):
         assert torch.equal(load_embedding_file(cut / name)["<cat>"], step2), name
     assert torch.load(cut / "state.pt", weights_only=False)["step"] == 2
     assert list(cut.glob(".embeddings.pt.*.tmp")), "the kill should have hit between write and rename"
-    resumed = T.train(T.resolve_args(["--resume", str(cut), "--no-progress"]))
+    resumed = T.train(TrainConfig.from_argv(["--resume", str(cut), "--no-progress"]))
     for name in ("learned_embeds.safetensors", "embeddings.pt", "cat.pt"):
         a, b = load_embedding_file(full / name)["<cat>"], load_embedding_file(resumed / name)["<cat>"]
         assert torch.equal(a, b), name

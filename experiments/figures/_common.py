@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from inversion.config import TrainConfig, as_flags
 from inversion.embedding import InversionError, atomic_write
+from inversion.rundir import RunDir
+from inversion.train import train
 from ldm import cli
 
 log = logging.getLogger("experiments.figures")
@@ -34,7 +37,7 @@ RESULTS = ROOT / "experiments" / "RESULTS.md"
 SMOKE = {"steps": 4, "size": 32, "sample_steps": 4, "n": 2, "batch": 1, "clip_weights": "random"}
 FULL = {"steps": None, "size": None, "sample_steps": None, "n": 4, "batch": None, "clip_weights": None}
 SHAPES = {**FULL, "steps": 300, "batch": 4, "n": 8}   # the shapes demo's recipe (experiments/shapes/demo.py)
-MODEL_TRAIN_FLAGS = {"shapes": ("--init", "shape")}  # the shapes world's generic word as the init word
+MODEL_TRAIN = {"shapes": {"init": "shape"}}  # the shapes world's generic word as the init word
 SHAPES_PREFIX = "shapes-"                         # concepts drawn on demand from experiments/shapes/world.py
 
 
@@ -224,44 +227,33 @@ class Context:
     def model_name(self) -> str:
         return self.args.ckpt or self.args.model or "sd15"
 
-    def train_word(self, concept: str, flags: Sequence[str] = (), tag: str = "word") -> Word:
-        """Train (or reuse an identical finished run of) the concept's word with these trainer flags."""
-        from inversion import train as T
-
+    def train_word(self, concept: str, changes: dict | None = None, tag: str = "word") -> Word:
+        """Train (or reuse an identical finished run of) the concept's word with these TrainConfig changes."""
         folder = resolve_concept(concept, self.out_root)
         a = self.args
-        flags = [*MODEL_TRAIN_FLAGS.get(self.base().config.name, ()), *flags]   # a variant's flags win
-        key = json.dumps({"model": self.model_name(), "concept": str(folder.resolve()), "flags": flags,
+        changes = {**MODEL_TRAIN.get(self.base().config.name, {}), **(changes or {})}   # a variant's win
+        key = json.dumps({"model": self.model_name(), "concept": str(folder.resolve()), "flags": as_flags(changes),
                           "steps": a.steps, "size": self.size, "batch": a.batch, "seed": a.seed})
         run = self.runs_dir / f"{folder.name}-{tag}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         if (run / "embeddings.pt").is_file() and (run / "figure-key.json").is_file() \
                 and (run / "figure-key.json").read_text() == key:
             log.info("reusing %s", run)
             return self.load_run(run)
-        argv = ["--concept", str(folder), "--out", str(run), "--overwrite", "--seed", str(a.seed),
-                "--size", str(self.size), "--val-every", "0", "--latent-cache", "", "--no-progress",
-                "--device", str(self.device)]
-        if a.model:
-            argv += ["--model", a.model]
-        if a.ckpt:
-            argv += ["--ckpt", a.ckpt]
-        if a.steps:
-            argv += ["--steps", str(a.steps), "--save-every", str(a.steps)]
-        if a.batch:
-            argv += ["--batch", str(a.batch)]
-        argv += flags
-        log.info("training %s (%s) → %s", folder.name, " ".join(flags) or "defaults", run)
-        T.train(T.resolve_args(argv), model=self.fresh())
+        steps = {"steps": a.steps, "save_every": a.steps} if a.steps else {}
+        config = TrainConfig(concept=str(folder), model=a.model, ckpt=a.ckpt, out=str(run), overwrite=True,
+                             seed=a.seed, size=self.size, batch=a.batch, val_every=0, latent_cache="",
+                             no_progress=True, device=str(self.device), **steps, **changes)
+        log.info("training %s (%s) → %s", folder.name, " ".join(as_flags(changes)) or "defaults", run)
+        train(config, model=self.fresh())
         atomic_write(run / "figure-key.json", lambda f: f.write(key.encode()))
         return self.load_run(run)
 
     def load_run(self, run: Path) -> Word:
         """A run directory's learned word(s) (all rows of the file, per-image tokens included)."""
         from inversion.embedding import load_embedding_file
-        from inversion.evaluate import find_embedding, run_info
 
-        info = run_info(run)
-        vectors = load_embedding_file(find_embedding(run))
+        info = RunDir(run).options()
+        vectors = load_embedding_file(RunDir(run).embedding_file())
         token = info.get("token") or next(iter(vectors))
         if token not in vectors:
             vectors = {token: next(iter(vectors.values()))}
@@ -274,9 +266,9 @@ class Context:
                 log.warning("run %s: its concept %s is gone", run, concept)
         return Word(token, run, folder, vectors)
 
-    def words(self, default_concepts: Sequence[str], flags: Sequence[str] = (), tag: str = "word",
+    def words(self, default_concepts: Sequence[str], changes: dict | None = None, tag: str = "word",
               count: int | None = None) -> list[Word]:
-        """--run dirs if given, else --concept (or the figure's default concepts) trained with `flags`."""
+        """--run dirs if given, else --concept (or the figure's default concepts) trained with `changes`."""
         a = self.args
         given = split_list(a.run) if a.run else (split_list(a.concept) or list(default_concepts))
         if count is not None and len(given) != count:
@@ -285,7 +277,7 @@ class Context:
                               f"give {what} " + ",".join(f"X{i + 1}" for i in range(count)))
         if a.run:
             return [self.load_run(Path(r)) for r in given]
-        return [self.train_word(c, flags, tag) for c in given]
+        return [self.train_word(c, changes, tag) for c in given]
 
     def model_with(self, words: Sequence[Word]):
         """A fresh model holding these words (tokens must differ)."""

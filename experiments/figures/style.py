@@ -16,14 +16,14 @@ def add_arguments(p) -> None:
 
 def run(ctx: C.Context) -> dict:
     a = ctx.args
-    flags = ["--templates", "style", "--init", a.init]
-    words = ctx.words(C.default_concepts(ctx), flags=flags, tag="style", count=1)
+    changes = {"templates": "style", "init": a.init}
+    words = ctx.words(C.default_concepts(ctx), changes=changes, tag="style", count=1)
     model = ctx.model_with(words)
     prompts = C.prompts_or(a, PROMPTS)
     head = [("style images", C.concept_images(words[0].concept, ctx.size, limit=a.n))]
     return C.prompt_figure(ctx, NAME, words, model, head, prompts,
                            f"style transfer with {words[0].token} (style templates)",
-                           trainer_flags=[] if a.run else flags)
+                           trainer_flags=[] if a.run else C.as_flags(changes))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.figures import _common as C
@@ -31,24 +31,28 @@ CAPTIONS = {                           # (short, long) human captions per concep
 class Variant:
     key: str
     label: str
-    flags: tuple[str, ...] = ()        # trainer flags: python -m inversion.train … (make train ARGS="…")
+    changes: dict = field(default_factory=dict)   # TrainConfig changes; as_flags gives `make train ARGS="…"`
+
+    @property
+    def flags(self) -> list[str]:
+        return C.as_flags(self.changes)
     caption: str | None = None         # "short" | "long": a human caption instead of a learned word
 
 
 def variants(steps: int) -> list[Variant]:
     """The paper's variants; progressive adds a vector every steps/3 (official: 2,000 of 6,100)."""
-    every = str(max(1, steps // 3))
+    every = max(1, steps // 3)
     return [
         Variant("one-word", "Textual inversion (one word, ours)"),
         Variant("caption-short", "Human caption (short)", caption="short"),
         Variant("caption-long", "Human caption (long)", caption="long"),
-        Variant("two-words", "2 vectors", ("--vectors", "2")),
-        Variant("three-words", "3 vectors", ("--vectors", "3")),
-        Variant("progressive", "Progressive (to 3 vectors)", ("--vectors", "3", "--progressive", every)),
+        Variant("two-words", "2 vectors", {"vectors": 2}),
+        Variant("three-words", "3 vectors", {"vectors": 3}),
+        Variant("progressive", "Progressive (to 3 vectors)", {"vectors": 3, "progressive": every}),
         Variant("regularised", f"Regularised toward the init word (weight {REG_WEIGHT:g})",
-                ("--reg-weight", f"{REG_WEIGHT:g}")),
-        Variant("per-image", "Per-image tokens", ("--per-image-tokens",)),
-        *[Variant(f"lr-{lr}", f"Base LR {lr}", ("--lr", lr)) for lr in LOW_LRS],
+                {"reg_weight": REG_WEIGHT}),
+        Variant("per-image", "Per-image tokens", {"per_image_tokens": True}),
+        *[Variant(f"lr-{lr}", f"Base LR {lr}", {"lr": float(lr)}) for lr in LOW_LRS],
     ]
 
 
@@ -201,7 +205,7 @@ def run(ctx: C.Context) -> dict:
             model, token, run = ctx.fresh(), short if v.caption == "short" else long, None
         else:
             word = base_word if (v.key == "one-word" and base_word) else \
-                ctx.train_word(str(folder), v.flags, v.key if v.flags else "word")
+                ctx.train_word(str(folder), v.changes, v.key if v.changes else "word")
             model, token, run = ctx.model_with([word]), word.token, str(word.run)
         result = E.evaluate(model, scorer, train_images, token, E.EDITING_PROMPTS, E.RECONSTRUCTION_PROMPT,
                             n=eval_n, steps=eval_steps, scale=scale, eta=E.ETA, size=size, seed=a.seed,

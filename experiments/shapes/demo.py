@@ -99,12 +99,13 @@ def _sample(model, prompts: list[str], seed: int) -> list[Image.Image]:
 def run_demo(model_path: Path = MODEL_PATH, out: Path = OUT, steps: int = STEPS, batch: int = BATCH,
              lr: float = LR, vectors: int = 1, progressive: int = 0, reg_weight: float = 0.0,
              n_samples: int = N_SAMPLES, n_per_colour: int = N_PER_COLOUR, seed: int = SEED,
-             extra_args: tuple[str, ...] = ()) -> DemoResult:
+             changes: dict | None = None) -> DemoResult:
     """Init rate → textual inversion with inversion.train → learned and editability rates, grids in `out`."""
     import ldm
     from experiments.shapes import judge
-    from inversion import train as trainer
+    from inversion.config import TrainConfig
     from inversion.embedding import load_embedding_file
+    from inversion.train import train
 
     t0 = time.time()
     held_out = world.SHAPES.index(world.HELD_OUT)
@@ -113,15 +114,11 @@ def run_demo(model_path: Path = MODEL_PATH, out: Path = OUT, steps: int = STEPS,
     init_rate = (judge.score(init_images)[0] == held_out).float().mean().item()
 
     run_dir = out / "run"
-    argv = ["--concept", str(CONCEPT_DIR), "--ckpt", str(model_path), "--init", world.GENERIC_WORD,
-            "--token", TOKEN, "--steps", str(steps), "--batch", str(batch), "--lr", str(lr),
-            "--vectors", str(vectors), "--reg-weight", str(reg_weight), "--seed", str(seed),
-            "--out", str(run_dir), "--overwrite", "--save-every", str(steps), "--val-every", "0",
-            "--latent-cache", "", "--device", "cpu", "--no-progress", *extra_args]
-    if progressive:
-        argv += ["--progressive", str(progressive)]
-    args = trainer.resolve_args(argv)
-    trainer.train(args, model=model)
+    config = TrainConfig(concept=str(CONCEPT_DIR), ckpt=str(model_path), init=world.GENERIC_WORD, token=TOKEN,
+                         steps=steps, batch=batch, lr=lr, vectors=vectors, progressive=progressive,
+                         reg_weight=reg_weight, seed=seed, out=str(run_dir), overwrite=True, save_every=steps,
+                         val_every=0, latent_cache="", device="cpu", no_progress=True, **(changes or {}))
+    train(config, model=model)
     vecs = load_embedding_file(run_dir / "learned_embeds.safetensors", token=TOKEN)[TOKEN]
     model.extra_embeddings = vecs.to(model.device, model.dtype)
 
