@@ -19,6 +19,7 @@ from inversion import stopping
 from inversion.embedding import InversionError
 from inversion.templates import max_vectors
 from ldm import cli
+from ldm.precision import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ SAVE_EVERY = 500
 PROGRESSIVE_EVERY = 2000          # official PROGRESSIVE_SCALE
 FAMILY_DEFAULTS = {"ldmbert": {"batch": 4, "size": 256}}   # the paper's LDM-1.4B config
 SD_DEFAULTS = {"batch": 2}                                 # v1-finetune.yaml; size: the model's own
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(DTYPES)
 RESUMABLE = ("steps", "max_steps", "save_every", "val_every", "device", "no_progress", "max_bad_steps",
              "deterministic")                               # what RESUME may change
 

@@ -24,24 +24,17 @@ from pathlib import Path
 
 import torch
 
+from inversion.clip import CLIP_WEIGHTS, RANDOM, CLIPScorer, clip_text, cosine
 from inversion.embedding import InversionError
 
 log = logging.getLogger(__name__)
 
 RANKS = ("clip",)
 IMAGE_WEIGHT = 0.5
-MARKER = "S*"
 CONCEPT_SIZE = 224                       # concept images are read at CLIP's input size
 
 
 # --- pure scoring ------------------------------------------------------------------------------------------
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(x).detach().double()
-    if x.ndim == 1:
-        x = x[None]
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
 
 def clip_scores(sample_feats: torch.Tensor, concept_feats: torch.Tensor | None, text_feats: torch.Tensor | None,
                 image_weight: float = IMAGE_WEIGHT) -> torch.Tensor:
@@ -50,9 +43,8 @@ def clip_scores(sample_feats: torch.Tensor, concept_feats: torch.Tensor | None, 
         raise InversionError("RANK=clip needs concept images or a prompt to rank against")
     if not 0.0 <= image_weight <= 1.0:
         raise InversionError(f"--image-weight {image_weight} must be in [0, 1]")
-    s = _unit(sample_feats)
-    img = (s @ _unit(concept_feats).T).mean(dim=1) if concept_feats is not None else None
-    txt = (s @ _unit(text_feats).T).mean(dim=1) if text_feats is not None else None
+    img = cosine(sample_feats, concept_feats).mean(dim=1) if concept_feats is not None else None
+    txt = cosine(sample_feats, text_feats).mean(dim=1) if text_feats is not None else None
     if img is None:
         return txt
     if txt is None:
@@ -95,14 +87,6 @@ def ranked(candidates, concept_images, prompt: str | None, scorer, image_weight:
     return sorted(enumerate(scores), key=lambda p: (-p[1], p[0]))
 
 
-def clip_text(prompt: str, words: Sequence[str] = ()) -> str:
-    """The prompt as CLIP should read it: learned words (and S*) removed, spaces collapsed."""
-    for w in sorted(words, key=len, reverse=True):
-        prompt = prompt.replace(w, "")
-    prompt = prompt.replace(MARKER, "")
-    return " ".join(prompt.split())
-
-
 # --- the sample CLI's side ---------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,8 +127,6 @@ def check_files(args: argparse.Namespace) -> None:
     """With BEST_OF, the CLIP weights and CONCEPT= folders must exist before sampling starts, not after."""
     if not args.best_of:
         return
-    from inversion.evaluate import CLIP_WEIGHTS, RANDOM
-
     weights = Path(args.clip_weights or CLIP_WEIGHTS)
     if str(weights) != RANDOM and not weights.is_file():
         raise InversionError(f"CLIP={weights}: no such file (RANK=clip needs OpenAI's ViT-B-32 weights there)")
@@ -198,8 +180,6 @@ def select(images, args: argparse.Namespace, words: Sequence[str] = (), device: 
         raise InversionError("RANK=clip has nothing to rank against: the prompt holds only learned words and no "
                              "concept images were found; give CONCEPT=folder")
     if scorer is None:
-        from inversion.evaluate import CLIPScorer
-
         scorer = CLIPScorer.load(args.clip_weights, device)
     order = ranked(images, concept, text, scorer, args.image_weight)
     keep = keep_count(args)

@@ -57,6 +57,7 @@ STYLE_DUAL_TEMPLATES: tuple[str, ...] = (
     "a large painting in the style of {} with {}",
 )
 MIXING_PROB = 0.25
+MARKER = "S*"                     # the learned word's place in a prompt (evaluation, curation, figures, validation)
 
 BUILTIN = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 DUAL = {"object": OBJECT_DUAL_TEMPLATES, "style": STYLE_DUAL_TEMPLATES}

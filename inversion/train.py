@@ -45,13 +45,11 @@ from inversion.embedding import InversionError, LearnedWords
 from inversion.rundir import RunDir, load_state, plot_loss, read_loss_csv, rng_state, set_rng_state
 from inversion.templates import MIXING_PROB, TemplateError, dual_templates, load_templates
 from ldm import cli
+from ldm.precision import DTYPES
 from ldm.sample import model_hash
 from ldm.tokenizer import fit_ids
 
 log = logging.getLogger("inversion.train")
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 # --- the loss ----------------------------------------------------------------------------------------------
 
@@ -209,7 +207,7 @@ def latent_cache(config: TrainConfig, model, images: D.ConceptImages, d: Dist) -
 def freeze(model, config: TrainConfig) -> None:
     """Every weight frozen; the UNet and text tower in half precision if asked (the learned rows stay fp32)."""
     model.requires_grad_(False).eval()
-    dtype = PRECISIONS[config.precision]
+    dtype = DTYPES[config.precision]
     if dtype != torch.float32:
         model.unet.to(dtype)
         model.text_encoder.to(dtype)
@@ -332,7 +330,7 @@ def run(config: TrainConfig, model=None) -> Result:
         return min(words.num_vectors, 1 + step // config.progressive) if config.progressive else words.num_vectors
 
     loss_log = out.open_loss_log(rows) if d.main else None
-    autocast = (torch.autocast(device.type, dtype=PRECISIONS[config.precision])
+    autocast = (torch.autocast(device.type, dtype=DTYPES[config.precision])
                 if config.precision != "fp32" else nullcontext())
     bar = tqdm(total=config.steps, initial=start, desc=f"learning {config.token}", unit="step", dynamic_ncols=True,
                disable=not d.main or config.no_progress)

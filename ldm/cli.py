@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ldm.precision import DTYPES
+
 log = logging.getLogger(__name__)
 
 MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "tiny")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ROOT = Path(__file__).resolve().parent.parent
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 

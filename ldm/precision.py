@@ -13,9 +13,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["CudaGraphStep", "check_precision_policy", "maybe_compile", "to_channels_last"]
+__all__ = ["DTYPES", "CudaGraphStep", "check_precision_policy", "maybe_compile", "to_channels_last"]
 
 log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}   # DTYPE= / PRECISION= names
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -105,7 +105,7 @@ def test_pickled_code_in_checkpoints_needs_the_opt_in(tmp_path):
 
 
 def test_pickled_code_in_clip_weights_is_refused_not_run(tmp_path):
-    from inversion.evaluate import read_clip_state_dict
+    from inversion.clip import read_clip_state_dict
 
     marker = tmp_path / "pwned"
     torch.save({"visual.proj": Evil(marker)}, tmp_path / "clip.pt")

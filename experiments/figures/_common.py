@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from inversion.config import TrainConfig, as_flags
 from inversion.embedding import InversionError, atomic_write
 from inversion.rundir import RunDir
+from inversion.templates import MARKER
 from inversion.train import train
 from ldm import cli
 
@@ -32,7 +33,6 @@ log = logging.getLogger("experiments.figures")
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT_ROOT = Path("outputs") / "figures"
-MARKER = "S*"                                     # the learned word in a prompt (S1, S2 for two words)
 RESULTS = ROOT / "experiments" / "RESULTS.md"
 SMOKE = {"steps": 4, "size": 32, "sample_steps": 4, "n": 2, "batch": 1, "clip_weights": "random"}
 FULL = {"steps": None, "size": None, "sample_steps": None, "n": 4, "batch": None, "clip_weights": None}
@@ -205,7 +205,7 @@ class Context:
 
     def scorer(self):
         if self._scorer is None:
-            from inversion.evaluate import CLIPScorer
+            from inversion.clip import CLIPScorer
 
             self._scorer = CLIPScorer.load(self.args.clip_weights, self.device)
         return self._scorer
