@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import gradio as gr
 
+# small models draw small images (the shapes model: 32 px): show them scaled up, pixels kept sharp
+CSS = """
+#train-grid img, #gen-gallery img { image-rendering: pixelated; }
+#train-grid img { width: 100%; height: 100%; object-fit: contain; }
+"""
+
 
 def layout(app, defaults: dict) -> gr.Blocks:
     ws = app.ws
@@ -68,9 +74,9 @@ def layout(app, defaults: dict) -> gr.Blocks:
                         with gr.Row():
                             sampler = gr.Dropdown(defaults["samplers"], value="ddim", label="Sampler",
                                                   elem_id="gen-sampler")
-                            gen_steps = gr.Number(None, precision=0, label="Steps (blank: the model's)",
-                                                  elem_id="gen-steps")
-                            scale = gr.Number(None, label="Scale (blank: the model's)", elem_id="gen-scale")
+                            gen_steps = gr.Textbox("", label="Steps", placeholder="the model's", elem_id="gen-steps")
+                            scale = gr.Textbox("", label="Guidance scale", placeholder="the model's",
+                                               elem_id="gen-scale")
                         with gr.Row():
                             seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="gen-seed")
                             count = gr.Slider(1, defaults["max_count"], value=4, step=1, label="Count",
@@ -99,6 +105,7 @@ def layout(app, defaults: dict) -> gr.Blocks:
         timer.tick(app.poll, [seen], [status, plot, grid, output, resume_run, start, stop, resume, seen],
                    show_progress="hidden", queue=False)
         images.upload(app.check_uploads, [images], [message], show_progress="hidden")
+        images.clear(lambda: "", None, [message], show_progress="hidden")
         start.click(app.start, [model, images, concept, token, init, steps, save_every, vectors], [message])
         stop.click(app.stop, None, [message])
         resume.click(app.resume, [resume_run, steps, save_every], [message])

@@ -75,6 +75,17 @@ def status_text(ws: Workspace, st: Status) -> str:
     return f"**{st.message}** — `{ws.show(st.run)}`\n\n" + " · ".join(parts)
 
 
+def number(text: str | None, kind: type, name: str) -> int | float | None:
+    """A typed number, None when blank (the model's default)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise UIError(f"{name}={text!r} is not a {'whole ' if kind is int else ''}number") from None
+
+
 def note(text: str, ok: bool = True) -> str:
     return f"✓ {text}" if ok else f"⚠ {text}"
 
@@ -165,7 +176,8 @@ class App:
         plot = gr.skip()
         if key != seen.get("plot"):
             rows = p.losses[:: max(1, len(p.losses) // PLOT_POINTS)]
-            plot = pd.DataFrame(rows, columns=["step", "loss"])
+            plot = pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
+                                 "loss": pd.Series([r[1] for r in rows], dtype="float64")})
         grid = gr.skip()
         if p.grid is not None and (str(p.grid), p.grid_step) != seen.get("grid"):
             grid = gr.update(value=str(p.grid), label=f"validation grid, step {p.grid_step}")
@@ -184,11 +196,11 @@ class App:
     # --- Generate ------------------------------------------------------------------------------------------
 
     def generate(self, model: str, loaded: list[str], prompt: str, negative: str, sampler: str,
-                 steps: float | None, scale: float | None, seed: float | None, count: float):
+                 steps: str, scale: str, seed: float | None, count: float):
         try:
             files = [self.ws.resolve(f, "embedding file") for f in loaded]
-            req = Request(prompt or "", negative or "", sampler, int(steps) if steps else None,
-                          None if scale is None else float(scale), -1 if seed is None else int(seed), int(count))
+            req = Request(prompt or "", negative or "", sampler, number(steps, int, "steps"),
+                          number(scale, float, "scale"), -1 if seed is None else int(seed), int(count))
             saved = self.gen.generate(self.model_path(model), files, req, self.ws.folders["outputs"] / "samples")
             where = self.ws.show(saved[0][0].parent)
             return [(str(path), params) for path, params in saved], note(f"saved {len(saved)} image(s) in {where}")
@@ -322,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from apps.layout import CSS
+
     demo = build(App(ws, jobs, gen))
     signal.signal(signal.SIGTERM, _terminate)
     for name in ("runs", "outputs"):
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         demo.queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, share=False, ssr_mode=False, pwa=False, mcp_server=False,
-            enable_monitoring=False, max_file_size=MAX_IMAGE_BYTES, footer_links=[], quiet=True,
+            enable_monitoring=False, max_file_size=MAX_IMAGE_BYTES, footer_links=[], quiet=True, css=CSS,
             prevent_thread_lock=True, allowed_paths=[str(ws.folders["runs"]), str(ws.folders["outputs"])])
         host = f"[{args.host}]" if ":" in args.host else args.host
         log.info("oneword web app on http://%s:%d (workspace %s); Ctrl-C stops it", host, args.port, ws.root)
