@@ -141,8 +141,8 @@ class Status:
 class JobManager:
     """Starts, stops and watches at most one trainer process for the whole server."""
 
-    def __init__(self, cwd: Path) -> None:
-        self.cwd = cwd
+    def __init__(self, cwd: Path, command: tuple[str, ...] = (sys.executable, "-m", "inversion.train")) -> None:
+        self.cwd, self.command = cwd, command
         self.job: Job | None = None
         self._lock = threading.Lock()
 
@@ -161,7 +161,7 @@ class JobManager:
             self.ensure_free()
             env = dict(os.environ, PYTHONUNBUFFERED="1",
                        PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])))
-            cmd = [sys.executable, "-m", "inversion.train", *argv, "--no-progress"]
+            cmd = [*self.command, *argv, "--no-progress"]
             log.info("starting %s", " ".join(cmd))
             proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
