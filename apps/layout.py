@@ -121,5 +121,10 @@ def layout(app, defaults: dict) -> gr.Blocks:
         pick.change(app.download, [pick], [download])
         load.click(app.load_word, [pick, loaded, gen_model], [loaded, words, word, gen_model, emb_message])
         upload.upload(app.add_file, [upload], [table, pick, emb_message])
-        demo.load(refresh_embeddings, None, [table, pick])
+        def refresh_lists():
+            models = gr.update(choices=ws.models())
+            return (models, models, gr.update(choices=ws.concepts()), gr.update(choices=app.run_choices()),
+                    *refresh_embeddings())
+
+        demo.load(refresh_lists, None, [model, gen_model, concept, resume_run, table, pick])
     return demo

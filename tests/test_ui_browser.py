@@ -239,8 +239,9 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     assert saved.read_bytes() == (run / "learned_embeds.safetensors").read_bytes()
     page.locator("#emb-load").click()
     wait_text(page, "#emb-message", r"loaded S\* from")
-    page.keyboard.press("Escape")
-    page.locator("#emb-message").click()
+    page.locator("#emb-pick input").press("Escape")
+    page.locator("h2").first.click()
+    page.wait_for_timeout(300)
     page.screenshot(path=str(shots / "ui-embeddings.png"), full_page=True)
 
     # Generate with the word: insert it, draw two images, the PNGs carry make sample's parameters
