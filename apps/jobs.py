@@ -196,12 +196,14 @@ class JobManager:
         job = self.job
         if job is None or not job.running:
             return
+        log.info("stopping the training job %s: it finishes its step and saves", job.run)
         if not job.stopping:
             job.stopping = True
             job.proc.send_signal(signal.SIGINT)
         try:
             job.proc.wait(timeout=STOP_WAIT)
-        except subprocess.TimeoutExpired:
-            log.warning("the trainer did not stop within %.0f s; killing it (its last save is kept)", STOP_WAIT)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as e:
+            why = "a second Ctrl-C" if isinstance(e, KeyboardInterrupt) else f"no stop within {STOP_WAIT:.0f} s"
+            log.warning("%s: killing the trainer; its last save in %s is kept", why, job.run)
             job.proc.kill()
             job.proc.wait()

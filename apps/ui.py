@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("oneword web app on http://%s:%d (workspace %s); Ctrl-C stops it", host, args.port, ws.root)
         demo.block_thread()
     except OSError as e:
-        print(f"error: cannot listen on {args.host}:{args.port} ({e}); choose another PORT or HOST", file=sys.stderr)
+        reason = str(e).split(". ")[0]
+        print(f"error: cannot listen on {args.host}:{args.port} ({reason}); choose another PORT or HOST",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass
