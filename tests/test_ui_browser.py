@@ -32,6 +32,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RINGS = sorted((ROOT / "experiments" / "concepts" / "shapes-ring").glob("*.png"))
 WAIT_MS = 60_000
+# a pickle that would call os.system("touch pwned") when loaded without weights_only
+PICKLE_RUNNING_CODE = b"cos\nsystem\n(S'touch pwned'\ntR."
 
 pytestmark = pytest.mark.slow
 
@@ -179,6 +181,12 @@ def test_refusals_answered_on_the_page(server, page, tmp_path):
     page.locator("#train-start").click()
     wait_text(page, "#train-message", r"'\.\./\.\./\.\./etc/passwd' is outside the allowed folders")
     assert not list((server[1] / "runs").glob("*/args.json"))
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(PICKLE_RUNNING_CODE)
+    page.get_by_role("tab", name="Embeddings").click()
+    page.locator("#emb-upload input[type=file]").set_input_files([str(evil)])
+    wait_text(page, "#emb-message", r"evil\.pt: not a readable embedding file \(it holds pickled Python code")
+    assert not (server[1] / "outputs" / "embeddings").exists()
 
 
 def test_train_stop_resume_generate(server, page, browser, tmp_path):
