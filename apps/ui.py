@@ -16,8 +16,10 @@ port can train, generate and read the allowed folders.
 from __future__ import annotations
 
 import argparse
+import html
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -36,6 +38,7 @@ from apps.workspace import (
 )
 from inversion import train as trainer
 from inversion.embedding import WIDTH_FAMILIES
+from ldm import cli
 from ldm.sample import SAMPLER_NAMES
 
 log = logging.getLogger("apps.ui")
@@ -65,14 +68,14 @@ def duration(seconds: float | None) -> str:
 def status_text(ws: Workspace, st: Status) -> str:
     """The Train tab's status block: state, run, step of total, rate, ETA and the last loss."""
     if st.run is None:
-        return f"**{st.message}**"
+        return f"**{plain(st.message)}**"
     p = st.progress
     parts = [f"step {p.step}" + (f" / {p.total}" if p.total else "")]
     if st.rate:
         parts += [f"{st.rate:.1f} steps/s", f"ETA {duration(st.eta)}"]
     if p.losses:
         parts.append(f"loss {p.losses[-1][1]:.4f}")
-    return f"**{st.message}** — `{ws.show(st.run)}`\n\n" + " · ".join(parts)
+    return f"**{plain(st.message)}** — `{ws.show(st.run)}`\n\n" + " · ".join(parts)
 
 
 def number(text: str | None, kind: type, name: str) -> int | float | None:
@@ -86,17 +89,24 @@ def number(text: str | None, kind: type, name: str) -> int | float | None:
         raise UIError(f"{name}={text!r} is not a {'whole ' if kind is int else ''}number") from None
 
 
+def plain(text: str) -> str:
+    """Text shown literally in a Markdown block: words like <cat> or S* are neither HTML nor emphasis."""
+    return re.sub(r"([\\`*_\[\]#|~])", r"\\\1", html.escape(text, quote=False))
+
+
 def note(text: str, ok: bool = True) -> str:
-    return f"✓ {text}" if ok else f"⚠ {text}"
+    return f"✓ {plain(text)}" if ok else f"⚠ {plain(text)}"
 
 
 def base_model(ws: Workspace, run: Path) -> str | None:
     """The checkpoint a run was trained on, as the page names it, if it lies in the allowed folders."""
     options = run_options(run)
-    ckpt = options.get("ckpt") or ("weights/shapes.safetensors" if options.get("model") == "shapes" else None)
+    ckpt = options.get("ckpt")
     try:
+        if not ckpt and options.get("model") not in (None, "tiny"):
+            ckpt = str(cli.model_path(str(options["model"])))     # MODEL=sd15 … → its file in weights/
         return ws.show(ws.resolve(ckpt, "model")) if ckpt else None
-    except UIError:
+    except (UIError, cli.UsageError):
         return None
 
 
@@ -251,10 +261,10 @@ class App:
             try:
                 names = list(read_embedding(self.ws.resolve(f, "embedding file")))
             except UIError as e:
-                lines.append(f"- `{f}`: {e}")
+                lines.append(f"- `{f}`: {plain(str(e))}")
                 continue
             words += names
-            lines.append(f"- {', '.join(f'**{w}**' for w in names)} — `{f}`")
+            lines.append(f"- {', '.join(f'**{plain(w)}**' for w in names)} — `{f}`")
         text = "Learned words:\n" + "\n".join(lines) if lines else "No learned words loaded (Embeddings tab)."
         return text, gr.update(choices=words, value=words[-1] if words else None)
 

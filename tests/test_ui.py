@@ -308,3 +308,16 @@ def test_apps_sit_above_inversion_and_ldm():
     offenders = [str(p.relative_to(ROOT)) for p in below
                  if any(line.lstrip().startswith(("import apps", "from apps")) for line in p.read_text().splitlines())]
     assert below and offenders == []
+
+
+def test_a_runs_base_model_is_named_only_inside_the_allowed_folders(tmp_path):
+    import json
+
+    from apps.ui import base_model
+
+    ws = Workspace(ROOT)
+    cases = [({"model": "shapes"}, "weights/shapes.safetensors"), ({"ckpt": str(SHAPES)}, "weights/shapes.safetensors"),
+             ({"model": "tiny"}, None), ({"ckpt": "/etc/passwd"}, None), ({}, None)]
+    for options, want in cases:
+        (tmp_path / "args.json").write_text(json.dumps({"options": options}))
+        assert base_model(ws, tmp_path) == want, options

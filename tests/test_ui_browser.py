@@ -2,7 +2,7 @@
 package, pointed at that executable (no browser is ever downloaded).
 
 The server (`python -m apps.ui`) runs on a free loopback port over a temporary workspace whose weights/ and
-experiments/concepts/ link to the repository's, and is always shut down. One end-to-end test teaches S* to the
+experiments/concepts/ link to the repository's, and is always shut down. One end-to-end test teaches <ring> to the
 shipped shapes model from the uploaded ring images: the loss plot redraws while it trains, a validation grid
 appears, a second tab shows the same job and is refused a second one, Stop saves (state.pt) and Resume finishes
 the run; the Embeddings tab lists the run, downloads its learned_embeds.safetensors and loads the word into
@@ -196,7 +196,7 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     shots = shots_dir(tmp_path)
     page.locator("#train-images input[type=file]").set_input_files([str(p) for p in RINGS])
     wait_text(page, "#train-message", rf"{len(RINGS)} images ready")
-    fill(page, "train-token", "S*")
+    fill(page, "train-token", "<ring>")
     fill(page, "train-init", "shape")
     fill(page, "train-steps", "3000")
     page.get_by_text("More options").click()
@@ -246,7 +246,7 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     got.value.save_as(saved)
     assert saved.read_bytes() == (run / "learned_embeds.safetensors").read_bytes()
     page.locator("#emb-load").click()
-    wait_text(page, "#emb-message", r"loaded S\* from")
+    wait_text(page, "#emb-message", r"loaded <ring> from")
     page.locator("#emb-pick input").press("Escape")
     page.locator("h2").first.click()
     page.wait_for_timeout(300)
@@ -254,10 +254,10 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
 
     # Generate with the word: insert it, draw two images, the PNGs carry make sample's parameters
     page.get_by_role("tab", name="Generate").click()
-    wait_text(page, "#gen-words", r"S\*")
+    wait_text(page, "#gen-words", r"<ring>")
     fill(page, "gen-prompt", "a photo of")
     page.locator("#gen-insert").click()
-    page.wait_for_function("() => document.querySelector('#gen-prompt textarea').value === 'a photo of S*'",
+    page.wait_for_function("() => document.querySelector('#gen-prompt textarea').value === 'a photo of <ring>'",
                            timeout=WAIT_MS)
     fill(page, "gen-steps", "10")
     fill(page, "gen-seed", "7")
@@ -268,5 +268,5 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     pngs = sorted((ws / "outputs" / "samples").glob("*.png"))
     assert [p.name for p in pngs] == ["00000-7.png", "00001-8.png"]
     params = Image.open(pngs[1]).text["parameters"]
-    assert params.startswith("a photo of S*\nSteps: 10, Sampler: DDIM, CFG scale: 3, Seed: 8, Size: 32x32")
+    assert params.startswith("a photo of <ring>\nSteps: 10, Sampler: DDIM, CFG scale: 3, Seed: 8, Size: 32x32")
     page.screenshot(path=str(shots / "ui-generate.png"), full_page=True)
