@@ -17,7 +17,8 @@ def layout(app, defaults: dict) -> gr.Blocks:
     ws = app.ws
     models = ws.models()
     first_model = models[0][1] if models else None
-    with gr.Blocks(title="oneword", analytics_enabled=False) as demo:
+    # uploads wait in gradio's temporary folder until they are checked and kept: cleared hourly after a day
+    with gr.Blocks(title="oneword", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown("## oneword — teach a new word from a few pictures, then use it in prompts")
         loaded = gr.State([])              # this tab's embedding files for Generate
         seen = gr.State({})                # what this tab has drawn of the training job
@@ -86,7 +87,7 @@ def layout(app, defaults: dict) -> gr.Blocks:
                     with gr.Column(scale=3):
                         gallery = gr.Gallery(label="Images (each with its parameters)", columns=4, format="png",
                                              elem_id="gen-gallery", height=520)
-            with gr.Tab("Embeddings", id="embeddings"):
+            with gr.Tab("Embeddings", id="embeddings") as embeddings_tab:
                 table = gr.Dataframe(headers=["file", "words", "width", "trained on"], interactive=False,
                                      wrap=True, elem_id="emb-table")
                 with gr.Row():
@@ -118,6 +119,7 @@ def layout(app, defaults: dict) -> gr.Blocks:
             return app.table(), app.embedding_choices()
 
         refresh.click(refresh_embeddings, None, [table, pick])
+        embeddings_tab.select(refresh_embeddings, None, [table, pick])
         pick.change(app.download, [pick], [download])
         load.click(app.load_word, [pick, loaded, gen_model], [loaded, words, word, gen_model, emb_message])
         upload.upload(app.add_file, [upload], [table, pick, emb_message])

@@ -234,8 +234,7 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     page.screenshot(path=str(shots / "ui-train.png"), full_page=True)
 
     # Embeddings: the run's files are listed; download one, load the word into Generate
-    page.get_by_role("tab", name="Embeddings").click()
-    page.locator("#emb-refresh").click()
+    page.get_by_role("tab", name="Embeddings").click()         # opening the tab lists the new run's files
     wait_text(page, "#emb-table", re.escape(f"runs/{run_name}/learned_embeds.safetensors"))
     choose(page, "emb-pick", f"runs/{run_name}/learned_embeds.safetensors")
     download_button = page.locator("#emb-download")
