@@ -80,8 +80,8 @@ def check_options(argv: list[str]) -> None:
 class Job:
     """One trainer process and what has been seen of it."""
 
-    def __init__(self, run: Path, argv: list[str], proc: subprocess.Popen) -> None:
-        self.run, self.argv, self.proc = run, argv, proc
+    def __init__(self, run: Path, proc: subprocess.Popen) -> None:
+        self.run, self.proc = run, proc
         self.lines: deque[str] = deque(maxlen=LOG_LINES)
         self.stopping = False
         self.seen: deque[tuple[float, int]] = deque()
@@ -165,7 +165,7 @@ class JobManager:
             log.info("starting %s", " ".join(cmd))
             proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
-            self.job = Job(run, argv, proc)
+            self.job = Job(run, proc)
             return self.job
 
     def stop(self) -> str:
