@@ -16,6 +16,7 @@ help:
 	@echo "make train CONCEPT=cat       [MODEL=] [STEPS=] [BATCH=] [LR=] [INIT=] [TOKEN=] [VECTORS=] ..."
 	@echo "make weights MODEL=sd15      download a public checkpoint (sha256-verified, resumable)"
 	@echo "make pretrain-shapes         retrain the shipped shapes model from scratch (2 CPU cores, ~27 min)"
+	@echo "make ui                      local web app: train, watch, generate [HOST=127.0.0.1] [PORT=7860] [DEVICE=]"
 
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
@@ -94,6 +95,18 @@ bench: $(STAMP)
 weights: $(STAMP)
 	@test -n "$(MODEL)" || { echo 'error: give MODEL=sd15|sd21|sd21-v|ldm-1.4b' >&2; exit 2; }
 	$(PYTHON) -m weights.download $(MODEL) $(if $(UNVERIFIED),--unverified)
+
+# the web app: its optional extra (gradio) is installed on first use, behind its own stamp
+UI_STAMP := $(VENV)/.ui-install-stamp
+.PHONY: ui install-ui
+$(UI_STAMP): $(STAMP) setup.py
+	$(PYTHON) -m pip install -q -e '.[ui]'
+	touch $(UI_STAMP)
+
+install-ui: $(UI_STAMP)
+
+ui: $(UI_STAMP)
+	$(PYTHON) -m apps.ui $(call opt,--host,$(HOST)) $(call opt,--port,$(PORT)) $(call opt,--device,$(DEVICE))
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,130 @@
+"""Text-to-image for the web app: one model kept loaded between generations, the learned words of each request
+installed on it, and every image saved as `make sample` saves it.
+
+The loaded model changes only when a request names another checkpoint. Learned words are per browser tab: each
+request brings its embedding files, read under the CLI's guards (`workspace.read_embedding`), and they replace the
+words of the request before (a fresh tokenizer, the new rows). Images are written to outputs/samples/ as
+`NNNNN-<seed>.png` with AUTOMATIC1111's `parameters` text (ldm.sample's `infotext`, `save_png`, `next_index`,
+`model_hash`: the same bytes of metadata as `make sample`), numbered after what is there, never overwriting.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from apps.workspace import UIError, read_embedding
+from inversion.embedding import InversionError, check_width
+from ldm import cli
+from ldm.pipeline import build_tokenizer
+from ldm.sample import SAMPLER_NAMES, infotext, model_hash, next_index, save_png
+
+log = logging.getLogger(__name__)
+
+MAX_COUNT = 16
+MAX_STEPS = 1000
+
+
+@dataclass
+class Request:
+    """One generation as the page asks for it; None takes the model's default."""
+
+    prompt: str
+    negative: str = ""
+    sampler: str = "ddim"
+    steps: int | None = None
+    scale: float | None = None
+    seed: int = -1
+    count: int = 4
+
+    def check(self) -> None:
+        if not self.prompt.strip():
+            raise UIError("the prompt is empty")
+        if self.sampler not in SAMPLER_NAMES:
+            raise UIError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+        if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
+            raise UIError(f"steps={self.steps} must be between 1 and {MAX_STEPS}")
+        if self.scale is not None and not 0 <= self.scale <= 50:
+            raise UIError(f"scale={self.scale} must be between 0 and 50")
+        if not 1 <= self.count <= MAX_COUNT:
+            raise UIError(f"count={self.count} must be between 1 and {MAX_COUNT}")
+        if not -1 <= self.seed < 2**31:
+            raise UIError(f"seed={self.seed} must be -1 (random) or between 0 and {2**31 - 1}")
+
+
+def read_words(files: list[Path]) -> dict[str, torch.Tensor]:
+    """{word: vectors} of several embedding files; a word defined twice is an error naming both files."""
+    words: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for f in files:
+        for word, vectors in read_embedding(f).items():
+            if word in words:
+                raise UIError(f"the word {word} is in both {origin[word].name} and {f.name}; unload one")
+            words[word], origin[word] = vectors, f
+    return words
+
+
+class Generator:
+    """Holds the loaded model; `generate` runs one request at a time."""
+
+    def __init__(self, device: str = "auto") -> None:
+        self.device = cli.pick_device(device)
+        self.model = None
+        self.path: Path | None = None
+        self._hashes: dict[Path, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def load(self, path: Path):
+        """The model of checkpoint `path`, loading it only if another one is loaded."""
+        if self.path != path:
+            self.model, self.path = None, None          # free the old weights before reading the new ones
+            log.info("loading %s", path)
+            try:
+                self.model = cli.load(None, str(path), self.device, torch.float32)
+            except (cli.UsageError, ValueError, OSError) as e:
+                raise UIError(f"cannot load {path.name}: {e}") from None
+            self.path = path
+        return self.model
+
+    def identity(self, path: Path) -> tuple[str, str]:
+        if path not in self._hashes:
+            self._hashes[path] = model_hash(argparse.Namespace(model=None, ckpt=str(path)))
+        return self._hashes[path]
+
+    def generate(self, path: Path, files: list[Path], req: Request, out: Path) -> list[tuple[Path, str]]:
+        """Sample req.count images with the words of `files` and save them in `out`; [(png, parameters)]."""
+        req.check()
+        words = read_words(files)
+        with self._lock:
+            model = self.load(path)
+            model.tokenizer, model.extra_embeddings = build_tokenizer(model.config), None
+            try:
+                for word, vectors in words.items():
+                    check_width(vectors, model, f"the word {word}")
+                    model.add_embedding(word, vectors)
+            except (InversionError, ValueError) as e:
+                raise UIError(str(e)) from None
+            cfg = model.config
+            steps = req.steps or cfg.steps
+            scale = cfg.guidance if req.scale is None else req.scale
+            seed = random.randrange(2**31 - 1) if req.seed == -1 else req.seed
+            size = cfg.image_size
+            images = model.sample([req.prompt] * req.count, [req.negative] * req.count, steps=steps, scale=scale,
+                                  sampler=req.sampler, seed=seed, height=size, width=size, progress=False)
+            mhash, mname = self.identity(path)
+            try:
+                cli.check_writable(out)
+            except cli.UsageError as e:
+                raise UIError(str(e)) from None
+            start, saved = next_index(out), []
+            for i, image in enumerate(images):
+                params = infotext(req.prompt, req.negative, steps, req.sampler, scale, seed + i, size, size,
+                                  mhash, mname)
+                saved.append((save_png(image, out / f"{start + i:05d}-{seed + i}.png", params), params))
+            log.info("generated %d image(s) in %s", len(saved), out)
+            return saved

@@ -1,0 +1,132 @@
+"""The page: three tabs of gradio components wired to `apps.ui.App`'s handlers (imported only with gradio).
+
+Element ids (elem_id) are the names the browser test and any user script can rely on: train-*, gen-*, emb-*.
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+# small models draw small images (the shapes model: 32 px): show them scaled up, pixels kept sharp
+CSS = """
+#train-grid img, #gen-gallery img { image-rendering: pixelated; }
+#train-grid img { width: 100%; height: 100%; object-fit: contain; }
+"""
+
+
+def layout(app, defaults: dict) -> gr.Blocks:
+    ws = app.ws
+    models = ws.models()
+    first_model = models[0][1] if models else None
+    # uploads wait in gradio's temporary folder until they are checked and kept: cleared hourly after a day
+    with gr.Blocks(title="oneword", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+        gr.Markdown("## oneword — teach a new word from a few pictures, then use it in prompts")
+        loaded = gr.State([])              # this tab's embedding files for Generate
+        seen = gr.State({})                # what this tab has drawn of the training job
+        with gr.Tabs():
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        model = gr.Dropdown(models, value=first_model, allow_custom_value=True, label="Model",
+                                            info="a checkpoint in weights/, or type a path inside weights/, runs/ "
+                                                 "or outputs/", elem_id="train-model")
+                        images = gr.File(file_count="multiple", file_types=["image"], elem_id="train-images",
+                                         label="Concept images: drop 3–20 (jpg, png, webp)")
+                        concept = gr.Dropdown(ws.concepts(), value=None, allow_custom_value=True,
+                                              label="…or a concept folder", elem_id="train-concept",
+                                              info="used when no images are dropped")
+                        with gr.Row():
+                            token = gr.Textbox(defaults["token"], label="New word", elem_id="train-token")
+                            init = gr.Textbox(defaults["init"], label="Init word", elem_id="train-init",
+                                              info="one existing word close to the concept")
+                            steps = gr.Textbox(defaults["steps"], label="Steps", elem_id="train-steps")
+                        with gr.Accordion("More options", open=False):
+                            save_every = gr.Number(defaults["save_every"], precision=0, minimum=1,
+                                                   label="Save and draw a validation grid every N steps",
+                                                   elem_id="train-save-every")
+                            vectors = gr.Number(1, precision=0, minimum=1, maximum=75, label="Vectors per word",
+                                                elem_id="train-vectors")
+                        with gr.Row():
+                            start = gr.Button("Start", variant="primary", elem_id="train-start")
+                            stop = gr.Button("Stop (saves)", variant="stop", elem_id="train-stop",
+                                             interactive=False)
+                        with gr.Row():
+                            resume_run = gr.Dropdown(app.run_choices(), value=None, allow_custom_value=True,
+                                                     label="Run to resume", elem_id="train-run", scale=3)
+                            resume = gr.Button("Resume", elem_id="train-resume", scale=1)
+                        message = gr.Markdown(elem_id="train-message")
+                    with gr.Column(scale=3):
+                        status = gr.Markdown("**no training job yet**", elem_id="train-status")
+                        plot = gr.LinePlot(x="step", y="loss", label="loss", height=260, elem_id="train-plot")
+                        grid = gr.Image(label="validation grid", type="filepath", interactive=False,
+                                        elem_id="train-grid", height=260)
+                        with gr.Accordion("Trainer output", open=False):
+                            output = gr.Textbox(lines=10, max_lines=10, show_label=False, elem_id="train-log")
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        gen_model = gr.Dropdown(models, value=first_model, allow_custom_value=True, label="Model",
+                                                elem_id="gen-model")
+                        words = gr.Markdown("No learned words loaded (Embeddings tab).", elem_id="gen-words")
+                        with gr.Row():
+                            word = gr.Dropdown([], value=None, label="Learned word", elem_id="gen-word", scale=3)
+                            insert = gr.Button("Insert into prompt", elem_id="gen-insert", scale=1)
+                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
+                        negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+                        with gr.Row():
+                            sampler = gr.Dropdown(defaults["samplers"], value="ddim", label="Sampler",
+                                                  elem_id="gen-sampler")
+                            gen_steps = gr.Textbox("", label="Steps", placeholder="the model's", elem_id="gen-steps")
+                            scale = gr.Textbox("", label="Guidance scale", placeholder="the model's",
+                                               elem_id="gen-scale")
+                        with gr.Row():
+                            seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="gen-seed")
+                            count = gr.Slider(1, defaults["max_count"], value=4, step=1, label="Count",
+                                              elem_id="gen-count")
+                        go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+                        gen_message = gr.Markdown(elem_id="gen-message")
+                    with gr.Column(scale=3):
+                        gallery = gr.Gallery(label="Images (each with its parameters)", columns=4, format="png",
+                                             elem_id="gen-gallery", height=520)
+            with gr.Tab("Embeddings", id="embeddings") as embeddings_tab:
+                table = gr.Dataframe(headers=["file", "words", "width", "trained on"], interactive=False,
+                                     wrap=True, elem_id="emb-table")
+                with gr.Row():
+                    pick = gr.Dropdown([], value=None, allow_custom_value=True, label="Embedding file",
+                                       elem_id="emb-pick", scale=3)
+                    refresh = gr.Button("Refresh", elem_id="emb-refresh", scale=1)
+                with gr.Row():
+                    load = gr.Button("Load into Generate", variant="primary", elem_id="emb-load")
+                    download = gr.DownloadButton("Download learned_embeds.safetensors", interactive=False,
+                                                 elem_id="emb-download")
+                upload = gr.File(label="Add an embedding file (official, diffusers, AUTOMATIC1111 or kohya)",
+                                 file_types=[".pt", ".safetensors", ".bin"], elem_id="emb-upload")
+                emb_message = gr.Markdown(elem_id="emb-message")
+
+        timer = gr.Timer(defaults["poll"])
+        timer.tick(app.poll, [seen], [status, plot, grid, output, resume_run, start, stop, resume, seen],
+                   show_progress="hidden", queue=False)
+        images.upload(app.check_uploads, [images], [message], show_progress="hidden")
+        images.clear(lambda: "", None, [message], show_progress="hidden")
+        start.click(app.start, [model, images, concept, token, init, steps, save_every, vectors], [message])
+        stop.click(app.stop, None, [message])
+        resume.click(app.resume, [resume_run, steps, save_every], [message])
+
+        insert.click(app.insert, [prompt, word], [prompt])
+        go.click(app.generate, [gen_model, loaded, prompt, negative, sampler, gen_steps, scale, seed, count],
+                 [gallery, gen_message])
+
+        def refresh_embeddings():
+            return app.table(), app.embedding_choices()
+
+        refresh.click(refresh_embeddings, None, [table, pick])
+        embeddings_tab.select(refresh_embeddings, None, [table, pick])
+        pick.change(app.download, [pick], [download])
+        load.click(app.load_word, [pick, loaded, gen_model], [loaded, words, word, gen_model, emb_message])
+        upload.upload(app.add_file, [upload], [table, pick, emb_message])
+        def refresh_lists():
+            models = gr.update(choices=ws.models())
+            return (models, models, gr.update(choices=ws.concepts()), gr.update(choices=app.run_choices()),
+                    *refresh_embeddings())
+
+        demo.load(refresh_lists, None, [model, gen_model, concept, resume_run, table, pick])
+    return demo
