@@ -9,7 +9,6 @@ words of the request before (a fresh tokenizer, the new rows). Images are writte
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import threading
@@ -93,7 +92,7 @@ class Generator:
 
     def identity(self, path: Path) -> tuple[str, str]:
         if path not in self._hashes:
-            self._hashes[path] = model_hash(argparse.Namespace(model=None, ckpt=str(path)))
+            self._hashes[path] = model_hash(None, str(path))
         return self._hashes[path]
 
     def generate(self, path: Path, files: list[Path], req: Request, out: Path) -> list[tuple[Path, str]]:

@@ -7,14 +7,12 @@ loss.csv (loss plot and step), args.json (total steps), samples/val-step<N>.png 
 Rate and ETA come from how the step moved over the last RATE_WINDOW seconds of polls.
 
 Stop sends SIGINT, which the trainer takes as Ctrl-C: it finishes the step, saves (state.pt and the embedding
-files) and exits 0; resuming starts `--resume RUN`. Options are checked with the trainer's own `resolve_args`
+files) and exits 0; resuming starts `--resume RUN`. Options are checked with the trainer's own `TrainConfig.from_argv`
 before a process starts, so a bad value is one line on the page. The trainer's output is kept in memory (the
 last LOG_LINES lines), not in the run folder. On shutdown a running job is stopped the same way and waited for.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import re
@@ -28,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apps.workspace import UIError, run_options
-from inversion import train as trainer
+from inversion.config import TrainConfig
 from inversion.embedding import InversionError
+from inversion.rundir import read_loss_csv
+from ldm import cli
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Progress:
 
 
 def read_progress(run: Path) -> Progress:
-    rows = trainer.read_loss_csv(run / "loss.csv", 2**62)
+    rows = read_loss_csv(run / "loss.csv", 2**62)
     total = run_options(run).get("steps")
     grids = [(int(m.group(1)), p) for p in (run / "samples").glob("val-step*.png")
              if (m := re.fullmatch(r"val-step(\d+)\.png", p.name))]
@@ -65,15 +65,10 @@ def read_progress(run: Path) -> Progress:
 
 
 def check_options(argv: list[str]) -> None:
-    """The trainer's own argument checks, as one UIError line (argparse's message or the InversionError)."""
-    err = io.StringIO()
+    """The trainer's own option checks (TrainConfig.from_argv), as one UIError line."""
     try:
-        with contextlib.redirect_stderr(err):
-            trainer.resolve_args(argv)
-    except SystemExit:
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        raise UIError(lines[-1].split(": error: ", 1)[-1] if lines else "the trainer refused these options") from None
-    except InversionError as e:
+        TrainConfig.from_argv(argv)
+    except (cli.UsageError, InversionError) as e:
         raise UIError(str(e)) from None
 
 

@@ -36,7 +36,7 @@ from apps.workspace import (
     read_embedding,
     run_options,
 )
-from inversion import train as trainer
+from inversion.config import TrainConfig
 from inversion.embedding import WIDTH_FAMILIES
 from ldm import cli
 from ldm.sample import SAMPLER_NAMES
@@ -44,7 +44,7 @@ from ldm.sample import SAMPLER_NAMES
 log = logging.getLogger("apps.ui")
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-STEPS_DEFAULT = "300"        # the trainer's --steps; "auto" once inversion.train accepts it
+STEPS_DEFAULT = "auto"       # the trainer's --steps: stop by itself (STEPS=auto), at most --max-steps
 SAVE_EVERY_DEFAULT = 100
 TOKEN_DEFAULT = "S*"
 POLL_SECONDS = 1.0
@@ -301,7 +301,7 @@ def build(app: App):
     from apps.layout import layout
 
     return layout(app, defaults={"steps": STEPS_DEFAULT, "save_every": SAVE_EVERY_DEFAULT,
-                                     "token": TOKEN_DEFAULT, "init": trainer.build_parser().get_default("init"),
+                                     "token": TOKEN_DEFAULT, "init": TrainConfig.init,
                                      "max_count": MAX_COUNT, "samplers": list(SAMPLER_NAMES),
                                      "poll": POLL_SECONDS})
 

@@ -17,7 +17,6 @@ get names made here (`file_stem` of the upload's name, numbered), never a path t
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ from PIL import Image
 
 from inversion.data import load_image
 from inversion.embedding import InversionError, atomic_write, file_stem, load_embedding_file
+from inversion.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,7 @@ def read_embedding(path: str | os.PathLike) -> dict:
 def run_options(run: Path) -> dict:
     """The trainer's resolved options from a run's args.json ({} when it is unreadable)."""
     try:
-        options = json.loads((run / "args.json").read_text()).get("options", {})
-        return options if isinstance(options, dict) else {}
-    except (OSError, ValueError, AttributeError) as e:
+        return RunDir(run).options()
+    except (OSError, InversionError) as e:
         log.debug("unreadable %s: %s", run / "args.json", e)
         return {}

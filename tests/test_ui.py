@@ -226,7 +226,7 @@ def test_shutdown_stops_a_running_job_with_a_save(jobs, tmp_path):
 
 
 def test_options_are_checked_by_the_trainer_before_a_process_starts():
-    with pytest.raises(UIError, match=r"^argument --steps: invalid int value: 'many'$"):
+    with pytest.raises(UIError, match=r"^STEPS='many' must be a whole number or auto$"):
         check_options(["--concept", "x", "--steps", "many"])
     with pytest.raises(UIError, match=r"^STEPS=0 must be at least 1$"):
         check_options(["--concept", "x", "--steps", "0"])
@@ -245,7 +245,7 @@ def test_start_refusals_are_one_line_messages(ws, tmp_path):
     assert app.start("weights/m.safetensors", None, "/etc", "S*", "shape", "10", 5, 1).startswith(
         "⚠ concept folder '/etc' is outside the allowed folders")
     assert app.start("weights/m.safetensors", [str(p) for p in RINGS], None, "S*", "shape", "ten", 5, 1) == (
-        "⚠ argument --steps: invalid int value: 'ten'")
+        "⚠ STEPS='ten' must be a whole number or auto")
     assert not (ws.root / "runs" / "uploads").exists() and app.jobs.job is None
     assert app.resume("runs/../weights", "10", 5).startswith("⚠ run folder 'runs/../weights' is outside")
 
