@@ -24,8 +24,8 @@ log = logging.getLogger("ldm.sample")
 SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "ddpm": "DDPM", "dpmpp_2m": "DPM++ 2M"}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ldm.sample", description="Sample images from a text prompt.")
+def add_arguments(p: argparse.ArgumentParser, out: str = "outputs/samples") -> None:
+    """The options `make sample` and `make edit` share: prompt, model, sampling, output, device, learned words."""
     p.add_argument("--prompt", required=True)
     p.add_argument("--neg", default="", help="negative prompt")
     p.add_argument("--model", default=None, help=f"one of {', '.join(cli.MODEL_CHOICES)} (default sd15)")
@@ -40,18 +40,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLER_NAMES)}")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's)")
-    p.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's)")
-    p.add_argument("--out", type=Path, default=Path("outputs/samples"))
+    p.add_argument("--out", type=Path, default=Path(out))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--attention", default=None, help="attention backend: math, sdpa, triton, auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (first step is slow)")
-    p.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms, reference kernels (per-device promise: ldm/determinism.py)")
     p.add_argument("--embedding", default=None, help="learned embedding file(s), comma-separated")
     p.add_argument("--token", default=None, help="the word to use for a single embedding file")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ldm.sample", description="Sample images from a text prompt.")
+    add_arguments(p)
+    p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's)")
+    p.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's)")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
     from inversion import curate
 
     curate.add_arguments(p)          # --best-of --keep --rank --concept --clip-weights --image-weight
@@ -100,8 +105,9 @@ def model_hash(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def infotext(prompt: str, neg: str, steps: int, sampler: str, scale: float, seed: int, width: int, height: int,
-             mhash: str, mname: str) -> str:
-    """AUTOMATIC1111's parameters text: prompt, negative prompt, then one line of key: value pairs."""
+             mhash: str, mname: str, extra: dict[str, object] | None = None) -> str:
+    """AUTOMATIC1111's parameters text: prompt, negative prompt, then one line of key: value pairs (`extra` last,
+    e.g. img2img's Denoising strength)."""
     lines = [prompt]
     if neg:
         lines.append(f"Negative prompt: {neg}")
@@ -110,6 +116,7 @@ def infotext(prompt: str, neg: str, steps: int, sampler: str, scale: float, seed
     if mhash:
         fields.append(f"Model hash: {mhash}")
     fields.append(f"Model: {mname}")
+    fields += [f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in (extra or {}).items()]
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -142,25 +149,22 @@ def add_embeddings(model, spec: str, token: str | None) -> list[str]:
     return words
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
+    """The checks of add_arguments' options that need no model."""
     if args.sampler not in SAMPLER_NAMES:
         raise cli.UsageError(f"unknown SAMPLER={args.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
     if args.steps is not None and args.steps <= 0:
         raise cli.UsageError(f"STEPS must be a positive number, got {args.steps}")
     if args.n <= 0:
         raise cli.UsageError(f"N must be a positive number, got {args.n}")
-    from inversion import curate
 
-    curate.check_args(args)
-    for name, v in (("H", args.H), ("W", args.W)):
-        if v is not None and (v <= 0 or v % 8):
-            raise cli.UsageError(f"{name}={v} must be a positive multiple of 8")
+
+def load_model(args: argparse.Namespace):
+    """(model with the learned words, those words, device) from add_arguments' options."""
     if args.attention:
         from ldm import attention
 
         attention.set_backend(args.attention)
-    out = cli.check_writable(args.out)
     device = cli.pick_device(args.device)
     if args.deterministic:
         from ldm import determinism
@@ -176,6 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.embedding:
         words = add_embeddings(model, args.embedding, args.token)
         log.info("learned words: %s", ", ".join(words))
+    return model, words, device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    from inversion import curate
+
+    curate.check_args(args)
+    for name, v in (("H", args.H), ("W", args.W)):
+        if v is not None and (v <= 0 or v % 8):
+            raise cli.UsageError(f"{name}={v} must be a positive multiple of 8")
+    out = cli.check_writable(args.out)
+    model, words, device = load_model(args)
     cfg = model.config
     steps = args.steps or cfg.steps
     scale = cfg.guidance if args.scale is None else args.scale
