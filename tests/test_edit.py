@@ -115,6 +115,31 @@ def test_strength_counts_steps_like_the_original(model):
     assert calls == samplers.dpm_timesteps(10)[5:]
 
 
+def test_sampler_start_resumes_a_run_and_an_identity_hook_changes_nothing():
+    """`start` = resuming the same schedule from its k-th step (DDIM, memoryless); a hook returning x is a no-op."""
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn(2, 4, 6, 6, generator=g)
+    w = torch.randn(4, 4, generator=g) * 0.2 + 0.6 * torch.eye(4)
+
+    def toy(x, t):
+        return torch.einsum("oc,bchw->bohw", w, x) + 0.01 * t.view(-1, 1, 1, 1).float().sqrt()
+
+    s = Schedule.scaled_linear()
+    seen = []
+    full = samplers.ddim(toy, x_T, s, 10, callback=lambda i, t, x: seen.append(x))
+    assert torch.equal(samplers.ddim(toy, seen[3], s, 10, start=4), full)
+    levels = []
+    for name, fn in samplers.SAMPLERS.items():
+        plain = fn(toy, x_T, s, 10, generator=torch.Generator().manual_seed(1))
+        hooked = fn(toy, x_T, s, 10, generator=torch.Generator().manual_seed(1),
+                    hook=lambda i, t, x, a, name=name: levels.append((name, a)) or x)
+        assert torch.equal(plain, hooked), name
+        assert len(samplers.sampler_timesteps(name, 10)) == sum(n == name for n, _ in levels)
+    assert [a for n, a in levels if n == "ddpm"][-1] == 1.0 and [a for n, a in levels if n == "dpmpp_2m"][-1] == 1.0
+    with pytest.raises(ValueError, match="start must be"):
+        samplers.ddim(toy, x_T, s, 10, start=11)
+
+
 # --- Blended Latent Diffusion ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
