@@ -13,6 +13,7 @@ help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
 	@echo "make test                    ruff + the whole pytest suite (CPU; Triton kernels interpreted)"
 	@echo "make sample PROMPT=\"...\"     [MODEL=sd15|sd21|sd21-v|shapes|tiny] [CKPT=] [N=] [STEPS=] [SCALE=] ..."
+	@echo "make edit IMAGE=a.png PROMPT=\"...\"  [MASK=m.png] [STRENGTH=0.75] [MASK_BLUR=4] + the options of make sample"
 	@echo "make train CONCEPT=cat       [MODEL=] [STEPS=] [BATCH=] [LR=] [INIT=] [TOKEN=] [VECTORS=] ..."
 	@echo "make weights MODEL=sd15      download a public checkpoint (sha256-verified, resumable)"
 	@echo "make pretrain-shapes         retrain the shipped shapes model from scratch (2 CPU cores, ~27 min)"
@@ -47,6 +48,19 @@ sample: $(STAMP)
 		$(if $(ALLOW_PICKLE),--allow-pickle) $(if $(COMPILE),--compile) $(if $(CUDA_GRAPH),--cuda-graph) \
 		$(call opt,--best-of,$(BEST_OF)) $(call opt,--keep,$(KEEP)) $(call opt,--rank,$(RANK)) \
 		$(call opt,--concept,$(CONCEPT)) $(call opt,--clip-weights,$(CLIP)) $(if $(DETERMINISTIC),--deterministic)
+
+.PHONY: edit
+edit: $(STAMP)
+	@test -n "$(IMAGE)" || { echo 'error: give IMAGE=photo.png (and PROMPT="...", optionally MASK=mask.png)' >&2; exit 2; }
+	@test -n "$(PROMPT)" || { echo 'error: give PROMPT="a photo of <cat> on a sofa"' >&2; exit 2; }
+	$(PYTHON) -m ldm.edit --image "$(IMAGE)" --prompt "$(PROMPT)" $(call opt,--mask,$(MASK)) \
+		$(call opt,--strength,$(STRENGTH)) $(call opt,--mask-blur,$(MASK_BLUR)) $(call opt,--mask-dilate,$(MASK_DILATE)) \
+		$(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) $(call opt,--n,$(N)) $(call opt,--steps,$(STEPS)) \
+		$(call opt,--scale,$(SCALE)) $(call opt,--sampler,$(SAMPLER)) $(call opt,--seed,$(SEED)) $(call opt,--neg,$(NEG)) \
+		$(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) $(call opt,--dtype,$(DTYPE)) \
+		$(call opt,--embedding,$(EMBEDDING)) $(call opt,--token,$(TOKEN)) $(call opt,--attention,$(ATTENTION)) \
+		$(call opt,--eta,$(ETA)) $(call opt,--prediction,$(PREDICTION)) $(call opt,--batch-size,$(BATCH_SIZE)) \
+		$(if $(ALLOW_PICKLE),--allow-pickle) $(if $(COMPILE),--compile) $(if $(DETERMINISTIC),--deterministic)
 
 train: $(STAMP)
 	@test -n "$(CONCEPT)" || { echo 'error: give CONCEPT=cat (a folder under experiments/concepts/ or a path)' >&2; exit 2; }

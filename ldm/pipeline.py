@@ -1,7 +1,15 @@
-"""LatentDiffusion: the frozen model as one object — encode images and prompts, sample, decode.
+"""LatentDiffusion: the frozen model as one object — encode images and prompts, sample, edit, decode.
 
 Rombach et al. 2022 (High-Resolution Image Synthesis with Latent Diffusion Models); classifier-free guidance
-from Ho & Salimans 2022.
+from Ho & Salimans 2022. Editing: image-to-image as SDEdit (Meng et al. 2022) the way the original Stable
+Diffusion `scripts/img2img.py` runs it, and localized editing with a mask as Blended Latent Diffusion (Avrahami,
+Fried and Lischinski 2023).
+
+Masks: white (> 50 % grey) marks what to edit; any PIL mode (converted to luminance), a (H, W) or (B, 1, H, W)
+tensor/array in [0, 1]. A mask of another size than the images is resized (nearest) with a warning; an empty
+mask is a ValueError (nothing to edit); a full mask is plain image-to-image. The latent mask marks every latent
+cell that holds at least one masked pixel; after decoding, every pixel outside the (dilated) pixel mask is the
+input pixel, bit for bit.
 """
 from __future__ import annotations
 
@@ -91,6 +99,75 @@ def from_pil(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL RGB images of one size → (B, 3, H, W) float32 in [-1, 1]."""
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+ImageInput = Image.Image | Sequence[Image.Image] | torch.Tensor
+
+
+def _as_uint8(images: ImageInput) -> np.ndarray:
+    """PIL image(s) or a (B, 3, H, W) tensor in [-1, 1] → uint8 (B, H, W, 3) (the tensor rounded like to_pil)."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"image tensors must be (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        return np.stack([np.asarray(im) for im in to_pil(images)])
+    images = list(images)
+    if not images:
+        raise ValueError("no image to edit")
+    sizes = {im.size for im in images}
+    if len(sizes) > 1:
+        raise ValueError(f"the images to edit differ in size ({', '.join(f'{w}×{h}' for w, h in sorted(sizes))})")
+    return np.stack([np.asarray(im.convert("RGB")) for im in images])
+
+
+def mask_tensor(mask: Image.Image | Sequence[Image.Image] | torch.Tensor | np.ndarray, height: int, width: int,
+                dilate: int = 0) -> torch.Tensor:
+    """A user's mask → binary (B, 1, H, W) float32, 1 = edit: luminance > 0.5, resized to H×W, dilated `dilate` px."""
+    if isinstance(mask, Image.Image):
+        mask = [mask]
+    if isinstance(mask, (torch.Tensor, np.ndarray)):
+        m = torch.as_tensor(np.asarray(mask, dtype=np.float32) if isinstance(mask, np.ndarray) else mask).float()
+        if m.ndim == 2:
+            m = m[None, None]
+        elif m.ndim == 3:
+            m = m[:, None] if m.shape[0] != 1 else m[None]
+        if m.ndim != 4 or m.shape[1] not in (1, 3):
+            raise ValueError(f"a mask tensor must be (H, W), (B, H, W) or (B, 1|3, H, W), got {tuple(mask.shape)}")
+        m = m.mean(1, keepdim=True)
+    else:
+        m = torch.stack([torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)[None]
+                         for im in mask])
+    if m.shape[-2:] != (height, width):
+        log.warning("the mask is %d×%d and the image %d×%d: the mask is resized to the image", m.shape[-1],
+                    m.shape[-2], width, height)
+        m = F.interpolate(m, size=(height, width), mode="nearest")
+    m = (m > 0.5).float()
+    if dilate < 0:
+        raise ValueError(f"mask dilation must be >= 0 pixels, got {dilate}")
+    if dilate:
+        m = F.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
+    return m
+
+
+def feather(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Blend weights that ramp from 1/radius at the mask's edge to 1 `radius` px inside; exactly 0 outside."""
+    if radius < 0:
+        raise ValueError(f"mask blur must be >= 0 pixels, got {radius}")
+    if radius <= 1:
+        return mask
+    layers, m = [mask], mask
+    for _ in range(radius - 1):  # erode by one pixel (3×3) per layer: weight = min(distance to outside, r)/r
+        m = 1.0 - F.max_pool2d(1.0 - m, 3, stride=1, padding=1)
+        layers.append(m)
+    return torch.stack(layers).mean(0)
+
+
+def blend_pixels(edited: np.ndarray, original: np.ndarray, weight: torch.Tensor) -> np.ndarray:
+    """uint8 (B, H, W, 3) images: weight·edited + (1 − weight)·original; weight 0 keeps the original exactly."""
+    w = weight[:, 0, :, :, None].cpu().double().numpy()
+    out = np.rint(w * edited + (1.0 - w) * original)
+    return np.where(w > 0, out, original).astype(np.uint8)
 
 
 class LatentDiffusion(nn.Module):
@@ -198,6 +275,28 @@ class LatentDiffusion(nn.Module):
 
         return model_fn
 
+    def _check_sampling(self, sampler: str, steps: int, height: int, width: int) -> None:
+        from ldm import samplers
+
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
+        if steps <= 0:
+            raise ValueError(f"steps must be positive, got {steps}")
+        f = self.latent_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {f} for this model, "
+                             f"got {height}×{width}")
+
+    def _guided(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, scale: float
+                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The guided model function of prompts and their negative prompts (empty by default)."""
+        negative_prompts = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
+        if len(negative_prompts) != len(prompts):
+            raise ValueError("give one negative prompt per prompt")
+        cond = self.encode_prompts(prompts)
+        uncond = None if scale == 1.0 else self.encode_prompts(negative_prompts)
+        return self.guided_model_fn(cond, uncond, scale)
+
     @torch.no_grad()
     def sample_latents(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
                        steps: int = 50, scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim",
@@ -209,20 +308,9 @@ class LatentDiffusion(nn.Module):
         `cuda_graph` captures the guided UNet step once and replays it (CUDA only; eager elsewhere)."""
         from ldm import samplers
 
-        if sampler not in samplers.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
-        if steps <= 0:
-            raise ValueError(f"steps must be positive, got {steps}")
-        f = self.latent_factor
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {f} for this model, "
-                             f"got {height}×{width}")
+        self._check_sampling(sampler, steps, height, width)
         prompts = list(prompts)
-        negative_prompts = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
-        if len(negative_prompts) != len(prompts):
-            raise ValueError("give one negative prompt per prompt")
-        cond = self.encode_prompts(prompts)
-        uncond = None if scale == 1.0 else self.encode_prompts(negative_prompts)
+        model_fn = self._guided(prompts, negative_prompts, scale)
         vf = self.config.vae_factor
         shape = (1, self.config.unet["out_channels"], height // vf, width // vf)
         generators = [torch.Generator(self.device).manual_seed(seed + i) for i in range(len(prompts))]
@@ -237,7 +325,6 @@ class LatentDiffusion(nn.Module):
             if callback is not None:
                 callback(i, t, x)
 
-        model_fn = self.guided_model_fn(cond, uncond, scale)
         if cuda_graph:
             from ldm.precision import CudaGraphStep
 
@@ -262,6 +349,10 @@ class LatentDiffusion(nn.Module):
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         latents = self.sample_latents(prompts, negative_prompts, steps, scale, eta, sampler, seed, height,
                                       width, callback, progress, cuda_graph)
+        return to_pil(self._decode_checked(latents, seed))
+
+    def _decode_checked(self, latents: torch.Tensor, seed: int) -> torch.Tensor:
+        """Decode row by row; NaN/inf rows are clamped with a warning naming their seeds."""
         images = torch.cat([self.decode_latents(z[None]) for z in latents])
         bad = [i for i in range(len(images)) if not bool(torch.isfinite(images[i]).all())]
         if bad:  # fp16 overflow (often the SD 2.x VAE) shows as black images: say so instead of failing quietly
@@ -269,7 +360,144 @@ class LatentDiffusion(nn.Module):
                         "pixels — use DTYPE=bf16 or fp32", len(bad), len(images),
                         ", ".join(str(seed + i) for i in bad), str(self.dtype).removeprefix("torch."))
             images = torch.nan_to_num(images.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
-        return to_pil(images)
+        return images
+
+    # -- editing ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def edit_latents(self, latents: torch.Tensor | None, prompts: Sequence[str],
+                     negative_prompts: Sequence[str] | None = None, *, noise: torch.Tensor, strength: float = 0.75,
+                     steps: int = 50, scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim",
+                     mask: torch.Tensor | None = None, generator: torch.Generator | Sequence[torch.Generator] | None
+                     = None, callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                     progress: bool = True) -> torch.Tensor:
+        """SDEdit (Meng et al. 2022) from scaled input latents, noised with `noise`; with a latent mask
+        (1 = edit, (B|1, 1, h, w)) Blended Latent Diffusion (Avrahami et al. 2023, Alg. 1).
+
+        `latents` may be None only for strength 1 without a mask (pure noise: text-to-image)."""
+        from ldm import samplers
+
+        _check_strength(strength)
+        vf = self.config.vae_factor
+        self._check_sampling(sampler, steps, noise.shape[-2] * vf, noise.shape[-1] * vf)
+        ts = samplers.sampler_timesteps(sampler, steps, self.schedule.num_timesteps)
+        n = len(ts)
+        if (mask is not None or strength < 1.0) and latents is None:
+            raise ValueError("image-to-image needs the input latents")
+        if latents is not None:
+            latents = latents.to(self.device, torch.float32)
+        noise = noise.to(self.device, torch.float32)
+        if strength == 1.0:
+            start, x = 0, noise
+        else:
+            t_enc = int(strength * steps)
+            if t_enc == 0:
+                log.warning("strength %g × %d steps < 1: no denoising step runs, the output is the input "
+                            "re-encoded", strength, steps)
+            if sampler == "ddim":
+                # As img2img.py: DDIMSampler.stochastic_encode(z, t_enc) noises to the DDIM subsequence's index
+                # t_enc (ascending, ᾱ of timestep ts_asc[t_enc]), then decode(z, c, t_start=t_enc) runs
+                # ts_asc[:t_enc] in reverse, so its first step is ts_asc[t_enc − 1] with that index's ᾱ. The
+                # off-by-one is the original's: the latents enter one DDIM step noisier than the step that
+                # denoises them assumes. Index t_enc = n, which the original cannot index, only arises for
+                # S = 1000 (one timestep dropped, see samplers.timesteps) and is clamped to n − 1.
+                t_enc = min(t_enc, n - 1)
+                level, start = ts[::-1][t_enc], n - t_enc
+            else:  # the other samplers run their last t_enc steps from latents noised to the first one's level
+                start = n - min(t_enc, n)
+                level = ts[min(start, n - 1)]
+            x = self.schedule.q_sample(latents, level, noise)
+        hook = None
+        if mask is not None:
+            edit = mask.to(self.device, torch.float32)
+            keep = 1.0 - edit
+
+            def hook(i: int, t: int, x: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+                """Outside the mask: the input latents noised to the level x has reached (Blended LD)."""
+                if alpha_bar >= 1.0:
+                    background = latents
+                else:
+                    fresh = samplers.noise_like(latents, generator)
+                    background = alpha_bar ** 0.5 * latents + (1.0 - alpha_bar) ** 0.5 * fresh
+                return edit * x + keep * background.to(x.dtype)
+
+        bar = tqdm(total=n - start, desc=f"{sampler} editing", disable=not progress, leave=False)
+
+        def on_step(i: int, t: int, x: torch.Tensor) -> None:
+            bar.update(1)
+            if callback is not None:
+                callback(i, t, x)
+
+        try:
+            return samplers.SAMPLERS[sampler](self._guided(list(prompts), negative_prompts, scale), x, self.schedule,
+                                              steps, eta=eta, generator=generator, callback=on_step, start=start,
+                                              hook=hook)
+        finally:
+            bar.close()
+
+    @torch.no_grad()
+    def edit(self, images: ImageInput, prompts: str | Sequence[str], *, mask=None, strength: float = 0.75,
+             steps: int = 50, scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim",
+             negative_prompts: Sequence[str] | None = None, seed: int | None = None, mask_dilate: int = 0,
+             mask_blur: int = 0, callback: Callable[[int, int, torch.Tensor], None] | None = None,
+             progress: bool = True) -> list[Image.Image]:
+        """Edit images with a prompt: SDEdit image-to-image, or with `mask` (white = edit) Blended Latent
+        Diffusion followed by a pixel blend (feathered `mask_blur` px inside the mask) that keeps every pixel
+        outside the mask. One image with many prompts (or one prompt with many images) is repeated; row i is
+        seeded seed + i, and at strength 1 without a mask row i equals `sample(..., seed=seed)`'s row i."""
+        _check_strength(strength)
+        original = _as_uint8(images)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(original) == 1 and len(prompts) > 1:
+            original = np.repeat(original, len(prompts), axis=0)
+        elif len(prompts) == 1 and len(original) > 1:
+            prompts = prompts * len(original)
+        if len(prompts) != len(original):
+            raise ValueError(f"got {len(original)} images and {len(prompts)} prompts; give one of either, or as many")
+        batch, height, width = original.shape[:3]
+        self._check_sampling(sampler, steps, height, width)
+        pixel_mask = None
+        if mask is not None:
+            pixel_mask = mask_tensor(mask, height, width, mask_dilate)
+            if pixel_mask.shape[0] not in (1, batch):
+                raise ValueError(f"got {pixel_mask.shape[0]} masks for {batch} images; give one, or one per image")
+            pixel_mask = pixel_mask.expand(batch, -1, -1, -1)
+            empty = [i for i in range(batch) if not bool(pixel_mask[i].any())]
+            if empty:
+                raise ValueError("the mask is empty (no white pixel): nothing to edit"
+                                 + (f" (image {empty[0]})" if batch > 1 else ""))
+            if bool(pixel_mask.all()):
+                log.info("the mask covers the whole image: plain image-to-image")
+                pixel_mask = None
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        generators = [torch.Generator(self.device).manual_seed(seed + i) for i in range(batch)]
+        vf = self.config.vae_factor
+        shape = (1, self.config.unet["out_channels"], height // vf, width // vf)
+        noise = torch.cat([torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
+                           for g in generators])
+        latents = latent_mask = None
+        if strength < 1.0 or pixel_mask is not None:
+            pixels = torch.from_numpy(original).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            post = self.posterior(pixels)  # a posterior draw per row from its own generator, as img2img.py samples
+            latents = torch.cat([
+                post.mean[i:i + 1].float() + post.std[i:i + 1].float() * torch.randn(
+                    shape, generator=g, device=self.device, dtype=torch.float32)
+                for i, g in enumerate(generators)]) * self.config.scale_factor
+        if pixel_mask is not None:
+            latent_mask = F.max_pool2d(pixel_mask, vf)  # a latent cell is edited if any of its pixels is
+        out = self.edit_latents(latents, prompts, negative_prompts, noise=noise, strength=strength, steps=steps,
+                                scale=scale, eta=eta, sampler=sampler, mask=latent_mask, generator=generators,
+                                callback=callback, progress=progress)
+        edited = np.stack([np.asarray(im) for im in to_pil(self._decode_checked(out, seed))])
+        if pixel_mask is not None:
+            edited = blend_pixels(edited, original, feather(pixel_mask, mask_blur))
+        return [Image.fromarray(a) for a in edited]
+
+
+def _check_strength(strength: float) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1] (1 = start from pure noise), got {strength!r}")
 
 
 def _randomise_zero_weights(module: nn.Module, generator: torch.Generator) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import math
 import os
 import re
 import sys
@@ -19,14 +18,16 @@ from PIL import Image, PngImagePlugin
 
 from ldm import cli
 from ldm.attention import BACKENDS
+from ldm.pipeline import image_grid
+from ldm.precision import DTYPES
 
 log = logging.getLogger("ldm.sample")
 
 SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "ddpm": "DDPM", "dpmpp_2m": "DPM++ 2M"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m ldm.sample", description="Sample images from a text prompt.")
+def add_arguments(p: argparse.ArgumentParser, out: str = "outputs/samples") -> None:
+    """The options `make sample` and `make edit` share: prompt, model, sampling, output, device, learned words."""
     p.add_argument("--prompt", required=True)
     p.add_argument("--neg", default="", help="negative prompt")
     p.add_argument("--model", default=None, help=f"one of {', '.join(cli.MODEL_CHOICES)} (default sd15)")
@@ -41,18 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLER_NAMES)}")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's)")
-    p.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's)")
-    p.add_argument("--out", type=Path, default=Path("outputs/samples"))
+    p.add_argument("--out", type=Path, default=Path(out))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--attention", default=None, help="attention backend: math, sdpa, triton, auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (first step is slow)")
-    p.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms, reference kernels (per-device promise: ldm/determinism.py)")
     p.add_argument("--embedding", default=None, help="learned embedding file(s), comma-separated")
     p.add_argument("--token", default=None, help="the word to use for a single embedding file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m ldm.sample", description="Sample images from a text prompt.")
+    add_arguments(p)
+    p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's)")
+    p.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's)")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
     from inversion import curate
 
     curate.add_arguments(p)          # --best-of --keep --rank --concept --clip-weights --image-weight
@@ -105,8 +111,9 @@ def model_hash(model: str | None, ckpt: str | None) -> tuple[str, str]:
 
 
 def infotext(prompt: str, neg: str, steps: int, sampler: str, scale: float, seed: int, width: int, height: int,
-             mhash: str, mname: str) -> str:
-    """AUTOMATIC1111's parameters text: prompt, negative prompt, then one line of key: value pairs."""
+             mhash: str, mname: str, extra: dict[str, object] | None = None) -> str:
+    """AUTOMATIC1111's parameters text: prompt, negative prompt, then one line of key: value pairs (`extra` last,
+    e.g. img2img's Denoising strength)."""
     lines = [prompt]
     if neg:
         lines.append(f"Negative prompt: {neg}")
@@ -115,18 +122,9 @@ def infotext(prompt: str, neg: str, steps: int, sampler: str, scale: float, seed
     if mhash:
         fields.append(f"Model hash: {mhash}")
     fields.append(f"Model: {mname}")
+    fields += [f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in (extra or {}).items()]
     lines.append(", ".join(fields))
     return "\n".join(lines)
-
-
-def make_grid(images: list[Image.Image]) -> Image.Image:
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 def add_embeddings(model, spec: str, token: str | None) -> list[str]:
@@ -148,16 +146,15 @@ def add_embeddings(model, spec: str, token: str | None) -> list[str]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Every setting that can be checked before the model loads: one line naming it, exit status 2."""
+    """Every add_arguments option that can be checked before the model loads: one line naming it, exit 2."""
     cli.check([
         (args.sampler in SAMPLER_NAMES, f"unknown SAMPLER={args.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}"),
         cli.at_least("STEPS", args.steps), cli.at_least("N", args.n), cli.at_least("--batch-size", args.batch_size),
         cli.finite("SCALE", args.scale), cli.finite("ETA", args.eta, 0.0), cli.seed_rule("SEED", args.seed),
-        cli.at_least("H", args.H, 8), cli.at_least("W", args.W, 8),
         (args.ckpt is not None or args.model is None or args.model in cli.MODEL_CHOICES,
          f"unknown MODEL={args.model!r}; choose one of {', '.join(cli.MODEL_CHOICES)} or give CKPT=path"),
         (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
-        (args.dtype in cli.DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(cli.DTYPES)}"),
+        (args.dtype in DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(DTYPES)}"),
         (args.attention is None or args.attention in BACKENDS,
          f"unknown ATTENTION={args.attention!r}; choose one of {', '.join(BACKENDS)}"),
         (not (args.token and args.embedding and "," in args.embedding),
@@ -167,10 +164,6 @@ def check_args(args: argparse.Namespace) -> None:
     for f in [s for s in (args.embedding or "").split(",") if s]:
         if not Path(f).is_file():
             raise cli.UsageError(f"EMBEDDING={f}: no such file")
-    from inversion import curate
-
-    curate.check_args(args)
-    curate.check_files(args)
 
 
 def check_size(model, height: int, width: int) -> None:
@@ -178,16 +171,12 @@ def check_size(model, height: int, width: int) -> None:
     cli.check([cli.multiple_rule("H", height, model.latent_factor), cli.multiple_rule("W", width, model.latent_factor)])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    check_args(args)
-    from inversion import curate
-
+def load_model(args: argparse.Namespace):
+    """(model with the learned words, those words, device) from add_arguments' options."""
     if args.attention:
         from ldm import attention
 
         attention.set_backend(args.attention)
-    out = cli.check_writable(args.out)
     device = cli.pick_device(args.device)
     if args.deterministic:
         from ldm import determinism
@@ -203,6 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.embedding:
         words = add_embeddings(model, args.embedding, args.token)
         log.info("learned words: %s", ", ".join(words))
+    return model, words, device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    from inversion import curate
+
+    cli.check([cli.at_least("H", args.H, 8), cli.at_least("W", args.W, 8)])
+    curate.check_args(args)
+    curate.check_files(args)
+    out = cli.check_writable(args.out)
+    model, words, device = load_model(args)
     cfg = model.config
     steps = args.steps or cfg.steps
     scale = cfg.guidance if args.scale is None else args.scale
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, score in chosen:
             write(drawn[i][0], drawn[i][1], f", Curated: {args.rank} {score:.4f}, best {len(chosen)} of {total}")
     params = infotext(args.prompt, args.neg, steps, args.sampler, scale, args.seed, width, height, mhash, mname)
-    grid = save_png(make_grid(written), out / f"{start:05d}-grid.png", params)
+    grid = save_png(image_grid(written), out / f"{start:05d}-grid.png", params)
     print(f"sample: {len(written)} images in {out} (grid {grid.name})")
     return 0
 

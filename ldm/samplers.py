@@ -1,9 +1,14 @@
 """Samplers as pure functions with one signature: DDIM, PLMS, DDPM ancestral, DPM-Solver++(2M).
 
-Each is `sampler(model_fn, x_T, schedule, steps, *, eta=0.0, generator=None, callback=None) -> x_0` where
-`model_fn(x, t)` gets a LongTensor t of shape (B,) and returns the raw network output (ε or v, as
+Each is `sampler(model_fn, x_T, schedule, steps, *, eta=0.0, generator=None, callback=None, start=0, hook=None)
+-> x_0` where `model_fn(x, t)` gets a LongTensor t of shape (B,) and returns the raw network output (ε or v, as
 `schedule.prediction` says). Work stays in x_T's dtype; step coefficients are computed in float64 (Python
 floats) and cast on use. `generator` is one torch.Generator or a list of them, one per batch row.
+
+Image editing uses the last two: `start` skips the first `start` steps of the sampler's schedule (x_T is then the
+latents entering step `start`, at timestep `sampler_timesteps(...)[start]`), and `hook(i, t, x, alpha_bar)` runs
+after every step and returns the x to continue with, where `alpha_bar` is ᾱ of the noise level x is at after the
+step (1.0 for clean). `i` counts from 0 over the steps run; `callback` sees the hook's x.
 """
 from __future__ import annotations
 
@@ -16,12 +21,14 @@ from torch import Tensor
 
 from ldm.schedule import Schedule
 
-__all__ = ["ddim", "plms", "ddpm", "dpmpp_2m", "timesteps", "dpm_timesteps", "SAMPLERS"]
+__all__ = ["ddim", "plms", "ddpm", "dpmpp_2m", "timesteps", "dpm_timesteps", "sampler_timesteps", "noise_like",
+           "SAMPLERS"]
 
 log = logging.getLogger(__name__)
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, int, Tensor], None]
+Hook = Callable[[int, int, Tensor, float], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 # Adams–Bashforth coefficients on the ε history, newest first (PLMS, Liu et al. 2022, eq. 12).
@@ -57,7 +64,31 @@ def dpm_timesteps(steps: int, num_timesteps: int = 1000) -> list[int]:
     return points[::-1][:-1]
 
 
-def _noise(x: Tensor, generator: Generators) -> Tensor:
+def sampler_timesteps(name: str, steps: int, num_timesteps: int = 1000) -> list[int]:
+    """The timesteps a sampler visits, in the order it visits them (what `start` indexes)."""
+    if name in ("ddim", "plms"):
+        return timesteps(steps, num_timesteps)[::-1]
+    if name == "ddpm":
+        return timesteps(steps, num_timesteps, offset=0)[::-1]
+    if name == "dpmpp_2m":
+        return dpm_timesteps(steps, num_timesteps)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def _check_start(start: int, n: int) -> None:
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= n:
+        raise ValueError(f"start must be an integer in [0, {n}] (the schedule's steps), got {start!r}")
+
+
+def _after_step(i: int, t: int, x: Tensor, alpha_bar: float, hook: Hook | None, callback: Callback | None) -> Tensor:
+    if hook is not None:
+        x = hook(i, t, x, alpha_bar)
+    if callback is not None:
+        callback(i, t, x)
+    return x
+
+
+def noise_like(x: Tensor, generator: Generators) -> Tensor:
     """N(0, I) shaped like x, drawn only from `generator` (row i from generator[i] when a list)."""
     if generator is None:
         return torch.randn(x.shape, device=x.device, dtype=x.dtype)
@@ -78,7 +109,7 @@ def _ddim_update(x0: Tensor, eps: Tensor, a_prev: float, sigma: float, generator
     """x_prev = √ᾱ_prev·x₀ + √(1−ᾱ_prev−σ²)·ε + σ·n (DDIM, Song et al. 2021, eq. 12)."""
     x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev - sigma**2) * eps
     if sigma > 0:
-        x = x + sigma * _noise(x, generator)
+        x = x + sigma * noise_like(x, generator)
     return x
 
 
@@ -97,22 +128,24 @@ def ddim(
     eta: float = 0.0,
     generator: Generators = None,
     callback: Callback | None = None,
+    start: int = 0,
+    hook: Hook | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12, 16) on the CompVis "uniform" timesteps; ᾱ_prev at the last step is ᾱ₀."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     ts = timesteps(steps, schedule.num_timesteps)
+    _check_start(start, len(ts))
     ab = schedule.alphas_cumprod.tolist()
     pred = schedule.prediction
     x = x_T
-    for i, idx in enumerate(reversed(range(len(ts)))):
+    for i, idx in enumerate(reversed(range(len(ts) - start))):
         t = ts[idx]
         a_t, a_prev = ab[t], ab[ts[idx - 1]] if idx > 0 else ab[0]
         sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
         out = model_fn(x, _tvec(t, x))
         x = _ddim_update(pred.to_x0(out, x, t), pred.to_eps(out, x, t), a_prev, sigma, generator)
-        if callback is not None:
-            callback(i, t, x)
+        x = _after_step(i, t, x, a_prev, hook, callback)
     return x
 
 
@@ -125,18 +158,22 @@ def plms(
     eta: float = 0.0,
     generator: Generators = None,
     callback: Callback | None = None,
+    start: int = 0,
+    hook: Hook | None = None,
 ) -> Tensor:
     """PLMS (Liu et al. 2022) as CompVis runs it: pseudo improved Euler first, then AB2/AB3/AB4 on ε."""
     if eta != 0:
         raise ValueError(f"PLMS is deterministic and needs eta = 0, got {eta}")
     ts = timesteps(steps, schedule.num_timesteps)[::-1]
+    _check_start(start, len(ts))
     ab = schedule.alphas_cumprod.tolist()
     pred = schedule.prediction
     old_eps: list[Tensor] = []
     x = x_T
-    for i, t in enumerate(ts):
-        t_next = ts[min(i + 1, len(ts) - 1)]
-        a_t, a_prev = ab[t], ab[ts[i + 1]] if i + 1 < len(ts) else ab[0]
+    for i, k in enumerate(range(start, len(ts))):
+        t = ts[k]
+        t_next = ts[min(k + 1, len(ts) - 1)]
+        a_t, a_prev = ab[t], ab[ts[k + 1]] if k + 1 < len(ts) else ab[0]
         e_t = pred.to_eps(model_fn(x, _tvec(t, x)), x, t)
         if not old_eps:
             x_mid = _eps_update(x, e_t, a_t, a_prev)
@@ -151,8 +188,7 @@ def plms(
             e_prime = e_prime / _AB_DEN[order]
         x = _eps_update(x, e_prime, a_t, a_prev)
         old_eps = (old_eps + [e_t])[-3:]
-        if callback is not None:
-            callback(i, t, x)
+        x = _after_step(i, t, x, a_prev, hook, callback)
     return x
 
 
@@ -165,6 +201,8 @@ def ddpm(
     eta: float = 0.0,
     generator: Generators = None,
     callback: Callback | None = None,
+    start: int = 0,
+    hook: Hook | None = None,
 ) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, eq. 6–7) on the chain t = T−c, …, c, 0 with c = T // steps.
 
@@ -175,12 +213,14 @@ def ddpm(
     if eta not in (0.0, 1.0):
         log.debug("ddpm ignores eta=%s: ancestral DDPM is the η = 1 chain", eta)
     ts = timesteps(steps, schedule.num_timesteps, offset=0)[::-1]
+    _check_start(start, len(ts))
     ab = schedule.alphas_cumprod.tolist()
     pred = schedule.prediction
     x = x_T
-    for i, t in enumerate(ts):
-        last = i + 1 == len(ts)
-        a_t, a_prev = ab[t], 1.0 if last else ab[ts[i + 1]]
+    for i, k in enumerate(range(start, len(ts))):
+        t = ts[k]
+        last = k + 1 == len(ts)
+        a_t, a_prev = ab[t], 1.0 if last else ab[ts[k + 1]]
         alpha = a_t / a_prev
         beta = 1.0 - alpha
         c_x0 = math.sqrt(a_prev) * beta / (1.0 - a_t)
@@ -189,10 +229,8 @@ def ddpm(
         x_new = c_x0 * pred.to_x0(out, x, t) + c_xt * x
         if not last:
             var = max((1.0 - a_prev) / (1.0 - a_t) * beta, 1e-20)
-            x_new = x_new + math.sqrt(var) * _noise(x_new, generator)
-        x = x_new
-        if callback is not None:
-            callback(i, t, x)
+            x_new = x_new + math.sqrt(var) * noise_like(x_new, generator)
+        x = _after_step(i, t, x_new, a_prev, hook, callback)
     return x
 
 
@@ -205,6 +243,8 @@ def dpmpp_2m(
     eta: float = 0.0,
     generator: Generators = None,
     callback: Callback | None = None,
+    start: int = 0,
+    hook: Hook | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data-prediction form, on diffusers' "linspace" timesteps.
 
@@ -214,28 +254,30 @@ def dpmpp_2m(
     if eta != 0:
         raise ValueError(f"DPM-Solver++(2M) is deterministic and needs eta = 0, got {eta}")
     ts = dpm_timesteps(steps, schedule.num_timesteps)
+    _check_start(start, len(ts))
     ab = schedule.alphas_cumprod.tolist()
     pred = schedule.prediction
     lam = [0.5 * (math.log(ab[t]) - math.log1p(-ab[t])) for t in ts]  # λ = log(α/σ), α = √ᾱ, σ = √(1−ᾱ)
     x = x_T
     x0_prev: Tensor | None = None
-    for i, t in enumerate(ts):
+    for i, k in enumerate(range(start, len(ts))):
+        t = ts[k]
         x0 = pred.to_x0(model_fn(x, _tvec(t, x)), x, t)
-        if i + 1 == len(ts):
-            x = x0
+        if k + 1 == len(ts):
+            x, a_next = x0, 1.0
         else:
-            s = ts[i + 1]
-            h = lam[i + 1] - lam[i]
+            s = ts[k + 1]
+            a_next = ab[s]
+            h = lam[k + 1] - lam[k]
             ratio = math.sqrt((1.0 - ab[s]) / (1.0 - ab[t]))  # σ_next / σ_t
             c = -math.sqrt(ab[s]) * math.expm1(-h)  # −α_next·(e^{−h} − 1)
             d = x0
-            if x0_prev is not None and h > 0 and lam[i] > lam[i - 1]:  # repeated t (S near T): first order
-                r = (lam[i] - lam[i - 1]) / h
+            if x0_prev is not None and h > 0 and lam[k] > lam[k - 1]:  # repeated t (S near T): first order
+                r = (lam[k] - lam[k - 1]) / h
                 d = x0 + (0.5 / r) * (x0 - x0_prev)
             x = ratio * x + c * d
         x0_prev = x0
-        if callback is not None:
-            callback(i, t, x)
+        x = _after_step(i, t, x, a_next, hook, callback)
     return x
 
 

@@ -75,7 +75,7 @@ def test_unknown_variant_and_bad_shapes_concept(tmp_path):
 
 
 def test_every_figure_has_a_script():
-    assert set(FIGURES) == {"variations", "text-guided", "style", "composition", "bias", "tradeoff"}
+    assert set(FIGURES) == {"variations", "text-guided", "style", "composition", "bias", "tradeoff", "downstream"}
     for name in FIGURES:
         m = __import__(FIGURES[name], fromlist=["run"])
         assert m.NAME == name and callable(m.run) and callable(m.add_arguments)

@@ -7,6 +7,7 @@
     bias          a word learned from a small balanced set vs the plain word (Fig. 8)
     tradeoff      reconstruction (image similarity) vs editability (text similarity) per variant (Fig. 10),
                   and the table in experiments/RESULTS.md
+    downstream    localized editing: S* put into a masked region with Blended Latent Diffusion (Fig. 12)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ FIGURES = {
     "composition": "experiments.figures.composition",
     "bias": "experiments.figures.bias",
     "tradeoff": "experiments.figures.tradeoff",
+    "downstream": "experiments.figures.downstream",
 }
 
 
