@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from inversion.embedding import InversionError, atomic_write, load_embedding_fil
 from inversion.rundir import RunDir
 from inversion.templates import MARKER
 from ldm import cli
+from ldm.pipeline import image_grid, to_pil
 
 log = logging.getLogger("inversion.evaluate")
 
@@ -135,16 +135,8 @@ def _slug(prompt: str) -> str:
 
 def save_grid(samples: torch.Tensor, path: Path, columns: int = 8) -> Path:
     """Samples in [−1, 1] → one PNG grid."""
-    from PIL import Image
-
-    from ldm.pipeline import to_pil
-
     images = to_pil(samples)
-    w, h = images[0].size
-    cols = min(columns, len(images))
-    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    grid = image_grid(images, cols=min(columns, len(images)), background="black")
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     return atomic_write(path, lambda f: f.write(buf.getvalue()))

@@ -23,6 +23,7 @@ from PIL import Image
 
 from experiments.shapes import world
 from experiments.shapes.pretrain import MODEL_PATH, ROOT
+from ldm.pipeline import image_grid
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,12 @@ def write_concept(folder: Path = CONCEPT_DIR) -> list[Path]:
 
 def save_grid(rows: list[list[Image.Image]], path: Path, zoom: int = 3) -> Path:
     """Rows of images → one PNG, each image enlarged (nearest) so that 32-px samples are visible."""
-    size = rows[0][0].size[0] * zoom
-    grid = Image.new("RGB", (size * max(len(r) for r in rows), size * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            grid.paste(im.resize((size, size), Image.NEAREST), (c * size, r * size))
+    size, cols = rows[0][0].size[0] * zoom, max(len(r) for r in rows)
+    blank = Image.new("RGB", (size, size), "white")
+    cells = []
+    for row in rows:
+        cells += [im.resize((size, size), Image.NEAREST) for im in row] + [blank] * (cols - len(row))
+    grid = image_grid(cells, cols=cols)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
