@@ -363,7 +363,7 @@ def test_ring_word_edits_on_the_shapes_model(tmp_path):
             "--token", "S*", "--steps", str(RING_STEPS), "--batch", str(demo.BATCH), "--lr", str(demo.LR),
             "--seed", "0", "--out", str(tmp_path / "run"), "--save-every", str(RING_STEPS), "--val-every", "0",
             "--latent-cache", "", "--device", "cpu", "--no-progress"]
-    trainer.train(trainer.resolve_args(argv), model=model)
+    trainer.train(trainer.TrainConfig.from_argv(argv), model=model)
     vectors = load_embedding_file(tmp_path / "run" / "learned_embeds.safetensors", token="S*")["S*"]
     model.extra_embeddings = vectors.to(model.device, model.dtype)
 

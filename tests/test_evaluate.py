@@ -114,12 +114,12 @@ def test_clip_preprocess_matches_torchvision_tensor_path():
     x = torch.rand(2, 3, 256, 300, generator=g) * 2 - 1
     ref = tv.Compose([tv.Normalize([-1.0] * 3, [2.0] * 3),
                       tv.Resize(224, interpolation=tv.InterpolationMode.BICUBIC, antialias=False),
-                      tv.CenterCrop(224), tv.Normalize(E.CLIP_MEAN, E.CLIP_STD)])(x)
+                      tv.CenterCrop(224), tv.Normalize(CL.CLIP_MEAN, CL.CLIP_STD)])(x)
     ours = CL.clip_preprocess(x)
     assert ours.shape == (2, 3, 224, 224)
     assert float((ours - ref).abs().max()) < 1e-5
     grey = CL.clip_preprocess(torch.zeros(1, 3, 224, 224))  # 0 in [-1, 1] is 0.5 in [0, 1]
-    want = (0.5 - torch.tensor(E.CLIP_MEAN)) / torch.tensor(E.CLIP_STD)
+    want = (0.5 - torch.tensor(CL.CLIP_MEAN)) / torch.tensor(CL.CLIP_STD)
     assert torch.allclose(grey[0, :, 0, 0], want, atol=1e-6)
 
 

@@ -192,6 +192,7 @@ FIGURE_BASE = [  # the options every figure takes, tried on `variations`
 
 FIGURE_OWN = {  # each figure's own options
     "variations": [("--rows", ["--rows", "0"], "--rows", PRE)],
+    "downstream": [("--strength", ["--strength", "1.5"], "--strength", PRE)],
     "bias": [("--word", ["--word", " "], "--word", PRE), ("--rows", ["--rows", "0"], "--rows", PRE)],
     "style": [("--init", ["--init", "golden retriever"], "init word", POST)],
     "tradeoff": [("--variants", ["--variants", "no-such-variant"], "variant", PRE),

@@ -21,6 +21,11 @@ def add_arguments(p) -> None:
     p.add_argument("--strength", type=float, default=1.0, help="denoising strength inside the mask (default 1)")
 
 
+def check_args(args) -> None:
+    if not 0 < args.strength <= 1:
+        raise C.FigureError(f"--strength {args.strength} must be in (0, 1]")
+
+
 def inputs(ctx: C.Context, n: int) -> tuple[list[Image.Image], list[tuple[float, float, float]]]:
     """n input images and a disk (cx, cy, r) in pixels to edit in each."""
     size = ctx.size
