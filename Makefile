@@ -40,7 +40,7 @@ test-fast: $(STAMP)
 
 sample: $(STAMP)
 	@test -n "$(PROMPT)" || { echo 'error: give PROMPT="a photo of a cat"' >&2; exit 2; }
-	$(PYTHON) -m ldm.sample --prompt "$(PROMPT)" $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) \
+	$(PYTHON) -m apps.sample --prompt "$(PROMPT)" $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) \
 		$(call opt,--n,$(N)) $(call opt,--steps,$(STEPS)) $(call opt,--scale,$(SCALE)) \
 		$(call opt,--sampler,$(SAMPLER)) $(call opt,--seed,$(SEED)) $(call opt,--H,$(H)) $(call opt,--W,$(W)) \
 		$(call opt,--neg,$(NEG)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) \
@@ -54,7 +54,7 @@ sample: $(STAMP)
 edit: $(STAMP)
 	@test -n "$(IMAGE)" || { echo 'error: give IMAGE=photo.png (and PROMPT="...", optionally MASK=mask.png)' >&2; exit 2; }
 	@test -n "$(PROMPT)" || { echo 'error: give PROMPT="a photo of <cat> on a sofa"' >&2; exit 2; }
-	$(PYTHON) -m ldm.edit --image "$(IMAGE)" --prompt "$(PROMPT)" $(call opt,--mask,$(MASK)) \
+	$(PYTHON) -m apps.edit --image "$(IMAGE)" --prompt "$(PROMPT)" $(call opt,--mask,$(MASK)) \
 		$(call opt,--strength,$(STRENGTH)) $(call opt,--mask-blur,$(MASK_BLUR)) $(call opt,--mask-dilate,$(MASK_DILATE)) \
 		$(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) $(call opt,--n,$(N)) $(call opt,--steps,$(STEPS)) \
 		$(call opt,--scale,$(SCALE)) $(call opt,--sampler,$(SAMPLER)) $(call opt,--seed,$(SEED)) $(call opt,--neg,$(NEG)) \

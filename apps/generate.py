@@ -4,7 +4,7 @@ installed on it, and every image saved as `make sample` saves it.
 The loaded model changes only when a request names another checkpoint. Learned words are per browser tab: each
 request brings its embedding files, read under the CLI's guards (`workspace.read_embedding`), and they replace the
 words of the request before (a fresh tokenizer, the new rows). Images are written to outputs/samples/ as
-`NNNNN-<seed>.png` with AUTOMATIC1111's `parameters` text (ldm.sample's `infotext`, `save_png`, `next_index`,
+`NNNNN-<seed>.png` with AUTOMATIC1111's `parameters` text (apps.sample's `infotext`, `save_png`, `next_index`,
 `model_hash`: the same bytes of metadata as `make sample`), numbered after what is there, never overwriting.
 """
 from __future__ import annotations
@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
+from apps.sample import SAMPLER_NAMES, infotext, next_index, save_png
 from apps.workspace import UIError, read_embedding
+from inversion import models
 from inversion.embedding import InversionError, check_width
+from inversion.models import model_hash
 from ldm import cli
 from ldm.pipeline import build_tokenizer
-from ldm.sample import SAMPLER_NAMES, infotext, model_hash, next_index, save_png
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class Generator:
             self.model, self.path = None, None          # free the old weights before reading the new ones
             log.info("loading %s", path)
             try:
-                self.model = cli.load(None, str(path), self.device, torch.float32)
+                self.model = models.load(None, str(path), self.device, torch.float32)
             except (cli.UsageError, ValueError, OSError) as e:
                 raise UIError(f"cannot load {path.name}: {e}") from None
             self.path = path

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from apps.generate import MAX_COUNT, Generator, Request
 from apps.jobs import JobManager, Status, check_options
+from apps.sample import SAMPLER_NAMES
 from apps.workspace import (
     MAX_IMAGE_BYTES,
     MAX_IMAGES,
@@ -36,10 +37,10 @@ from apps.workspace import (
     read_embedding,
     run_options,
 )
+from inversion import models
 from inversion.config import TrainConfig
 from inversion.embedding import WIDTH_FAMILIES
 from ldm import cli
-from ldm.sample import SAMPLER_NAMES
 
 log = logging.getLogger("apps.ui")
 
@@ -104,7 +105,7 @@ def base_model(ws: Workspace, run: Path) -> str | None:
     ckpt = options.get("ckpt")
     try:
         if not ckpt and options.get("model") not in (None, "tiny"):
-            ckpt = str(cli.model_path(str(options["model"])))     # MODEL=sd15 … → its file in weights/
+            ckpt = str(models.model_path(str(options["model"])))     # MODEL=sd15 … → its file in weights/
         return ws.show(ws.resolve(ckpt, "model")) if ckpt else None
     except (UIError, cli.UsageError):
         return None

@@ -17,6 +17,8 @@ from pathlib import Path
 from inversion import data as D
 from inversion import stopping
 from inversion.embedding import InversionError
+from inversion.models import MODEL_CHOICES
+from inversion.rundir import RunDir
 from inversion.templates import max_vectors
 from ldm import cli
 from ldm.precision import DTYPES
@@ -107,8 +109,6 @@ class TrainConfig:
         path = run / "args.json"
         if not path.is_file():
             raise InversionError(f"RESUME={run}: no args.json there; is it a training run directory?")
-        from inversion.rundir import RunDir
-
         names = {f.name for f in dataclasses.fields(cls)}
         saved = {k: v for k, v in RunDir(run).options().items() if k in names}
         config = cls(**{**saved, **overrides, "resume": str(run), "out": str(run)})
@@ -145,8 +145,8 @@ class TrainConfig:
             (self.precision in PRECISIONS,
              f"unknown PRECISION={self.precision!r}; choose one of {', '.join(PRECISIONS)}"),
             (self.ckpt is None or Path(self.ckpt).exists(), f"CKPT={self.ckpt}: no such file or folder"),
-            (self.ckpt is not None or self.model is None or self.model in cli.MODEL_CHOICES,
-             f"unknown MODEL={self.model!r}; choose one of {', '.join(cli.MODEL_CHOICES)} or give CKPT=path"),
+            (self.ckpt is not None or self.model is None or self.model in MODEL_CHOICES,
+             f"unknown MODEL={self.model!r}; choose one of {', '.join(MODEL_CHOICES)} or give CKPT=path"),
             (bool(self.init.strip()), f"INIT={self.init!r} must be a word"),
             (init_words is None or all(init_words), f"--init-words {self.init_words!r} has an empty word"),
             (init_words is None or len(init_words) <= self.vectors,

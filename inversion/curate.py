@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+from inversion import data as D
 from inversion.clip import CLIP_WEIGHTS, RANDOM, CLIPScorer, clip_text, cosine
 from inversion.embedding import InversionError
+from ldm.pipeline import from_pil
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,6 @@ def _as_images(images) -> torch.Tensor:
     """(B, 3, H, W) in [−1, 1] from a tensor or a list of PIL images of one size."""
     if isinstance(images, torch.Tensor):
         return images
-    from ldm.pipeline import from_pil
-
     return from_pil(list(images))
 
 
@@ -135,8 +135,6 @@ def check_files(args: argparse.Namespace) -> None:
 
 def concept_folders(args: argparse.Namespace) -> list[Path]:
     """--concept folders, else the concept named in args.json beside each EMBEDDING= file (trainer runs)."""
-    from inversion import data as D
-
     if args.concept:
         return [D.resolve_concept(c.strip()) for c in args.concept.split(",") if c.strip()]
     folders = []
@@ -154,8 +152,6 @@ def concept_folders(args: argparse.Namespace) -> list[Path]:
 
 def load_concept_images(folders: Sequence[Path], size: int = CONCEPT_SIZE) -> torch.Tensor | None:
     """Every image of the folders, official preprocessing without flips, (B, 3, size, size) in [−1, 1]."""
-    from inversion import data as D
-
     batches = []
     for folder in folders:
         images = D.ConceptImages(folder, size)

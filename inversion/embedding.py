@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["InversionError", "WIDTH_FAMILIES", "LearnedWords", "load_embedding_file", "check_width",
@@ -37,7 +39,7 @@ A1111_TOKEN = {"*": 265}     # what AUTOMATIC1111 (and the official '*' placehol
 PER_IMAGE_TOKEN = "{token}-img{index}"
 
 
-class InversionError(Exception):
+class InversionError(UserError):
     """Bad input or an impossible request, shown to the user as one line (`error: …`, exit 2)."""
 
 

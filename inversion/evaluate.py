@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from inversion import data as D
+from inversion import models
 from inversion.clip import CLIP_ARCH, CLIP_WEIGHTS, RANDOM, CLIPScorer, clip_text, cosine
 from inversion.embedding import InversionError, atomic_write, load_embedding_file
 from inversion.rundir import RunDir
@@ -181,8 +182,8 @@ def _check(args: argparse.Namespace) -> None:
         cli.finite("SCALE", args.scale), cli.finite("--eta", args.eta, 0.0), cli.seed_rule("SEED", args.seed),
         cli.at_least("--size", args.size, 8),
         (args.dtype in cli.DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(cli.DTYPES)}"),
-        (args.ckpt is not None or args.model is None or args.model in cli.MODEL_CHOICES,
-         f"unknown MODEL={args.model!r}; choose one of {', '.join(cli.MODEL_CHOICES)} or give CKPT=path"),
+        (args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
+         f"unknown MODEL={args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give CKPT=path"),
         (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
         (args.embedding is None or Path(args.embedding).is_file(), f"--embedding {args.embedding}: no such file"),
     ], InversionError)
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None, scorer: CLIPScorer | None = None, model=
     if scorer is None:
         scorer = CLIPScorer.load(args.clip_weights, device, args.clip_arch)  # fail fast, before the big model
     if model is None:
-        model = cli.load(args.model or info.get("model"), args.ckpt or info.get("ckpt"), device,
+        model = models.load(args.model or info.get("model"), args.ckpt or info.get("ckpt"), device,
                          dtype)
     model.eval()
     for word, vectors in words.items():  # per-image tokens too, so every id of the file is defined

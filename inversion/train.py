@@ -38,15 +38,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from inversion import data as D
-from inversion import stopping
+from inversion import models, stopping
 from inversion.config import TrainConfig
 from inversion.distributed import Dist, GracefulStop, any_rank, barrier, init_distributed
 from inversion.embedding import InversionError, LearnedWords
+from inversion.models import model_hash
 from inversion.rundir import RunDir, load_state, plot_loss, read_loss_csv, rng_state, set_rng_state
 from inversion.templates import MIXING_PROB, TemplateError, dual_templates, load_templates
-from ldm import cli
+from ldm import cli, determinism
 from ldm.precision import DTYPES
-from ldm.sample import model_hash
 from ldm.tokenizer import fit_ids
 
 log = logging.getLogger("inversion.train")
@@ -234,8 +234,6 @@ def run(config: TrainConfig, model=None) -> Result:
     """Run (or resume) textual inversion as `config` says."""
     d, device = init_distributed(config.device)
     if config.deterministic:
-        from ldm import determinism
-
         determinism.enable(device, config.seed)
     concept = D.resolve_concept(config.concept)
     try:
@@ -249,7 +247,7 @@ def run(config: TrainConfig, model=None) -> Result:
         out = RunDir(holder[0])
     config = config.replace(out=str(out.path))
     if model is None:
-        model = cli.load(config.model, config.ckpt, device, torch.float32)
+        model = models.load(config.model, config.ckpt, device, torch.float32)
     config = config.resolve(model, concept, cpu=device.type == "cpu")
     freeze(model, config)
     config.check_context(model.tokenizer, templates, duals)

@@ -1,4 +1,4 @@
-"""What the command-line tools share: picking a model, a device and a dtype, and one-line errors."""
+"""What the command-line tools share: checked settings, a device and a dtype, writable folders, one-line errors."""
 from __future__ import annotations
 
 import argparse
@@ -14,16 +14,15 @@ from pathlib import Path
 
 import torch
 
+from ldm.errors import UserError
 from ldm.precision import DTYPES
 
 log = logging.getLogger(__name__)
 
-MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "tiny")
-ROOT = Path(__file__).resolve().parent.parent
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
@@ -102,62 +101,15 @@ def check_writable(folder: Path, name: str = "OUT") -> Path:
     return folder
 
 
-def model_path(model: str) -> Path:
-    """The checkpoint file behind a MODEL name (downloaded ones live in weights/)."""
-    if model == "shapes":
-        return ROOT / "weights" / "shapes.safetensors"
-    from weights.download import DownloadError, local_path
-
-    try:
-        return local_path(model)
-    except DownloadError as e:
-        raise UsageError(f"{e}; or use MODEL=shapes / MODEL=tiny, or CKPT=path") from None
-
-
-def load(model: str | None, ckpt: str | None, device: torch.device, dtype: torch.dtype,
-         prediction: str | None = None, allow_pickle: bool = False):
-    """A LatentDiffusion from MODEL (a known name) or CKPT (a path); missing weights say how to get them."""
-    import ldm
-
-    if ckpt:
-        path = Path(ckpt)
-        if not path.exists():
-            raise UsageError(f"CKPT={ckpt}: no such file or folder")
-        return ldm.load_model(path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle)
-    model = model or "sd15"
-    if model not in MODEL_CHOICES:
-        raise UsageError(f"unknown MODEL={model!r}; choose one of {', '.join(MODEL_CHOICES)} or give CKPT=path")
-    if model == "tiny":
-        return ldm.tiny_model(seed=0).to(device=device, dtype=dtype)
-    path = model_path(model)
-    if not path.exists():
-        if model == "shapes":
-            raise UsageError(f"{path} is missing; run `make pretrain-shapes` to rebuild it")
-        raise UsageError(f"no weights for MODEL={model} at {path}; download them with `make weights MODEL={model}`, "
-                         "or try the offline `make demo` (MODEL=shapes)")
-    if prediction is None and model == "sd21-v":
-        prediction = "v"
-    return ldm.load_model(path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle)
-
-
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI main, turning expected failures into one line on stderr (exit 2) and Ctrl-C into 130."""
-    from ldm.checkpoint import CheckpointError
-
-    expected: tuple[type[BaseException], ...] = (UsageError, CheckpointError, ValueError)
-    try:
-        from inversion.embedding import InversionError
-
-        expected += (InversionError,)
-    except ImportError:
-        pass
     logging.basicConfig(level=os.environ.get("ONEWORD_LOG", "INFO"), format="%(levelname)s: %(message)s")
     # A shell without job control starts background jobs with SIGINT ignored, and Python then installs no
     # handler: Ctrl-C / kill -INT must stop a CLI the same way however it was started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main(argv)
-    except expected as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -29,6 +29,8 @@ import random
 import numpy as np
 import torch
 
+from ldm import attention
+
 log = logging.getLogger(__name__)
 
 __all__ = ["enable", "GUARANTEES"]
@@ -45,8 +47,6 @@ def enable(device: torch.device | str, seed: int | None = None) -> str:
     device = torch.device(device)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     os.environ["ONEWORD_KERNELS"] = "math"
-    from ldm import attention
-
     attention.set_backend("math")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True

@@ -25,7 +25,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm import config as configs
+from ldm import samplers
+from ldm.bert import LDMBertTextModel
 from ldm.config import ModelConfig
+from ldm.precision import CudaGraphStep
+from ldm.schedule import Schedule
+from ldm.text import CLIPTextModel, OpenCLIPTextModel
+from ldm.tokenizer import Tokenizer
+from ldm.unet import UNetModel
+from ldm.vae import AutoencoderKL
+from ldm.wordpiece import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +44,10 @@ def build_text_encoder(text: dict) -> nn.Module:
     params = {k: v for k, v in text.items() if k != "kind"}
     kind = text.get("kind")
     if kind == "clip":
-        from ldm.text import CLIPTextModel
-
         return CLIPTextModel(**params)
     if kind == "openclip":
-        from ldm.text import OpenCLIPTextModel
-
         return OpenCLIPTextModel(**params)
     if kind == "ldmbert":
-        from ldm.bert import LDMBertTextModel
-
         return LDMBertTextModel(**params)
     raise ValueError(f"unknown text tower kind {kind!r}")
 
@@ -52,9 +55,6 @@ def build_text_encoder(text: dict) -> nn.Module:
 def build_modules(config: ModelConfig, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> tuple[nn.Module, nn.Module, nn.Module]:
     """UNet, VAE and text tower of `config` (on the meta device they allocate nothing)."""
-    from ldm.unet import UNetModel
-    from ldm.vae import AutoencoderKL
-
     with torch.device(device or "cpu"):
         unet = UNetModel(**config.unet)
         vae = AutoencoderKL(**config.vae)
@@ -68,12 +68,8 @@ def build_modules(config: ModelConfig, device: torch.device | str | None = None,
 def build_tokenizer(config: ModelConfig):
     """The tokenizer that belongs to `config`: CLIP BPE for SD1/SD2, WordPiece for LDM-1.4B."""
     if config.tokenizer in ("sd1", "sd2"):
-        from ldm.tokenizer import Tokenizer
-
         return Tokenizer(config.tokenizer, context_length=config.text.get("context_length", 77))
     if config.tokenizer == "bert":
-        from ldm.wordpiece import WordPieceTokenizer
-
         return WordPieceTokenizer(None, context_length=config.text.get("max_seq_len", 77))
     raise ValueError(f"unknown tokenizer {config.tokenizer!r}")
 
@@ -276,8 +272,6 @@ class LatentDiffusion(nn.Module):
         return model_fn
 
     def _check_sampling(self, sampler: str, steps: int, height: int, width: int) -> None:
-        from ldm import samplers
-
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
         if steps <= 0:
@@ -306,8 +300,6 @@ class LatentDiffusion(nn.Module):
         """Sample scaled latents for a batch of prompts; row i is seeded with seed + i.
 
         `cuda_graph` captures the guided UNet step once and replays it (CUDA only; eager elsewhere)."""
-        from ldm import samplers
-
         self._check_sampling(sampler, steps, height, width)
         prompts = list(prompts)
         model_fn = self._guided(prompts, negative_prompts, scale)
@@ -326,8 +318,6 @@ class LatentDiffusion(nn.Module):
                 callback(i, t, x)
 
         if cuda_graph:
-            from ldm.precision import CudaGraphStep
-
             t0 = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
             model_fn = CudaGraphStep(model_fn, x_T, t0)
         try:
@@ -375,8 +365,6 @@ class LatentDiffusion(nn.Module):
         (1 = edit, (B|1, 1, h, w)) Blended Latent Diffusion (Avrahami et al. 2023, Alg. 1).
 
         `latents` may be None only for strength 1 without a mask (pure noise: text-to-image)."""
-        from ldm import samplers
-
         _check_strength(strength)
         vf = self.config.vae_factor
         self._check_sampling(sampler, steps, noise.shape[-2] * vf, noise.shape[-1] * vf)
@@ -509,8 +497,6 @@ def _randomise_zero_weights(module: nn.Module, generator: torch.Generator) -> No
 
 def tiny_model(seed: int = 0) -> LatentDiffusion:
     """A tiny random-initialised SD1-class model (64-px images) for tests and offline smoke runs."""
-    from ldm.schedule import Schedule
-
     config = configs.tiny()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

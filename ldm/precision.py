@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ldm.layers import GroupNorm32
+
 __all__ = ["DTYPES", "CudaGraphStep", "check_precision_policy", "maybe_compile", "to_channels_last"]
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,5 @@ def check_precision_policy(model: nn.Module) -> list[str]:
     Device-independent: every norm must be `ldm.layers.GroupNorm32` (fused kernel or fp32 reference), whatever
     the weights' dtype.
     """
-    from ldm.layers import GroupNorm32
-
     return [name for name, m in model.named_modules()
             if isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm32)]

@@ -1,5 +1,5 @@
 """Editing: SDEdit parity with the original img2img indexing, Blended Latent Diffusion invariants, the
-`python -m ldm.edit` CLI, and the offline proof on the shipped shapes model with a learned ring word."""
+`python -m apps.edit` CLI, and the offline proof on the shipped shapes model with a learned ring word."""
 from __future__ import annotations
 
 import subprocess
@@ -225,7 +225,7 @@ def test_half_precision_masked_edit_on_cuda(dtype):
     assert np.abs(half - ref).mean() < 10
 
 
-# --- the CLI: `python -m ldm.edit` / `make edit` -----------------------------------------------------------
+# --- the CLI: `python -m apps.edit` / `make edit` -----------------------------------------------------------
 
 def run_edit(argv, capsys):
     from ldm import cli, edit
@@ -319,7 +319,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, case, expect):
 
 
 def test_make_edit_runs_the_module_and_errors_are_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ldm.edit", "--image", str(tmp_path / "x.png"), "--prompt", "a",
+    r = subprocess.run([sys.executable, "-m", "apps.edit", "--image", str(tmp_path / "x.png"), "--prompt", "a",
                         "--strength", "1.5", "--model", "tiny"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: STRENGTH=1.5 must be in (0, 1] (1 = start from pure noise)"
 

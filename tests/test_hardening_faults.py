@@ -196,7 +196,7 @@ def test_ctrl_c_during_training_saves_and_exits_0(tmp_path):
 
 def test_ctrl_c_during_sampling_keeps_the_images_already_written(tmp_path):
     out = tmp_path / "samples"
-    proc = subprocess.Popen([PY, "-m", "ldm.sample", "--model", "tiny", "--prompt", "a photo of a cat", "--n", "200",
+    proc = subprocess.Popen([PY, "-m", "apps.sample", "--model", "tiny", "--prompt", "a photo of a cat", "--n", "200",
                              "--batch-size", "1", "--steps", "4", "--H", "32", "--W", "32", "--device", "cpu",
                              "--out", str(out)], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

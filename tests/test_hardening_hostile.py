@@ -260,8 +260,8 @@ def test_bad_embedding_values_are_refused_with_a_message(tmp_path, value, messag
 
 @pytest.mark.parametrize("width, message", [(768, r"768 wide \(SD1.x"), (1024, r"1024 wide \(SD2.x")])
 def test_wrong_width_in_the_sample_cli_is_one_line(tmp_path, capsys, width, message):
+    from apps import sample as S
     from ldm import cli
-    from ldm import sample as S
 
     save_file({"<w>": torch.randn(1, width)}, str(tmp_path / "w.safetensors"))
     rc = cli.run(S.main, ["--model", "tiny", "--prompt", "a <w>", "--n", "1", "--steps", "1", "--H", "32",

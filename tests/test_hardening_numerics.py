@@ -71,10 +71,10 @@ def test_nan_steps_are_skipped_counted_and_leave_the_vectors_alone(tmp_path, cap
 
 
 def test_k_bad_steps_in_a_row_stop_with_advice_and_keep_the_vectors(tmp_path, capsys, monkeypatch):
-    from ldm import cli
+    from inversion import models
 
     monkeypatch.setenv("ONEWORD_LOG", "WARNING")
-    monkeypatch.setattr(cli, "load", lambda *a, **k: _nan_model({3, 4, 5, 6}))
+    monkeypatch.setattr(models, "load", lambda *a, **k: _nan_model({3, 4, 5, 6}))
     rc = T.cli_main(_args(tmp_path, "--max-bad-steps", "3", "--steps", "20", "--save-every", "100"))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert rc == 2 and len(err) == 1
@@ -109,7 +109,7 @@ def test_deterministic_mode_sets_its_switches_and_reruns_are_bit_identical(tmp_p
 
 
 def test_deterministic_sampling_gives_identical_files(tmp_path, restore_determinism, capsys):
-    from ldm import sample as S
+    from apps import sample as S
 
     for out in ("a", "b"):
         assert S.main(["--model", "tiny", "--prompt", "a cat", "--n", "2", "--steps", "2", "--H", "32", "--W", "32",

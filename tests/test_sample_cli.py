@@ -1,4 +1,4 @@
-"""`python -m ldm.sample` / `make sample` on the tiny model: files, metadata, determinism, one-line errors."""
+"""`python -m apps.sample` / `make sample` on the tiny model: files, metadata, determinism, one-line errors."""
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ldm.sample", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "apps.sample", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 
 

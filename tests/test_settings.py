@@ -15,15 +15,16 @@ import torch
 from safetensors.torch import save_file
 
 import ldm
+from apps import sample as S
 from experiments.figures import FIGURES, figure_module
 from experiments.figures import _common as C
 from inversion import evaluate as E
+from inversion import models
 from inversion import train as T
 from inversion.config import TrainConfig
 from inversion.config import build_parser as train_parser
 from inversion.templates import dual_templates, load_templates, max_vectors
 from ldm import cli
-from ldm import sample as S
 from tests.helpers import ROOT, subprocess_env, train_argv
 
 PRE, POST = "before the model loads", "once the model is known"
@@ -274,7 +275,7 @@ def test_an_invalid_setting_is_one_line_with_exit_status_2(command, option, extr
         raise AssertionError(f"{command} {option}: a model loaded before the setting was checked")
 
     if when != POST:  # these limits do not depend on the model: nothing heavy may have loaded
-        monkeypatch.setattr(cli, "load", refuse)
+        monkeypatch.setattr(models, "load", refuse)
     if when == PRE:
         monkeypatch.setattr(E.CLIPScorer, "load", classmethod(lambda cls, *a, **k: refuse()))
     rc = cli.run(main, argv)

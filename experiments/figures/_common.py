@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from inversion import models
 from inversion.config import TrainConfig, as_flags
 from inversion.embedding import InversionError, atomic_write
 from inversion.rundir import RunDir
@@ -83,8 +84,8 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         *(cli.at_least(f"--{key.replace('_', '-')}", getattr(args, key, None))
           for key in ("steps", "n", "sample_steps", "batch", "rows", "eval_n")),
         cli.at_least("--size", args.size, 8), cli.finite("--scale", args.scale), cli.seed_rule("--seed", args.seed),
-        (args.ckpt is not None or args.model is None or args.model in cli.MODEL_CHOICES,
-         f"unknown --model {args.model!r}; choose one of {', '.join(cli.MODEL_CHOICES)} or give --ckpt PATH"),
+        (args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
+         f"unknown --model {args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give --ckpt PATH"),
         (args.ckpt is None or Path(args.ckpt).exists(), f"--ckpt {args.ckpt}: no such file or folder"),
         *((Path(r).is_dir(), f"--run {r}: no such run directory") for r in split_list(args.run)),
         (args.prompts is None or bool(prompts_or(args, ())), f"--prompts {args.prompts!r} holds no prompt"),
@@ -191,7 +192,7 @@ class Context:
     def base(self):
         """The frozen LatentDiffusion, loaded once and shared by every fresh copy."""
         if self._base is None:
-            self._base = cli.load(self.args.model, self.args.ckpt, self.device, torch.float32).eval()
+            self._base = models.load(self.args.model, self.args.ckpt, self.device, torch.float32).eval()
             self._base.requires_grad_(False)
         return self._base
 

@@ -2,9 +2,10 @@
 and shapes; a file that is none of them is a CheckpointError that says why."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from torch import Tensor
@@ -199,19 +200,23 @@ def detect_variant(state_dict: Mapping[str, Tensor], prediction: str | None = No
                       parameterization=prediction or base.parameterization, **extra)
 
 
-def prediction_from_file(path: Path) -> str | None:
-    """eps/v for a single file: a sibling .yaml (`parameterization: "v"`), else the weights manifest by name,
-    size and (when the name is unknown) sha256."""
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prediction_from_file(path: Path, known_files: Sequence[Mapping] = ()) -> str | None:
+    """eps/v for a single file: a sibling .yaml (`parameterization: "v"`), else the published files it matches
+    ({file, size, sha256, prediction} entries) by name, size and (when the name is unknown) sha256."""
     yaml = path.with_suffix(".yaml")
     if yaml.is_file():
         m = re.search(r"parameterization:\s*[\"']?(\w+)", yaml.read_text(errors="replace"))
         log.info("%s: parameterization from %s", path, yaml)
         return "v" if m and m.group(1) == "v" else "eps"
-    try:
-        from weights.download import manifest, sha256_of
-        entries = list(manifest().values())
-    except (ImportError, OSError, ValueError):
-        return None
+    entries = list(known_files)
     size = path.stat().st_size
     same = [e for e in entries if e.get("size") == size]
     named = [e for e in same if e.get("file") == path.name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -14,6 +14,8 @@ from ldm import diffusers_keys as dk
 from ldm.checkpoint.detect import detect_variant, prediction_from_file
 from ldm.checkpoint.read import CONFIG_KEY, KNOWN_EXTRAS, PREFIXES, CheckpointError, LazyStateDict, read_checkpoint
 from ldm.config import ModelConfig
+from ldm.pipeline import LatentDiffusion, build_modules, build_tokenizer
+from ldm.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,8 @@ def _plausible_alphas(alphas: Tensor, timesteps: int) -> bool:
 
 
 def load_model(path_or_dir: str | Path, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None, prediction: str | None = None, allow_pickle: bool = False):
+               dtype: torch.dtype | None = None, prediction: str | None = None, allow_pickle: bool = False,
+               known_files: Sequence[Mapping] = ()):
     """Load a Stable Diffusion 1.x/2.x checkpoint (.safetensors, .ckpt, diffusers folder) into a frozen
     LatentDiffusion, strictly; dtype defaults to float32, device to CPU.
 
@@ -105,14 +108,15 @@ def load_model(path_or_dir: str | Path, device: torch.device | str | None = None
     memory is about one model in the target dtype. .safetensors tensors are read into fresh memory; .ckpt
     tensors stay memory-mapped when no cast or move is needed (PyTorch's mmap + assign recipe).
     `prediction` ("eps" | "v") overrides what the files say (a diffusers scheduler config, a sibling .yaml,
-    the weights manifest); SD 2.x weights alone cannot tell eps from v, and default to eps."""
+    `known_files`: published files as {file, size, sha256, prediction}, e.g. weights/manifest.json's entries);
+    SD 2.x weights alone cannot tell eps from v, and default to eps."""
     path = Path(path_or_dir)
     source = str(path)
     device = torch.device(device or "cpu")
     dtype = dtype or torch.float32
     sd, hints = read_checkpoint(path, allow_pickle)
     with _malformed(source):
-        return _load(path, source, sd, hints, device, dtype, prediction)
+        return _load(path, source, sd, hints, device, dtype, prediction, known_files)
 
 
 @contextlib.contextmanager
@@ -132,14 +136,11 @@ def _malformed(source: str) -> Iterator[None]:
 
 
 def _load(path: Path, source: str, sd: LazyStateDict, hints: dict, device: torch.device, dtype: torch.dtype,
-          prediction: str | None):
-    from ldm.pipeline import LatentDiffusion, build_modules, build_tokenizer
-    from ldm.schedule import Schedule
-
+          prediction: str | None, known_files: Sequence[Mapping]):
     config = detect_variant(sd, prediction, source=source, hints=hints)
     if (prediction is None and "prediction" not in hints and CONFIG_KEY not in sd
             and config.text["kind"] == "openclip" and path.is_file()):
-        found = prediction_from_file(path)
+        found = prediction_from_file(path, known_files)
         if found:
             config = detect_variant(sd, found, source=source, hints=hints)
         else:

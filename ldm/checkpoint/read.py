@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ldm import diffusers_keys as dk
 from ldm.config import ModelConfig
+from ldm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _LIGHTNING_LEFTOVERS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",)
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not match a supported model; the message says why."""
 
 

@@ -1,8 +1,8 @@
-"""Editing from the command line: `python -m ldm.edit --image photo.png [--mask mask.png] --prompt "..."`.
+"""Editing from the command line: `python -m apps.edit --image photo.png [--mask mask.png] --prompt "..."`.
 
 Without a mask: image-to-image (SDEdit, as the original Stable Diffusion img2img script); with a mask (white =
 edit, any single-channel or RGB image): Blended Latent Diffusion, then every pixel outside the mask is the
-input's. Takes the options of `ldm.sample` except the size: the output has the input's size. Sides that are not
+input's. Takes the options of `apps.sample` except the size: the output has the input's size. Sides that are not
 multiples of the model's factor (64 px for Stable Diffusion, 8 for the shapes model) are resized down to the next
 multiple, with a notice, as the original img2img does; a mask of another size is resized to the image's.
 
@@ -18,16 +18,19 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm import cli, sample
+from apps import sample
+from inversion.data import load_image
+from inversion.models import model_hash
+from ldm import cli
 from ldm.pipeline import image_grid, mask_tensor
 
-log = logging.getLogger("ldm.edit")
+log = logging.getLogger("apps.edit")
 
 MAX_SIDE_FACTOR = 4  # sides up to 4× the model's training size (2048 px for SD 1.x): past that, downscale first
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m ldm.edit", description="Edit an image with a text prompt.")
+    p = cli.ArgumentParser(prog="python -m apps.edit", description="Edit an image with a text prompt.")
     p.add_argument("--image", required=True, help="the picture to edit")
     p.add_argument("--mask", default=None, help="white = edit, black = keep (any single-channel or RGB image)")
     p.add_argument("--strength", type=float, default=0.75,
@@ -49,8 +52,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 def read_image(path: str, what: str) -> Image.Image:
     """An RGB image through the training data's guards (decompression-bomb limit, corrupt files: one line)."""
-    from inversion.data import load_image
-
     if not Path(path).is_file():
         raise cli.UsageError(f"{what}={path}: no such file")
     return load_image(path)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             mask = None
     steps = args.steps or cfg.steps
     scale = cfg.guidance if args.scale is None else args.scale
-    mhash, mname = sample.model_hash(args.model, args.ckpt)
+    mhash, mname = model_hash(args.model, args.ckpt)
     extra: dict[str, object] = {"Denoising strength": float(args.strength)}
     if mask is not None:
         extra["Mask blur"] = args.mask_blur

@@ -1,4 +1,4 @@
-"""Text-to-image sampling from the command line: `python -m ldm.sample --prompt "a photo of a cat"`.
+"""Text-to-image sampling from the command line: `python -m apps.sample --prompt "a photo of a cat"`.
 
 Writes one PNG per image and a grid, each carrying its parameters in a PNG text chunk named `parameters`
 (the AUTOMATIC1111 convention), never overwriting an existing file.
@@ -6,7 +6,6 @@ Writes one PNG per image and a grid, each carrying its parameters in a PNG text 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import re
@@ -16,12 +15,15 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from ldm import cli
+from inversion import curate, models
+from inversion.embedding import check_width, load_embedding_file
+from inversion.models import model_hash
+from ldm import attention, cli, determinism
 from ldm.attention import BACKENDS
 from ldm.pipeline import image_grid
-from ldm.precision import DTYPES
+from ldm.precision import DTYPES, maybe_compile
 
-log = logging.getLogger("ldm.sample")
+log = logging.getLogger("apps.sample")
 
 SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "ddpm": "DDPM", "dpmpp_2m": "DPM++ 2M"}
 
@@ -30,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "outputs/samples") -> N
     """The options `make sample` and `make edit` share: prompt, model, sampling, output, device, learned words."""
     p.add_argument("--prompt", required=True)
     p.add_argument("--neg", default="", help="negative prompt")
-    p.add_argument("--model", default=None, help=f"one of {', '.join(cli.MODEL_CHOICES)} (default sd15)")
+    p.add_argument("--model", default=None, help=f"one of {', '.join(models.MODEL_CHOICES)} (default sd15)")
     p.add_argument("--ckpt", default=None, help="a checkpoint file or diffusers folder (overrides --model)")
     p.add_argument("--prediction", choices=("eps", "v"), default=None, help="override the parameterisation")
     p.add_argument("--allow-pickle", action="store_true",
@@ -54,13 +56,11 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "outputs/samples") -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m ldm.sample", description="Sample images from a text prompt.")
+    p = cli.ArgumentParser(prog="python -m apps.sample", description="Sample images from a text prompt.")
     add_arguments(p)
     p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's)")
     p.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
-    from inversion import curate
-
     curate.add_arguments(p)          # --best-of --keep --rank --concept --clip-weights --image-weight
     return p
 
@@ -89,27 +89,6 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
     return path
 
 
-def model_hash(model: str | None, ckpt: str | None) -> tuple[str, str]:
-    """(AUTOMATIC1111-style short sha256, model name) of the checkpoint used."""
-    model = model or "sd15"
-    if ckpt is None and model == "tiny":
-        return "tiny", "tiny"
-    if ckpt is None and model != "shapes":
-        from weights.download import manifest
-
-        entry = manifest()[model]
-        if entry["sha256"]:
-            return entry["sha256"][:10], Path(entry["file"]).stem
-    path = Path(ckpt) if ckpt else cli.model_path(model)
-    if path.is_dir():
-        return "", path.name
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:10], path.stem
-
-
 def infotext(prompt: str, neg: str, steps: int, sampler: str, scale: float, seed: int, width: int, height: int,
              mhash: str, mname: str, extra: dict[str, object] | None = None) -> str:
     """AUTOMATIC1111's parameters text: prompt, negative prompt, then one line of key: value pairs (`extra` last,
@@ -129,8 +108,6 @@ def infotext(prompt: str, neg: str, steps: int, sampler: str, scale: float, seed
 
 def add_embeddings(model, spec: str, token: str | None) -> list[str]:
     """Load learned words from files (official, diffusers, AUTOMATIC1111, kohya) into the model."""
-    from inversion.embedding import check_width, load_embedding_file
-
     files = [s for s in spec.split(",") if s]
     if token and len(files) > 1:
         raise cli.UsageError("TOKEN= names the word of a single embedding file; give one file")
@@ -151,8 +128,8 @@ def check_args(args: argparse.Namespace) -> None:
         (args.sampler in SAMPLER_NAMES, f"unknown SAMPLER={args.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}"),
         cli.at_least("STEPS", args.steps), cli.at_least("N", args.n), cli.at_least("--batch-size", args.batch_size),
         cli.finite("SCALE", args.scale), cli.finite("ETA", args.eta, 0.0), cli.seed_rule("SEED", args.seed),
-        (args.ckpt is not None or args.model is None or args.model in cli.MODEL_CHOICES,
-         f"unknown MODEL={args.model!r}; choose one of {', '.join(cli.MODEL_CHOICES)} or give CKPT=path"),
+        (args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
+         f"unknown MODEL={args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give CKPT=path"),
         (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
         (args.dtype in DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(DTYPES)}"),
         (args.attention is None or args.attention in BACKENDS,
@@ -174,19 +151,13 @@ def check_size(model, height: int, width: int) -> None:
 def load_model(args: argparse.Namespace):
     """(model with the learned words, those words, device) from add_arguments' options."""
     if args.attention:
-        from ldm import attention
-
         attention.set_backend(args.attention)
     device = cli.pick_device(args.device)
     if args.deterministic:
-        from ldm import determinism
-
         determinism.enable(device, args.seed)
     dtype = cli.pick_dtype(args.dtype, device)
-    model = cli.load(args.model, args.ckpt, device, dtype, args.prediction, args.allow_pickle)
+    model = models.load(args.model, args.ckpt, device, dtype, args.prediction, args.allow_pickle)
     if args.compile:
-        from ldm.precision import maybe_compile
-
         maybe_compile(model.unet, True)
     words: list[str] = []
     if args.embedding:
@@ -198,8 +169,6 @@ def load_model(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
-    from inversion import curate
-
     cli.check([cli.at_least("H", args.H, 8), cli.at_least("W", args.W, 8)])
     curate.check_args(args)
     curate.check_files(args)

@@ -1,0 +1,71 @@
+"""The MODEL= names (sd15, sd21, sd21-v, ldm-1.4b, shapes, tiny) resolved to checkpoints through weights/, loaded,
+and identified for the files that record which model they belong to (A1111's `sd_checkpoint`, PNG metadata)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+import ldm
+from ldm.cli import UsageError
+from weights.download import WEIGHTS_DIR, DownloadError, local_path, manifest
+
+MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "tiny")
+SHIPPED = {"shapes": "make pretrain-shapes"}          # models this repository builds itself, and how
+
+
+def model_path(model: str) -> Path:
+    """The checkpoint file behind a MODEL name (downloaded ones and the shipped ones live in weights/)."""
+    if model in SHIPPED:
+        return WEIGHTS_DIR / f"{model}.safetensors"
+    try:
+        return local_path(model)
+    except DownloadError as e:
+        raise UsageError(f"{e}; or use MODEL=shapes / MODEL=tiny, or CKPT=path") from None
+
+
+def load(model: str | None, ckpt: str | None, device: torch.device, dtype: torch.dtype,
+         prediction: str | None = None, allow_pickle: bool = False):
+    """A LatentDiffusion from MODEL (a known name) or CKPT (a path); missing weights say how to get them."""
+    known = list(manifest().values())
+    if ckpt:
+        path = Path(ckpt)
+        if not path.exists():
+            raise UsageError(f"CKPT={ckpt}: no such file or folder")
+        return ldm.load_model(path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle,
+                              known_files=known)
+    model = model or "sd15"
+    if model not in MODEL_CHOICES:
+        raise UsageError(f"unknown MODEL={model!r}; choose one of {', '.join(MODEL_CHOICES)} or give CKPT=path")
+    if model == "tiny":
+        return ldm.tiny_model(seed=0).to(device=device, dtype=dtype)
+    path = model_path(model)
+    if not path.exists():
+        if model in SHIPPED:
+            raise UsageError(f"{path} is missing; run `{SHIPPED[model]}` to rebuild it")
+        raise UsageError(f"no weights for MODEL={model} at {path}; download them with `make weights MODEL={model}`, "
+                         "or try the offline `make demo` (MODEL=shapes)")
+    if prediction is None and model == "sd21-v":
+        prediction = "v"
+    return ldm.load_model(path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle,
+                          known_files=known)
+
+
+def model_hash(model: str | None, ckpt: str | None) -> tuple[str, str]:
+    """(AUTOMATIC1111-style short sha256, model name) of the checkpoint used."""
+    model = model or "sd15"
+    if ckpt is None and model == "tiny":
+        return "tiny", "tiny"
+    if ckpt is None and model not in SHIPPED:
+        entry = manifest()[model]
+        if entry["sha256"]:
+            return entry["sha256"][:10], Path(entry["file"]).stem
+    path = Path(ckpt) if ckpt else model_path(model)
+    if path.is_dir():
+        return "", path.name
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:10], path.stem
