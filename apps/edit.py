@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("MASK=%s covers the whole image: plain image-to-image", args.mask)
             mask = None
     steps = args.steps or cfg.steps
+    cli.check([cli.steps_rule("STEPS", steps, model)])
     scale = cfg.guidance if args.scale is None else args.scale
     mhash, mname = model_hash(args.model, args.ckpt)
     extra: dict[str, object] = {"Denoising strength": float(args.strength)}

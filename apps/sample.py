@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     model, words, device = load_model(args)
     cfg = model.config
     steps = args.steps or cfg.steps
+    cli.check([cli.steps_rule("STEPS", steps, model)])
     scale = cfg.guidance if args.scale is None else args.scale
     height, width = args.H or cfg.image_size, args.W or cfg.image_size
     check_size(model, height, width)

@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None, scorer: CLIPScorer | None = None, model=
     for word, vectors in words.items():  # per-image tokens too, so every id of the file is defined
         model.add_embedding(word, vectors)
     size = args.size or model.config.image_size
-    cli.check([cli.multiple_rule("--size", size, model.latent_factor)], InversionError)
+    cli.check([cli.multiple_rule("--size", size, model.latent_factor), cli.steps_rule("STEPS", args.steps, model)],
+              InversionError)
     images = D.ConceptImages(D.resolve_concept(concept), size)
     train_images = images.batch(list(range(len(images))), [False] * len(images))  # official: flip_p 0
 

@@ -249,6 +249,7 @@ def run(config: TrainConfig, model=None) -> Result:
     if model is None:
         model = models.load(config.model, config.ckpt, device, torch.float32)
     config = config.resolve(model, concept, cpu=device.type == "cpu")
+    cli.check([cli.steps_rule("--val-steps", config.val_steps, model)], InversionError)
     freeze(model, config)
     config.check_context(model.tokenizer, templates, duals)
     if config.progressive and (config.vectors - 1) * config.progressive >= config.steps:

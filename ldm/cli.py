@@ -51,6 +51,12 @@ def finite(name: str, value: float | None, low: float | None = None) -> tuple[bo
     return ok, f"{name}={value} must be a finite number" + (f" ≥ {low:g}" if low is not None else "")
 
 
+def steps_rule(name: str, steps: int | None, model) -> tuple[bool, str]:
+    """Sampling steps must be at most the model's training timesteps (the schedule a sampler strides through)."""
+    limit = model.schedule.num_timesteps
+    return steps is None or steps <= limit, f"{name}={steps} must be at most this model's {limit} timesteps"
+
+
 def seed_rule(name: str, value: int | None) -> tuple[bool, str]:
     """Seeds are non-negative 63-bit integers (torch.Generator.manual_seed's range)."""
     return value is None or 0 <= value < 2**63, f"{name}={value} must be between 0 and 2**63 - 1"

@@ -394,8 +394,9 @@ def test_module_prefixes_cover_the_checkpoint(tiny, tiny_sd):
     assert module_prefixes(tiny.config)[2] == "cond_stage_model.transformer."
 
 
-def test_prediction_from_manifest_name_size_or_hash(tmp_path, monkeypatch):
-    """eps/v of an SD2-layout file from the weights manifest: by file name and size, else by sha256."""
+def test_prediction_from_manifest_name_size_or_hash(tmp_path):
+    """eps/v of an SD2-layout file from the published files (weights/manifest.json's entries, as the MODEL= loader
+    passes them): by file name and size, else by sha256."""
     import weights.download as wd
 
     cfg = tiny_openclip()
@@ -405,9 +406,9 @@ def test_prediction_from_manifest_name_size_or_hash(tmp_path, monkeypatch):
     size, digest = path.stat().st_size, wd.sha256_of(path)
     entries = {"base": {"file": "base.safetensors", "size": size, "sha256": "0" * 64, "family": "sd2"},
                "v": {"file": "v.safetensors", "size": size, "sha256": digest, "prediction": "v"}}
-    monkeypatch.setattr(wd, "manifest", lambda: entries)
-    assert load_model(path).config.parameterization == "v"  # same size as both: hashed
+    known = list(entries.values())
+    assert load_model(path, known_files=known).config.parameterization == "v"  # same size as both: hashed
     entries["v"]["sha256"] = "f" * 64
-    assert load_model(path).config.parameterization == "eps"  # unknown hash: eps, with a warning
+    assert load_model(path, known_files=known).config.parameterization == "eps"  # unknown hash: eps, with a warning
     named = path.rename(tmp_path / "v.safetensors")
-    assert load_model(named).config.parameterization == "v"  # known name and size: no hashing
+    assert load_model(named, known_files=known).config.parameterization == "v"  # known name and size: no hashing

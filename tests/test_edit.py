@@ -228,7 +228,8 @@ def test_half_precision_masked_edit_on_cuda(dtype):
 # --- the CLI: `python -m apps.edit` / `make edit` -----------------------------------------------------------
 
 def run_edit(argv, capsys):
-    from ldm import cli, edit
+    from apps import edit
+    from ldm import cli
 
     code = cli.run(edit.main, [str(a) for a in argv])
     return code, capsys.readouterr()

@@ -219,7 +219,9 @@ class Context:
 
     @property
     def sample_steps(self) -> int:
-        return self.args.sample_steps or self.base().config.steps
+        steps = self.args.sample_steps or self.base().config.steps
+        cli.check([cli.steps_rule("--sample-steps", steps, self.base())], FigureError)
+        return steps
 
     @property
     def scale(self) -> float:
