@@ -128,7 +128,7 @@ def _geglu_case(case: Case):
     from ldm.kernels import geglu as G
 
     fn = {"geglu_fwd": G._geglu_fwd, "geglu_bwd": G._geglu_bwd}[case.kernel]
-    meta = dict(G.launch_meta())
+    meta = dict(G.launch_meta(16 // torch.empty((), dtype=case.dtype).element_size()))
     warps = meta.pop("num_warps")
     stages = meta.pop("num_stages")
     return fn, meta, {}, warps, stages, f"BLOCK={meta['BLOCK']}"
@@ -161,7 +161,7 @@ def compile_kernel(case: Case) -> Figures:
             signature[name] = "constexpr"
         elif name in ("qk_scale", "sm_scale", "eps", "inv_len"):
             signature[name] = "fp32"
-        elif name[0].isupper() and name not in _INT_ARGS:
+        elif name[0].isupper() and (name not in _INT_ARGS or case.kernel.startswith("geglu")):
             signature[name] = "*" + fixed[name] if name in fixed else elem
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:

@@ -71,8 +71,17 @@ if triton is not None:
         return z * tl.sigmoid(z)
 
     @triton.jit
-    def _gn_stats(X, PMEAN, PM2, L, CHUNK, BLOCK: tl.constexpr):
+    def _aligned(n, ALIGN: tl.constexpr):
+        """A host-checked length, rewritten so the compiler can prove it a multiple of ALIGN (16-byte loads)."""
+        if ALIGN > 1:
+            n = (n // ALIGN) * ALIGN
+        return n
+
+    @triton.jit
+    def _gn_stats(X, PMEAN, PM2, L, CHUNK, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
         """Mean and Σ(x − mean)² of one CHUNK of one (sample, group), two passes in fp32 (the second hits cache)."""
+        L = _aligned(L, ALIGN)
+        CHUNK = _aligned(CHUNK, ALIGN)
         pid = tl.program_id(0).to(tl.int64)
         split = tl.cdiv(L, CHUNK)
         grp = pid // split
@@ -109,8 +118,10 @@ if triton is not None:
         tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
-    def _gn_apply(X, Y, W, B, MEAN, RSTD, L, S, CG, G, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    def _gn_apply(X, Y, W, B, MEAN, RSTD, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr,
+                  BLOCK: tl.constexpr):
         """y = (x − μ)/σ·w + b (then SiLU) for one BLOCK of one (sample, group)."""
+        L = _aligned(L, ALIGN)
         nblk = tl.cdiv(L, BLOCK)
         grp = (tl.program_id(0) // nblk).to(tl.int64)
         offs = (tl.program_id(0) % nblk) * BLOCK + tl.arange(0, BLOCK)
@@ -137,8 +148,10 @@ if triton is not None:
 
     @triton.jit
     def _gn_bwd_reduce(X, DY, W, B, MEAN, RSTD, PDW, PDB, S, C, CG, G, CHUNK,
-                       SILU: tl.constexpr, BLOCK: tl.constexpr):
+                       SILU: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
         """Per (sample, channel, CHUNK of its S positions): partial Σdz·x̂ and Σdz (→ dw, db and the dx terms)."""
+        S = _aligned(S, ALIGN)
+        CHUNK = _aligned(CHUNK, ALIGN)
         pid = tl.program_id(0).to(tl.int64)
         split = tl.cdiv(S, CHUNK)
         nc = pid // split
@@ -165,8 +178,10 @@ if triton is not None:
         tl.store(PDB + pid, tl.sum(acc_b, 0))
 
     @triton.jit
-    def _gn_bwd_dx(X, DY, DX, W, B, MEAN, RSTD, C1, C2, L, S, CG, G, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    def _gn_bwd_dx(X, DY, DX, W, B, MEAN, RSTD, C1, C2, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr,
+                   BLOCK: tl.constexpr):
         """dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))/σ for one BLOCK of one (sample, group)."""
+        L = _aligned(L, ALIGN)
         nblk = tl.cdiv(L, BLOCK)
         grp = (tl.program_id(0) // nblk).to(tl.int64)
         offs = (tl.program_id(0) % nblk) * BLOCK + tl.arange(0, BLOCK)
@@ -186,18 +201,25 @@ _BLOCK = 1024
 _CHUNK = 16384  # elements one statistics program reduces: a 512-px VAE decoder group (~1 M) spreads over 64
 
 
-def launch_meta(kernel: str, split: int = 64) -> dict:
-    """Block size, warps and stages of each launch (`split`: chunks per group, for the combine kernel)."""
+def launch_meta(kernel: str, split: int = 64, align: int = 8) -> dict:
+    """Block size, alignment, warps and stages of each launch (`split`: chunks per group, for the combine)."""
     if kernel == "gn_combine":
         return {"BLOCK": max(16, triton.next_power_of_2(split)), "num_warps": 1, "num_stages": 1}
-    return {"BLOCK": _BLOCK, "num_warps": 4, "num_stages": 2 if kernel in ("gn_stats", "gn_bwd_reduce") else 1}
+    return {"BLOCK": _BLOCK, "ALIGN": align, "num_warps": 4,
+            "num_stages": 2 if kernel in ("gn_stats", "gn_bwd_reduce") else 1}
 
 
-def _meta(kernel: str, length: int, split: int = 64) -> dict:
-    meta = launch_meta(kernel, split)
+def _meta(kernel: str, length: int, split: int = 64, align: int = 1) -> dict:
+    meta = launch_meta(kernel, split, align)
     if kernel != "gn_combine":
         meta["BLOCK"] = min(meta["BLOCK"], max(16, triton.next_power_of_2(length)))
     return meta
+
+
+def _align(s: int, *tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes when every channel row (s elements) of every tensor starts 16-byte aligned, else 1."""
+    per = 16 // tensors[0].element_size()
+    return per if s % per == 0 and all(t.data_ptr() % 16 == 0 for t in tensors) else 1
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -214,9 +236,10 @@ class _GroupNormSiLU(torch.autograd.Function):
         mean = torch.empty(groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         y = torch.empty_like(x)
-        meta = _meta("gn_apply", length)
+        align = _align(s, x, y)
+        meta = _meta("gn_apply", length, align=align)
         with on_device(x):
-            _gn_stats[(groups * split,)](x, part[0], part[1], length, _CHUNK, **_meta("gn_stats", _CHUNK))
+            _gn_stats[(groups * split,)](x, part[0], part[1], length, _CHUNK, **_meta("gn_stats", _CHUNK, align=align))
             _gn_combine[(groups,)](part[0], part[1], mean, rstd, length, _CHUNK, eps, **_meta("gn_combine", 0, split))
             _gn_apply[(groups * triton.cdiv(length, meta["BLOCK"]),)](
                 x, y, weight, bias, mean, rstd, length, s, cg, num_groups, SILU=silu, **meta)
@@ -239,17 +262,17 @@ class _GroupNormSiLU(torch.autograd.Function):
         chunk = min(_CHUNK, s)
         split = triton.cdiv(s, chunk)
         part = torch.empty((2, n * c * split), device=x.device, dtype=torch.float32)
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        align = _align(s, x, dy, *(() if dx is None else (dx,)))
         with on_device(x):
             _gn_bwd_reduce[(n * c * split,)](x, dy, weight, bias, mean, rstd, part[0], part[1], s, c, cg, g, chunk,
-                                             SILU=ctx.silu, **_meta("gn_bwd_reduce", chunk))
+                                             SILU=ctx.silu, **_meta("gn_bwd_reduce", chunk, align=align))
         dw, db = part.view(2, n, c, split).sum(-1)  # per (sample, channel) Σdz·x̂, Σdz
         wf = weight.float()
         c1 = (wf * db).view(n * g, cg).sum(-1) / length  # mean(dx̂) per group
         c2 = (wf * dw).view(n * g, cg).sum(-1) / length  # mean(dx̂·x̂) per group
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            meta = _meta("gn_bwd_dx", length)
+        if dx is not None:
+            meta = _meta("gn_bwd_dx", length, align=align)
             with on_device(x):
                 _gn_bwd_dx[(n * g * triton.cdiv(length, meta["BLOCK"]),)](
                     x, dy, dx, weight, bias, mean, rstd, c1, c2, length, s, cg, g, SILU=ctx.silu, **meta)
