@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 # make variables → CLI flags, passed only when set
 opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
 
-.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes bench lint clean help
+.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes bench lint clean help gpu-wheels
 help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
 	@echo "make test                    ruff + the whole pytest suite (CPU; Triton kernels interpreted)"
@@ -86,6 +86,14 @@ demo: $(STAMP) weights/shapes.safetensors
 
 pretrain-shapes: $(STAMP)
 	$(PYTHON) -m experiments.shapes.pretrain $(call opt,--seed,$(SEED)) $(call opt,--steps,$(STEPS)) $(ARGS)
+
+# wheels a bare GPU machine (CPython 3.12, torch/triton/transformers preinstalled) lacks, for bash bench/gpu.sh
+GPU_WHEELS ?= bench/wheels
+gpu-wheels: $(STAMP)
+	$(PYTHON) -m pip download -q --dest $(GPU_WHEELS) --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --abi cp312 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		-r bench/gpu-wheels.txt
+	@ls $(GPU_WHEELS)/*.whl | wc -l | xargs echo "wheels in $(GPU_WHEELS):"; du -sh $(GPU_WHEELS)
 
 bench: $(STAMP)
 	$(PYTHON) -m bench.run $(call opt,--device,$(DEVICE)) $(call opt,--threads,$(THREADS)) $(call opt,--out,$(OUT)) \
