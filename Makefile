@@ -16,6 +16,7 @@ help:
 	@echo "make train CONCEPT=cat       [MODEL=] [STEPS=] [BATCH=] [LR=] [INIT=] [TOKEN=] [VECTORS=] ..."
 	@echo "make weights MODEL=sd15      download a public checkpoint (sha256-verified, resumable)"
 	@echo "make pretrain-shapes         retrain the shipped shapes model from scratch (2 CPU cores, ~27 min)"
+	@echo "make gpu-wheels              wheels for bash bench/gpu.sh on a bare GPU machine (into bench/wheels/)"
 
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)

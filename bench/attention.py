@@ -3,6 +3,7 @@
     python bench/attention.py [--dtype fp16|bf16|fp32] [--batch 2] [--backward] [--out bench.json]
 
     python bench/attention.py --routes FWD.json FWD_BWD.json   # the ldm.kernels.routing.MEASURED rows they support
+                                            # (--out files, or bench.run's phase-attention-*.json)
 
 On CUDA: head dims 40, 64, 80, 160 (8 heads) × self-attention over 4096/1024/256 tokens and cross-attention
 to 77 tokens; prints a table (ms, TFLOP/s, max relative error against math) and writes JSON with --out.
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.routes:
         fwd, fwd_bwd = (json.loads(path.read_text()) for path in args.routes)
+        fwd, fwd_bwd = fwd.get("result", fwd), fwd_bwd.get("result", fwd_bwd)  # bench.run's phase-*.json too
         print("\n".join(routes(fwd, fwd_bwd)) or "# no head dim with complete Triton and SDPA timings")
         return
     report = run(args)

@@ -9,6 +9,7 @@
 #   compile.json      the sm_XY compile figures of every auto-routable kernel (bench/compile.py) for this GPU
 #   attention-*.json  Triton vs SDPA vs math per head dim, fp16/bf16, forward and forward+backward
 #   phase-*.json, results.json   bench.run: oneword UNet fwd/bwd and sampling it/s, then oneword vs diffusers
+#   routes-{fp16,bf16}.txt   the ldm.kernels.routing.MEASURED rows those attention timings support
 #   gpu.log           everything printed
 # Whole run ≤ 8 minutes: bench.run stops starting phases after --deadline-s and is killed at 450 s.
 # Environment: PYTHON (default .venv/bin/python, else python3); WHEELS (default bench/wheels).
@@ -47,6 +48,10 @@ timeout 120 "$PYTHON" -m bench.compile --arch "$ARCH" --json "$OUT_DIR/compile.j
 timeout 450 "$PYTHON" -m bench.run --device cuda --size 512 --deadline-s 360 --phase-dir "$OUT_DIR" \
     --out "$OUT_DIR/results.json" "$@"
 status=$?
+for dt in fp16 bf16; do
+    "$PYTHON" -m bench.attention --routes "$OUT_DIR/phase-attention-$dt-fwd.json" \
+        "$OUT_DIR/phase-attention-$dt-fwd-bwd.json" > "$OUT_DIR/routes-$dt.txt" 2>&1 || true
+done
 echo "bench/gpu.sh: bench.run exit $status, end=$(date -u +%FT%TZ); files:"
 ls -l "$OUT_DIR"
 exit $status
