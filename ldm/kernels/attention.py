@@ -19,6 +19,7 @@ Which inputs "auto" sends here is decided in `ldm.kernels.routing` from recorded
 """
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -31,6 +32,17 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
+# Integer arguments are never specialised by value (divisibility by 16, == 1): alignment comes from the host-checked
+# ALIGN, so 77-token cross-attention and 4096-token self-attention, any layout, share one compiled kernel per
+# configuration (a GPU run compiles 4 kernels per dtype and head dim, not one per shape), the variant
+# tests/test_kernels_compile.py checks.
+_INT_ARGS = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som", "sdob", "sdoh",
+             "sdom", "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn", "sdqb", "sdqh", "sdqm", "H", "NQ", "NK"}
+
+
+def _jit(fn):
+    """triton.jit without value specialisation of the integer arguments in _INT_ARGS."""
+    return triton.jit(do_not_specialize=[n for n in inspect.signature(fn).parameters if n in _INT_ARGS])(fn)
 
 
 @triton.jit
@@ -85,7 +97,7 @@ def _bh(pid_bh, H, ALIGN: tl.constexpr, sb, sh):
     return b * _hint(sb, ALIGN) + h * _hint(sh, ALIGN)
 
 
-@triton.jit
+@_jit
 def _attn_fwd(Q, K, V, O, LSE,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
               H, NQ, NK, qk_scale,
@@ -146,7 +158,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
 
 
-@triton.jit
+@_jit
 def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, NQ,
                     HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, ALIGN: tl.constexpr,
                     BLOCK_M: tl.constexpr):
@@ -181,7 +193,7 @@ def _bwd_p_ds(s, dp, lse, delta, offs_m, offs_n, mask_m, mask_n, CAUSAL: tl.cons
     return p, p * (dp - delta[:, None])
 
 
-@triton.jit
+@_jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
@@ -250,7 +262,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         _st(dv_base, offs_n, mask_n, sdvn, offs_b, dv_b, HEAD_DIM, DA + DB > HEAD_DIM)
 
 
-@triton.jit
+@_jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                  H, NQ, NK, qk_scale, sm_scale,

@@ -51,7 +51,7 @@ def geglu(h: torch.Tensor, backend: str | None = None) -> torch.Tensor:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["inner"])
     def _geglu_fwd(H, Y, inner, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
         """y[r, c] = h[r, c]·Φ(h[r, inner + c])·h[r, inner + c] for one BLOCK of columns of row r, fp32 math."""
         if ALIGN > 1:  # host-checked: the compiler can then prove 16-byte rows (128-bit loads)
@@ -65,7 +65,7 @@ if triton is not None:
         y = a * (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
         tl.store(Y + row * inner + cols, y.to(Y.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["inner"])
     def _geglu_bwd(H, DY, DH, inner, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
         """da = dy·GELU(g); dg = dy·a·(Φ(g) + g·φ(g))."""
         if ALIGN > 1:

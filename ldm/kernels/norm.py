@@ -11,6 +11,7 @@ group of ~1 M elements runs on 64 programs instead of one; the backward reductio
 """
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -66,6 +67,11 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 
 if triton is not None:
 
+    def _jit(fn):
+        """triton.jit without value specialisation of the sizes: alignment comes from the host-checked ALIGN."""
+        sizes = {"L", "S", "C", "CG", "G", "CHUNK"}
+        return triton.jit(do_not_specialize=[n for n in inspect.signature(fn).parameters if n in sizes])(fn)
+
     @triton.jit
     def _silu_fwd(z):
         return z * tl.sigmoid(z)
@@ -77,7 +83,7 @@ if triton is not None:
             n = (n // ALIGN) * ALIGN
         return n
 
-    @triton.jit
+    @_jit
     def _gn_stats(X, PMEAN, PM2, L, CHUNK, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
         """Mean and Σ(x − mean)² of one CHUNK of one (sample, group), two passes in fp32 (the second hits cache)."""
         L = _aligned(L, ALIGN)
@@ -101,7 +107,7 @@ if triton is not None:
         tl.store(PMEAN + pid, mean)
         tl.store(PM2 + pid, tl.sum(acc, 0))
 
-    @triton.jit
+    @_jit
     def _gn_combine(PMEAN, PM2, MEAN, RSTD, L, CHUNK, eps, BLOCK: tl.constexpr):
         """Merge a group's chunk statistics (Chan et al. 1979): mean and 1/σ of the whole group."""
         pid = tl.program_id(0).to(tl.int64)
@@ -117,7 +123,7 @@ if triton is not None:
         tl.store(MEAN + pid, mean)
         tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
 
-    @triton.jit
+    @_jit
     def _gn_apply(X, Y, W, B, MEAN, RSTD, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr,
                   BLOCK: tl.constexpr):
         """y = (x − μ)/σ·w + b (then SiLU) for one BLOCK of one (sample, group)."""
@@ -146,7 +152,7 @@ if triton is not None:
             dz = dy * sig * (1.0 + z * (1.0 - sig))
         return xhat, dz
 
-    @triton.jit
+    @_jit
     def _gn_bwd_reduce(X, DY, W, B, MEAN, RSTD, PDW, PDB, S, C, CG, G, CHUNK,
                        SILU: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
         """Per (sample, channel, CHUNK of its S positions): partial Σdz·x̂ and Σdz (→ dw, db and the dx terms)."""
@@ -177,7 +183,7 @@ if triton is not None:
         tl.store(PDW + pid, tl.sum(acc_w, 0))
         tl.store(PDB + pid, tl.sum(acc_b, 0))
 
-    @triton.jit
+    @_jit
     def _gn_bwd_dx(X, DY, DX, W, B, MEAN, RSTD, C1, C2, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr,
                    BLOCK: tl.constexpr):
         """dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))/σ for one BLOCK of one (sample, group)."""
