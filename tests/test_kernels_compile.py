@@ -2,8 +2,8 @@
 
 Built by `bench.compile` through Triton's ahead-of-time API and its bundled ptxas, in one subprocess (this session's
 kernels run under TRITON_INTERPRET=1, which replaces the compiler). Asserts: it compiles; no register spills in
-fp16/bf16; shared memory within each architecture's limit (the fp32 backward at head dim 160 also within sm_86/89's
-99 KB); 128-bit global loads; attention main loops that load with cp.async/TMA, on sm_90 with wgmma in every dot and
+fp16/bf16; shared memory within each architecture's limit (the sm_80 tiles, which sm_86/89 also run, and the fp32
+backward at head dim 160 within sm_86/89's 99 KB); 128-bit global loads; attention main loops that load with cp.async/TMA, on sm_90 with wgmma in every dot and
 on sm_80 with mma.sync.
 """
 from __future__ import annotations
@@ -42,14 +42,14 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 def test_compiles_within_limits(figures: dict[str, dict], case: bc.Case) -> None:
     r = figures[case.label]
     half = case.dtype != torch.float32
-    assert r["shared"] <= bc.SMEM_LIMIT[case.arch], r
+    assert r["shared"] <= bc.SMEM_LIMIT[case.arch if case.arch >= 90 else 86], r  # sm_80 tiles run on sm_86/89 too
     if half:
         assert r["stack"] == 0 and r["local"] == 0, f"register spills: {r}"
         widest = max((bc._load_bits(op) for op in r["loads"]), default=0)
         if case.kernel != "gn_combine":  # a handful of fp32 partials
             assert widest == 128, f"widest global load {widest} bit: {r['loads']}"
     else:
-        assert r["shared"] <= bc.SMEM_LIMIT[86], r  # fp32 backward at head dim 160 fits sm_86/89 too
+        assert r["shared"] <= bc.SMEM_LIMIT[86], r  # the fp32 backward at head dim 160 fits sm_86/89 on sm_90 too
     if case.kernel in ("attn_fwd", "attn_dkdv", "attn_dq") and half:
         assert r["cp_async"] + r["tma"] > 0, f"main loop without cp.async/TMA: {r}"
         if case.arch >= 90:

@@ -107,7 +107,8 @@ def failed(key: tuple, err: BaseException, fallback: str) -> None:
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     tol = {torch.float16: 1e-2, torch.bfloat16: 4e-2}.get(got.dtype, 1e-4)
-    err = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12))
+    got, want = got.detach().float(), want.detach().float()
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
     if not err <= tol:
         raise RuntimeError(f"{what} differs from the reference by {err:.2e} (limit {tol:.0e})")
 
