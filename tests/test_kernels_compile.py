@@ -3,8 +3,8 @@
 Built by `bench.compile` through Triton's ahead-of-time API and its bundled ptxas, in one subprocess (this session's
 kernels run under TRITON_INTERPRET=1, which replaces the compiler). Asserts: it compiles; no register spills in
 fp16/bf16; shared memory within each architecture's limit (the sm_80 tiles, which sm_86/89 also run, and the fp32
-backward at head dim 160 within sm_86/89's 99 KB); 128-bit global loads; attention main loops that load with cp.async/TMA, on sm_90 with wgmma in every dot and
-on sm_80 with mma.sync.
+backward at head dim 160 within sm_86/89's 99 KB); 128-bit global loads; attention main loops that load with
+cp.async/TMA, on sm_90 with wgmma in every dot and on sm_80 with mma.sync.
 """
 from __future__ import annotations
 
