@@ -7,11 +7,14 @@
 # Writes into DIR (default $OUT, else bench/gpu-<date>/), each file as soon as its phase ends:
 #   preflight.json    python/torch/triton versions, one trivial Triton launch, C compiler and Python.h
 #   compile.json      the sm_XY compile figures of every auto-routable kernel (bench/compile.py) for this GPU
-#   attention-*.json  Triton vs SDPA vs math per head dim, fp16/bf16, forward and forward+backward
-#   phase-*.json, results.json   bench.run: oneword UNet fwd/bwd and sampling it/s, then oneword vs diffusers
+#   phase-attention-{fp16,bf16}-{fwd,fwd-bwd}.json   Triton vs SDPA vs math per head dim and shape
+#   phase-oneword.json   UNet forward / forward+backward ms, DDIM+CFG sampling it/s (eager, CUDA graph)
+#   phase-build.json, phase-sampling-512.json, phase-train-512-b{1,2,4}.json   oneword vs diffusers
+#   results.json      the whole bench.run report, rewritten after every phase
 #   routes-{fp16,bf16}.txt   the ldm.kernels.routing.MEASURED rows those attention timings support
 #   gpu.log           everything printed
-# Whole run ≤ 8 minutes: bench.run stops starting phases after --deadline-s and is killed at 450 s.
+# Whole run ≤ 8 minutes: every step has a timeout out of one 470-second budget; bench.run gets what is left, stops
+# starting phases 60 s before its end and is killed at it.
 # Environment: PYTHON (default .venv/bin/python, else python3); WHEELS (default bench/wheels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,23 +32,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 SITE="$(mktemp -d)/site-packages"
 if [ -d "$WHEELS" ]; then
-    "$PYTHON" -m bench.preflight --install-missing "$WHEELS" --target "$SITE" || echo "bench/gpu.sh: wheel install failed"
+    timeout 90 "$PYTHON" -m bench.preflight --install-missing "$WHEELS" --target "$SITE" \
+        || echo "bench/gpu.sh: wheel install failed"
 else
     echo "bench/gpu.sh: no $WHEELS folder (make gpu-wheels); phases needing diffusers will record their error"
 fi
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-if ! "$PYTHON" -m bench.preflight --out "$OUT_DIR" ${PREFLIGHT_FLAGS:-}; then
+if ! timeout 60 "$PYTHON" -m bench.preflight --out "$OUT_DIR" ${PREFLIGHT_FLAGS:-}; then
     echo "bench/gpu.sh: preflight failed (see $OUT_DIR/preflight.json); stopping"
     exit 1
 fi
 
 ARCH=$("$PYTHON" -c "import torch; print('%d%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo 90)
-timeout 120 "$PYTHON" -m bench.compile --arch "$ARCH" --json "$OUT_DIR/compile.json" >/dev/null \
-    || echo "bench/gpu.sh: compile figures failed (continuing)"
+timeout 60 "$PYTHON" -m bench.compile --arch "$ARCH" --json "$OUT_DIR/compile.json" >/dev/null \
+    || echo "bench/gpu.sh: compile figures failed or timed out (continuing)"
 
-timeout 450 "$PYTHON" -m bench.run --device cuda --size 512 --deadline-s 360 --phase-dir "$OUT_DIR" \
+LEFT=$((470 - SECONDS - 15))
+echo "bench/gpu.sh: ${SECONDS}s used; bench.run gets ${LEFT}s"
+timeout "$LEFT" "$PYTHON" -m bench.run --device cuda --size 512 --deadline-s $((LEFT - 60)) --phase-dir "$OUT_DIR" \
     --out "$OUT_DIR/results.json" "$@"
 status=$?
 for dt in fp16 bf16; do
