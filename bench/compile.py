@@ -7,8 +7,9 @@ Contract
     unspecialised — the worst case the launch can meet), and returns a `Figures` row: registers, stack/local bytes
     (spills), static + dynamic shared memory, and PTX facts (global load widths, cp.async, TMA, wgmma, mma.sync).
   * `cases()` lists every configuration backend "auto" can route to (attention forward, Δ, dK/dV and dQ at head
-    dims 40/64/80/160 in fp16 and bf16; fused GroupNorm(+SiLU) statistics, apply and backward; GEGLU forward and
-    backward) plus the fp32 attention backward at head dim 160 (its shared memory must fit sm_86/89's 99 KB).
+    dims 40/64/80/160 in fp16 and bf16; fused GroupNorm(+SiLU) statistics (chunked and single-chunk), merge,
+    apply and backward; GEGLU forward and backward) plus the fp32 attention backward at head dim 160 (its shared
+    memory must fit sm_86/89's 99 KB).
   * Results are cached per process; `toolchain_missing()` names what is absent (ptxas, cuobjdump), else None.
   * `python -m bench.compile [--arch 80 90] [--json PATH]` prints the table recorded in bench/RESULTS.md.
 """
@@ -115,9 +116,10 @@ def _attention_case(case: Case):
 def _norm_case(case: Case):
     from ldm.kernels import norm as N
 
-    fn = {"gn_stats": N._gn_stats, "gn_combine": N._gn_combine, "gn_apply": N._gn_apply,
-          "gn_bwd_reduce": N._gn_bwd_reduce, "gn_bwd_dx": N._gn_bwd_dx}[case.kernel]
-    meta = {"SILU": case.silu, **N.launch_meta(case.kernel)}
+    fn = {"gn_stats": N._gn_stats, "gn_stats_final": N._gn_stats, "gn_combine": N._gn_combine,
+          "gn_apply": N._gn_apply, "gn_bwd_reduce": N._gn_bwd_reduce, "gn_bwd_dx": N._gn_bwd_dx}[case.kernel]
+    final = case.kernel == "gn_stats_final"  # a group of one chunk: statistics without the merge kernel
+    meta = {"SILU": case.silu, **N.launch_meta(case.kernel.removesuffix("_final"), split=1 if final else 64)}
     warps = meta.pop("num_warps")
     stages = meta.pop("num_stages")
     fp32 = {n: "fp32" for n in ("W", "B", "MEAN", "RSTD", "PART", "PMEAN", "PM2", "DW", "DB", "C1", "C2")}
@@ -135,7 +137,7 @@ def _geglu_case(case: Case):
 
 
 _CACHE: dict[Case, Figures] = {}
-_INT_ARGS = {"H", "NQ", "NK", "L", "S", "C", "CG", "G", "SPLIT", "CHUNK"}
+_INT_ARGS = {"H", "NQ", "NK", "L", "S", "C", "CG", "G", "SPLIT", "CHUNK", "CPB"}
 
 
 def compile_kernel(case: Case) -> Figures:
@@ -200,7 +202,8 @@ def cases(archs: tuple[int, ...] = (80, 90)) -> list[Case]:
                 out += [Case(k, dtype, arch, head_dim=d) for k in ("attn_fwd", "attn_delta", "attn_dkdv", "attn_dq")]
             for silu in (False, True):
                 out += [Case(k, dtype, arch, silu=silu) for k in ("gn_apply", "gn_bwd_reduce", "gn_bwd_dx")]
-            out += [Case(k, dtype, arch) for k in ("gn_stats", "gn_combine", "geglu_fwd", "geglu_bwd")]
+            out += [Case(k, dtype, arch)
+                    for k in ("gn_stats", "gn_stats_final", "gn_combine", "geglu_fwd", "geglu_bwd")]
         out += [Case(k, torch.float32, arch, head_dim=160) for k in ("attn_dkdv", "attn_dq")]
     return out
 

@@ -7,7 +7,8 @@ under TRITON_INTERPRET=1 (how the tests check it) and otherwise falls back to th
 
 The statistics are split across programs: each reduces a chunk of at most 16,384 elements of one group (two
 passes, fp32) and a second kernel merges the chunks (Chan et al.'s parallel variance), so a 512-px VAE decoder
-group of ~1 M elements runs on 64 programs instead of one; the backward reduction is split per (channel, chunk).
+group of ~1 M elements runs on 64 programs instead of one; the backward reduction is split per (channels, chunk),
+each program reducing up to 16,384 elements of one or more channels of a group.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ if triton is not None:
 
     def _jit(fn):
         """triton.jit without value specialisation of the sizes: alignment comes from the host-checked ALIGN."""
-        sizes = {"L", "S", "C", "CG", "G", "CHUNK"}
+        sizes = {"L", "S", "C", "CG", "G", "CHUNK", "CPB"}
         return triton.jit(do_not_specialize=[n for n in inspect.signature(fn).parameters if n in sizes])(fn)
 
     @triton.jit
@@ -84,8 +85,11 @@ if triton is not None:
         return n
 
     @_jit
-    def _gn_stats(X, PMEAN, PM2, L, CHUNK, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-        """Mean and Σ(x − mean)² of one CHUNK of one (sample, group), two passes in fp32 (the second hits cache)."""
+    def _gn_stats(X, PMEAN, PM2, L, CHUNK, eps, ALIGN: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr):
+        """Mean and Σ(x − mean)² of one CHUNK of one (sample, group), two passes in fp32 (the second hits cache).
+
+        FINAL (the group is one chunk): mean and 1/σ of the group instead, so no merge kernel is needed.
+        """
         L = _aligned(L, ALIGN)
         CHUNK = _aligned(CHUNK, ALIGN)
         pid = tl.program_id(0).to(tl.int64)
@@ -105,7 +109,10 @@ if triton is not None:
             d = tl.where(m, tl.load(base + i + offs, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
             acc += d * d
         tl.store(PMEAN + pid, mean)
-        tl.store(PM2 + pid, tl.sum(acc, 0))
+        if FINAL:
+            tl.store(PM2 + pid, 1.0 / tl.sqrt(tl.sum(acc, 0) / count + eps))
+        else:
+            tl.store(PM2 + pid, tl.sum(acc, 0))
 
     @_jit
     def _gn_combine(PMEAN, PM2, MEAN, RSTD, L, CHUNK, eps, BLOCK: tl.constexpr):
@@ -153,35 +160,37 @@ if triton is not None:
         return xhat, dz
 
     @_jit
-    def _gn_bwd_reduce(X, DY, W, B, MEAN, RSTD, PDW, PDB, S, C, CG, G, CHUNK,
+    def _gn_bwd_reduce(X, DY, W, B, MEAN, RSTD, PDW, PDB, S, C, CG, G, CHUNK, CPB,
                        SILU: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-        """Per (sample, channel, CHUNK of its S positions): partial Σdz·x̂ and Σdz (→ dw, db and the dx terms)."""
+        """Per CPB channels (of one group) × one CHUNK of their S positions: partial Σdz·x̂ and Σdz per channel."""
         S = _aligned(S, ALIGN)
         CHUNK = _aligned(CHUNK, ALIGN)
         pid = tl.program_id(0).to(tl.int64)
         split = tl.cdiv(S, CHUNK)
-        nc = pid // split
-        start = (pid % split) * CHUNK
+        part = pid % split
+        nc0 = (pid // split) * CPB
+        start = part * CHUNK
         count = tl.minimum(S - start, CHUNK)
-        chan = nc % C
-        grp = (nc // C) * G + chan // CG
+        chan0 = nc0 % C
+        grp = (nc0 // C) * G + chan0 // CG
         mean = tl.load(MEAN + grp)
         rstd = tl.load(RSTD + grp)
-        w = tl.load(W + chan).to(tl.float32)
-        b = tl.load(B + chan).to(tl.float32)
-        base = nc * S + start
         offs = tl.arange(0, BLOCK)
-        acc_w = tl.zeros([BLOCK], tl.float32)
-        acc_b = tl.zeros([BLOCK], tl.float32)
-        for i in range(0, count, BLOCK):
-            m = i + offs < count
-            x = tl.load(X + base + i + offs, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(DY + base + i + offs, mask=m, other=0.0).to(tl.float32)
-            xhat, dz = _gn_dz(x, dy, mean, rstd, w, b, SILU)
-            acc_w += dz * xhat
-            acc_b += dz
-        tl.store(PDW + pid, tl.sum(acc_w, 0))
-        tl.store(PDB + pid, tl.sum(acc_b, 0))
+        for cl in range(0, CPB):
+            w = tl.load(W + chan0 + cl).to(tl.float32)
+            b = tl.load(B + chan0 + cl).to(tl.float32)
+            base = (nc0 + cl) * S + start
+            acc_w = tl.zeros([BLOCK], tl.float32)
+            acc_b = tl.zeros([BLOCK], tl.float32)
+            for i in range(0, count, BLOCK):
+                m = i + offs < count
+                x = tl.load(X + base + i + offs, mask=m, other=0.0).to(tl.float32)
+                dy = tl.load(DY + base + i + offs, mask=m, other=0.0).to(tl.float32)
+                xhat, dz = _gn_dz(x, dy, mean, rstd, w, b, SILU)
+                acc_w += dz * xhat
+                acc_b += dz
+            tl.store(PDW + (nc0 + cl) * split + part, tl.sum(acc_w, 0))
+            tl.store(PDB + (nc0 + cl) * split + part, tl.sum(acc_b, 0))
 
     @_jit
     def _gn_bwd_dx(X, DY, DX, W, B, MEAN, RSTD, C1, C2, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr,
@@ -211,8 +220,11 @@ def launch_meta(kernel: str, split: int = 64, align: int = 8) -> dict:
     """Block size, alignment, warps and stages of each launch (`split`: chunks per group, for the combine)."""
     if kernel == "gn_combine":
         return {"BLOCK": max(16, triton.next_power_of_2(split)), "num_warps": 1, "num_stages": 1}
-    return {"BLOCK": _BLOCK, "ALIGN": align, "num_warps": 4,
+    meta = {"BLOCK": _BLOCK, "ALIGN": align, "num_warps": 4,
             "num_stages": 2 if kernel in ("gn_stats", "gn_bwd_reduce") else 1}
+    if kernel == "gn_stats":
+        meta["FINAL"] = split == 1
+    return meta
 
 
 def _meta(kernel: str, length: int, split: int = 64, align: int = 1) -> dict:
@@ -238,15 +250,18 @@ class _GroupNormSiLU(torch.autograd.Function):
         length = cg * s
         groups = n * num_groups
         split = triton.cdiv(length, _CHUNK)
-        part = torch.empty((2, groups * split), device=x.device, dtype=torch.float32)
-        mean = torch.empty(groups, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
+        stats = torch.empty((2, groups), device=x.device, dtype=torch.float32)
+        mean, rstd = stats
+        part = torch.empty((2, groups * split), device=x.device, dtype=torch.float32) if split > 1 else stats
         y = torch.empty_like(x)
         align = _align(s, x, y)
         meta = _meta("gn_apply", length, align=align)
         with on_device(x):
-            _gn_stats[(groups * split,)](x, part[0], part[1], length, _CHUNK, **_meta("gn_stats", _CHUNK, align=align))
-            _gn_combine[(groups,)](part[0], part[1], mean, rstd, length, _CHUNK, eps, **_meta("gn_combine", 0, split))
+            _gn_stats[(groups * split,)](x, part[0], part[1], length, _CHUNK, eps,
+                                         **_meta("gn_stats", _CHUNK, split, align=align))
+            if split > 1:
+                _gn_combine[(groups,)](part[0], part[1], mean, rstd, length, _CHUNK, eps,
+                                       **_meta("gn_combine", 0, split))
             _gn_apply[(groups * triton.cdiv(length, meta["BLOCK"]),)](
                 x, y, weight, bias, mean, rstd, length, s, cg, num_groups, SILU=silu, **meta)
         count("group_norm_fwd")
@@ -267,12 +282,14 @@ class _GroupNormSiLU(torch.autograd.Function):
         length = cg * s
         chunk = min(_CHUNK, s)
         split = triton.cdiv(s, chunk)
+        cpb = max(k for k in range(1, cg + 1) if cg % k == 0 and k * s <= max(_CHUNK, s))  # channels per program
         part = torch.empty((2, n * c * split), device=x.device, dtype=torch.float32)
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         align = _align(s, x, dy, *(() if dx is None else (dx,)))
         with on_device(x):
-            _gn_bwd_reduce[(n * c * split,)](x, dy, weight, bias, mean, rstd, part[0], part[1], s, c, cg, g, chunk,
-                                             SILU=ctx.silu, **_meta("gn_bwd_reduce", chunk, align=align))
+            _gn_bwd_reduce[(n * c // cpb * split,)](x, dy, weight, bias, mean, rstd, part[0], part[1], s, c, cg, g,
+                                                    chunk, cpb, SILU=ctx.silu,
+                                                    **_meta("gn_bwd_reduce", chunk, align=align))
         dw, db = part.view(2, n, c, split).sum(-1)  # per (sample, channel) Σdz·x̂, Σdz
         wf = weight.float()
         c1 = (wf * db).view(n * g, cg).sum(-1) / length  # mean(dx̂) per group
