@@ -104,6 +104,26 @@ def test_attention_strided_inputs_and_kv_only_grad() -> None:
     assert out.transpose(1, 2).is_contiguous()  # written as (B, N, H, D): the UNet merges heads without a copy
 
 
+def test_attention_unaligned_pointers_and_strides() -> None:
+    """Alignment is only declared when the host checked it: an odd pointer offset and a head dim of 18 still match."""
+    from ldm.kernels.attention import _align
+
+    g = torch.Generator().manual_seed(9)
+    flat = randn(1 + 2 * 3 * 24 * 16, gen=g)
+    q = flat[1:].view(2, 3, 24, 16)  # 4-byte offset: not 16-byte aligned
+    k, v = (randn(2, 3, 30, 18, gen=g)[..., :16] for _ in range(2))  # row stride 18 elements
+    assert _align(q) == 1 and _align(k) == 1 and _align(randn(2, 3, 30, 16, gen=g)) == 4
+    for qq, kk, vv in ((q, q, q), (q, k, v)):
+        leaves = [t.detach().clone().requires_grad_() for t in (qq, kk, vv)]
+        out = flash_attention(*leaves)
+        ref_in = [t.detach().clone().requires_grad_() for t in (qq, kk, vv)]
+        ref = attention_math(*ref_in)
+        do = torch.ones_like(ref)
+        for got, want in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, ref_in, do)):
+            assert rel_err(got, want) <= 1e-5
+        assert rel_err(out, ref) <= 1e-5
+
+
 def test_dispatcher_really_runs_triton() -> None:
     """backend="triton" launches the kernel (counter moves); "math" and CPU "auto" do not."""
     g = torch.Generator().manual_seed(3)
