@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 # make variables → CLI flags, passed only when set
 opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
 
-.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes bench lint clean help
+.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes bench lint clean help gpu-wheels
 help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
 	@echo "make test                    ruff + the whole pytest suite (CPU; Triton kernels interpreted)"
@@ -19,6 +19,7 @@ help:
 	@echo "make weights MODEL=sd15      download a public checkpoint (sha256-verified, resumable)"
 	@echo "make pretrain-shapes         retrain the shipped shapes model from scratch (2 CPU cores, ~27 min)"
 	@echo "make ui                      local web app: train, watch, generate [HOST=127.0.0.1] [PORT=7860] [DEVICE=]"
+	@echo "make gpu-wheels              wheels for bash bench/gpu.sh on a bare GPU machine (into bench/wheels/)"
 
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
@@ -102,6 +103,14 @@ demo: $(STAMP) weights/shapes.safetensors
 
 pretrain-shapes: $(STAMP)
 	$(PYTHON) -m experiments.shapes.pretrain $(call opt,--seed,$(SEED)) $(call opt,--steps,$(STEPS)) $(ARGS)
+
+# wheels a bare GPU machine (CPython 3.12, torch/triton/transformers preinstalled) lacks, for bash bench/gpu.sh
+GPU_WHEELS ?= bench/wheels
+gpu-wheels: $(STAMP)
+	$(PYTHON) -m pip download -q --dest $(GPU_WHEELS) --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --abi cp312 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		-r bench/gpu-wheels.txt
+	@ls $(GPU_WHEELS)/*.whl | wc -l | xargs echo "wheels in $(GPU_WHEELS):"; du -sh $(GPU_WHEELS)
 
 bench: $(STAMP)
 	$(PYTHON) -m bench.run $(call opt,--device,$(DEVICE)) $(call opt,--threads,$(THREADS)) $(call opt,--out,$(OUT)) \

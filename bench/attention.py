@@ -2,10 +2,19 @@
 
     python bench/attention.py [--dtype fp16|bf16|fp32] [--batch 2] [--backward] [--out bench.json]
 
-On CUDA: head dims 40, 80, 160 (8 heads) × self-attention over 4096/1024/256 tokens and cross-attention
+    python bench/attention.py --routes FWD.json FWD_BWD.json   # the ldm.kernels.routing.MEASURED rows they support
+                                            # (--out files, or bench.run's phase-attention-*.json)
+
+On CUDA: head dims 40, 64, 80, 160 (8 heads) × self-attention over 4096/1024/256 tokens and cross-attention
 to 77 tokens; prints a table (ms, TFLOP/s, max relative error against math) and writes JSON with --out.
+Every row runs inside its own exception capture (an error is recorded in the row; the others still run).
 Without CUDA it runs tiny shapes through Triton's interpreter only to exercise the script: those
 timings mean nothing, a GPU is needed for the real numbers.
+
+--routes sums, per head dim, the Triton and SDPA milliseconds over that head dim's shapes (the UNet's
+self- and cross-attentions) in a forward and a forward+backward report of one GPU and dtype, and prints one
+`Measured(...)` row per head dim for `ldm.kernels.routing.MEASURED` ("auto" then uses Triton only where both
+sums are no slower than SDPA's); a head dim with any failed row gets none.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-HEAD_DIMS = (40, 80, 160)
+HEAD_DIMS = (40, 64, 80, 160)
 LENGTHS = (4096, 1024, 256)
 CONTEXT = 77
 
@@ -81,17 +90,22 @@ def run(args: argparse.Namespace) -> dict:
                             torch.autograd.grad(out, leaves, do)
                         return out
 
+                    error = None
                     try:
                         err = ((step().float() - want).abs().max() / want.abs().max()).item()
                         ms = _timer(step, cuda, warmup, repeats)
-                    except torch.OutOfMemoryError:
-                        err, ms = float("nan"), float("nan")
+                    except Exception as e:  # out of memory, a compile failure, …: recorded, the rest still runs
+                        err, ms, error = float("nan"), float("nan"), f"{type(e).__name__}: {e}"[:500]
+                        if cuda:
+                            torch.cuda.empty_cache()
                     rows.append(dict(head_dim=d, kind=kind, nq=n, nk=nk, backend=backend, ms=ms,
                                      tflops=flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan"),
-                                     max_rel_err=err))
+                                     max_rel_err=err, error=error))
     return {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "arch": "sm_{}{}".format(*torch.cuda.get_device_capability()) if cuda else "cpu",
             "timings_meaningful": cuda, "dtype": args.dtype, "batch": batch, "heads": heads,
-            "backward": args.backward, "torch": torch.__version__, "results": rows}
+            "backward": args.backward, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "results": rows}
 
 
 def print_table(report: dict) -> None:
@@ -108,6 +122,28 @@ def print_table(report: dict) -> None:
               f"{tri['tflops']:>11.2f} {sdpa['ms'] / tri['ms']:>6.2f}x | {tri['max_rel_err']:>10.2e}")
     if not report["timings_meaningful"]:
         print("(CPU interpreter run: the numbers above only show the script works; run on a GPU to time)")
+
+
+def routes(fwd: dict, fwd_bwd: dict) -> list[str]:
+    """`Measured(...)` lines for ldm.kernels.routing.MEASURED from a forward and a forward+backward report."""
+    if fwd["backward"] or not fwd_bwd["backward"] or fwd["dtype"] != fwd_bwd["dtype"] \
+            or fwd["device"] != fwd_bwd["device"] or not (fwd["timings_meaningful"] and fwd_bwd["timings_meaningful"]):
+        raise ValueError("--routes needs a forward and a forward+backward CUDA report of one GPU and dtype")
+    dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[fwd["dtype"]]
+    lines = []
+    for d in sorted({r["head_dim"] for r in fwd["results"]}):
+        sums = {}
+        for tag, rep in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
+            rows = [r for r in rep["results"] if r["head_dim"] == d]
+            for backend in ("triton", "sdpa"):
+                ms = [r["ms"] for r in rows if r["backend"] == backend]
+                sums[f"{backend}_{tag}"] = sum(ms) if ms and all(m == m for m in ms) else None
+        if None in sums.values():
+            continue
+        lines.append(f"Measured({fwd.get('arch', '?')!r}, {dtype!r}, {d}, {sums['triton_fwd']:.4f}, "
+                     f"{sums['sdpa_fwd']:.4f}, {sums['triton_fwdbwd']:.4f}, {sums['sdpa_fwdbwd']:.4f}, "
+                     f"{fwd['device']!r}, {fwd.get('date', '')!r}),")
+    return lines
 
 
 def write_json(report: dict, path: Path, force: bool) -> None:
@@ -129,7 +165,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backward", action="store_true", help="time forward + backward (dQ, dK, dV)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--routes", type=Path, nargs=2, metavar=("FWD_JSON", "FWD_BWD_JSON"),
+                   help="print the routing rows two reports support, and exit")
     args = p.parse_args(argv)
+    if args.routes:
+        fwd, fwd_bwd = (json.loads(path.read_text()) for path in args.routes)
+        fwd, fwd_bwd = fwd.get("result", fwd), fwd_bwd.get("result", fwd_bwd)  # bench.run's phase-*.json too
+        print("\n".join(routes(fwd, fwd_bwd)) or "# no head dim with complete Triton and SDPA timings")
+        return
     report = run(args)
     print_table(report)
     if args.out:

@@ -15,7 +15,14 @@ speed (= diffusers s/step ÷ oneword s/step; > 1 means oneword is faster), and p
 (c) memory: CUDA max_memory_allocated over each repetition minus the allocation at its start (both models'
     weights stay resident, so own weights + Δ is what one library alone would need); CPU: the peak RSS
     over each repetition minus the RSS at its start (VmHWM reset via /proc/self/clear_refs), weights shared.
-(d) bench/attention.py (Triton FlashAttention vs SDPA) on CUDA; skipped on CPU unless --attention.
+(d) bench/attention.py (Triton FlashAttention vs SDPA) on CUDA, fp16 and bf16; skipped on CPU unless --attention.
+(e) oneword alone (no diffusers needed): UNet forward (CFG batch 2, inference) and forward+backward to the
+    context (batch 1, as textual inversion), and DDIM sampling it/s at batch 1 with CFG, eager and CUDA graph.
+
+Every phase runs inside its own exception capture (one failing row or phase costs only itself) and, as soon as
+it ends, writes PHASE_DIR/phase-<name>.json and rewrites the whole report (--out); diffusers and transformers are
+imported only by the phases that compare against them. --deadline-s stops starting new phases after that many
+seconds (they are recorded as skipped).
 """
 from __future__ import annotations
 
@@ -79,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "OpenMP threads stalling each other)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--out", default=None, help="JSON file (default bench/results-<device>-<date>.json)")
+    p.add_argument("--phase-dir", default=None, help="folder for phase-<name>.json files (default: --out's folder)")
+    p.add_argument("--deadline-s", type=float, default=None, help="start no phase after this many seconds")
+    p.add_argument("--skip-oneword", action="store_true", help="skip phase (e), oneword alone")
     return p
 
 
@@ -404,25 +414,137 @@ def bench_training(s: Setup, trainers: dict, size: int, batch: int, device: torc
 
 # --- (d) attention kernel ----------------------------------------------------------------------------------
 
-def bench_attention(backward: bool) -> dict | None:
-    try:
-        from bench import attention as A
-    except ImportError as e:
-        return {"skipped": f"bench/attention.py not importable: {e}"}
-    args = argparse.Namespace(dtype="fp16", batch=2, heads=8, repeats=20, backward=backward)
+def bench_attention(backward: bool, dtype: str = "fp16") -> dict:
+    from bench import attention as A
+
+    args = argparse.Namespace(dtype=dtype, batch=2, heads=8, repeats=20, backward=backward)
     report = A.run(args)
     A.print_table(report)
     return report
 
 
+# --- (e) oneword alone -------------------------------------------------------------------------------------
+
+def bench_oneword(config_name: str, seed: int, device: torch.device, size: int, steps: int, reps: int) -> dict:
+    """UNet forward / forward+backward-to-context milliseconds and sampling it/s, our model only."""
+    cuda = device.type == "cuda"
+    half, train_dtype = (torch.float16, torch.bfloat16) if cuda else (torch.float32, torch.float32)
+    config = C.get_config(config_name)
+    unet, vae, text = C.random_modules(config, seed)
+    model = C.oneword_model(config, unet, vae, text).to(device=device, dtype=half)
+    lat = size // 8
+    g = torch.Generator().manual_seed(seed)
+    ctx_dim = config.unet["context_dim"]
+    x = torch.randn(2, config.unet["in_channels"], lat, lat, generator=g).to(device, half)
+    ctx = torch.randn(2, 77, ctx_dim, generator=g).to(device, half)
+    t = torch.tensor([500, 500], device=device)
+    out: dict = {"size": size, "dtype": str(half).removeprefix("torch."),
+                 "train_dtype": str(train_dtype).removeprefix("torch."), "rows": []}
+
+    def timed(fn, n: int) -> list[float]:
+        fn()
+        times = []
+        for _ in range(n):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def row(name: str, fn, n: int, **extra) -> None:
+        try:
+            ts = timed(fn, n)
+            out["rows"].append(dict(name=name, ms=1e3 * statistics.median(ts), samples_ms=[1e3 * v for v in ts],
+                                    **extra))
+        except Exception as err:  # one failing row costs only itself
+            out["rows"].append(dict(name=name, error=f"{type(err).__name__}: {err}"[:500], **extra))
+        log.info("oneword %s: %s", name, out["rows"][-1].get("ms", out["rows"][-1].get("error")))
+
+    n = max(2, reps * (5 if cuda else 1))
+    with torch.no_grad():
+        row("unet_forward_cfg_batch2", lambda: model.unet(x, t, ctx), n)
+
+    def fwd_bwd() -> None:
+        c = ctx[:1].to(train_dtype).requires_grad_()
+        eps = model.unet(x[:1].to(train_dtype), t[:1], c)
+        torch.autograd.grad(eps.float().square().mean(), c)
+
+    model.unet.to(train_dtype)
+    row("unet_forward_backward_to_context_batch1", fwd_bwd, n)
+    model.unet.to(half)
+
+    for graph in (False, True):
+        def sample(graph=graph) -> None:
+            marks: list[float] = []
+
+            def mark(i, tt, xx) -> None:
+                sync(device)
+                marks.append(time.perf_counter())
+            model.sample_latents([PROMPT], steps=steps, scale=7.5, sampler="ddim", seed=0, height=size, width=size,
+                                 callback=mark, progress=False, cuda_graph=graph)
+            sample.its = (len(marks) - 1) / (marks[-1] - marks[0])  # the first step (warm-up) excluded
+
+        name = f"sampling_ddim_cfg_batch1_{'cuda_graph' if graph else 'eager'}"
+        row(name, sample, reps, steps=steps)
+        if "error" not in out["rows"][-1]:
+            out["rows"][-1]["it_per_s_last_run"] = sample.its
+    return out
+
+
+# --- phases ------------------------------------------------------------------------------------------------
+
+def _jsonable(value: object) -> object:
+    """value itself when it is plain JSON data, else its type's name (a model, a trainer)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return type(value).__name__
+    return value
+
+
+class Phases:
+    """Runs each phase inside its own exception capture and writes its JSON as soon as it ends."""
+
+    def __init__(self, report: dict, out: Path, phase_dir: Path, deadline_s: float | None) -> None:
+        self.report, self.out, self.dir, self.deadline = report, out, phase_dir, deadline_s
+        self.t0 = time.perf_counter()
+        report["phases"] = {}
+
+    def run(self, name: str, fn: Callable[[], object]) -> object:
+        elapsed = time.perf_counter() - self.t0
+        if self.deadline is not None and elapsed > self.deadline:
+            result: dict = {"status": "skipped", "reason": f"deadline {self.deadline:.0f} s passed ({elapsed:.0f} s)"}
+            value = None
+        else:
+            t0 = time.perf_counter()
+            try:
+                value = fn()
+                result = {"status": "ok", "seconds": time.perf_counter() - t0, "result": _jsonable(value)}
+            except Exception as err:  # a phase may fail for any reason; the others still run and are kept
+                import traceback
+
+                log.error("phase %s failed: %s: %s", name, type(err).__name__, err)
+                value = None
+                result = {"status": "failed", "seconds": time.perf_counter() - t0,
+                          "error": f"{type(err).__name__}: {err}"[:2000],
+                          "traceback": traceback.format_exc()[-4000:]}
+        self.report["phases"][name] = {k: v for k, v in result.items() if k != "result"}
+        write_json({"phase": name, **result}, self.dir / f"phase-{name}.json")
+        write_json(self.report, self.out)
+        return value
+
+
 # --- report ------------------------------------------------------------------------------------------------
 
 def versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    found = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("diffusers", "transformers", "triton"):
+        try:
+            found[name] = __import__(name).__version__
+        except Exception as err:  # a missing oracle only fails the phases that need it
+            found[name] = f"missing ({type(err).__name__})"
+    return found
 
 
 def markdown(report: dict) -> str:
@@ -464,7 +586,7 @@ def write_json(report: dict, path: Path) -> None:
     os.replace(f.name, path)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, out: Path, phase_dir: Path) -> dict:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -497,23 +619,39 @@ def run(args: argparse.Namespace) -> dict:
               "threads": torch.get_num_threads(), "versions": versions(),
               "date": dt.datetime.now().isoformat(timespec="seconds"), "config": args.config,
               "quick": args.quick, "loadavg_start": os.getloadavg()[0], "sampling": [], "training": [],
-              "attention": None, "notes": []}
+              "attention": None, "oneword": None, "notes": []}
+    phases = Phases(report, out, phase_dir, args.deadline_s)
     t_start = time.perf_counter()
     if args.attention or (cuda and not tiny):  # first, before ldm.kernels is imported in compiled mode
-        report["attention"] = {"forward": bench_attention(False), "backward": bench_attention(True)}
+        report["attention"] = {}
+        for dtype in ("fp16", "bf16"):
+            for backward in (False, True):
+                name = f"attention-{dtype}-{'fwd-bwd' if backward else 'fwd'}"
+                report["attention"][name] = phases.run(name, lambda d=dtype, b=backward: bench_attention(b, d))
+    if not args.skip_oneword:
+        report["oneword"] = phases.run("oneword", lambda: bench_oneword(
+            args.config, args.seed, device, sample_sizes[0], sample_steps if not cuda else 25, reps))
+        if cuda:
+            torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as tmp:
-        s = build(args.config, args.seed, Path(tmp))
-        report["build_s"] = s.build_s
-        report["rss_after_build_mib"] = C.rss_mib()
-        if not args.skip_sample:
-            for size in sample_sizes:
-                report["sampling"].append(bench_sampling(s, size, device, PRECISIONS[sample_dtype], reps,
-                                                         sample_steps))
-        if not args.skip_train:
-            trainers = {"oneword": OnewordTrainer(s, device), "diffusers": DiffusersTrainer(s, device)}
-            for size, b in train_configs:
-                report["training"].append(bench_training(s, trainers, size, b, device, train_precision,
-                                                         train_steps))
+        s = phases.run("build", lambda: build(args.config, args.seed, Path(tmp)))
+        if s is not None:
+            report["build_s"] = s.build_s
+            report["rss_after_build_mib"] = C.rss_mib()
+            if not args.skip_sample:
+                for size in sample_sizes:
+                    row = phases.run(f"sampling-{size}", lambda size=size: bench_sampling(
+                        s, size, device, PRECISIONS[sample_dtype], reps, sample_steps))
+                    if row is not None:
+                        report["sampling"].append(row)
+            if not args.skip_train:
+                trainers = phases.run("trainers", lambda: {"oneword": OnewordTrainer(s, device),
+                                                           "diffusers": DiffusersTrainer(s, device)})
+                for size, b in train_configs if trainers else ():
+                    row = phases.run(f"train-{size}-b{b}", lambda size=size, b=b: bench_training(
+                        s, trainers, size, b, device, train_precision, train_steps))
+                    if row is not None:
+                        report["training"].append(row)
     report["loadavg_end"] = os.getloadavg()[0]
     report["total_s"] = time.perf_counter() - t_start
     report["notes"] = [
@@ -540,9 +678,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     args = build_parser().parse_args(argv)
-    report = run(args)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out) if args.out else ROOT / "bench" / (
-        f"results-{report['device']}-{dt.date.today().isoformat()}.json")
+        f"results-{torch.device(args.device).type}-{dt.date.today().isoformat()}.json")
+    report = run(args, out, Path(args.phase_dir) if args.phase_dir else out.parent)
     write_json(report, out)
     print(markdown(report))
     print(f"\nJSON: {out}")

@@ -55,7 +55,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
               causal: bool = False) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017); q (B, H, Nq, D), k/v (B, H, Nk, D).
 
-    Non-causal unless `causal=True` (the CLIP text towers' mask).
+    Non-causal unless `causal=True` (the CLIP text towers' mask). "triton" runs the Triton kernels wherever they
+    can run (errors reach the caller); "auto" runs them only where `ldm.kernels.routing` has a recorded GPU
+    measurement showing them faster than SDPA and their warm-up passed, else SDPA.
     """
     name = backend or current_backend()
     if name == "math":
@@ -64,14 +66,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
         tk = _triton_kernels()
         if tk is None and name == "triton":
             raise RuntimeError("attention backend 'triton' needs the triton package (pip install triton)")
-        if tk is not None and tk.supports(q, k, v, causal=causal, explicit=name == "triton"):
-            if name == "triton":
+        if tk is not None and name == "triton":
+            if tk.supports(q, k, v, causal=causal, explicit=True):
                 return tk.flash_attention(q, k, v, causal=causal)
-            try:
-                return tk.flash_attention(q, k, v, causal=causal)
-            except tk.TritonError as err:  # "auto" on a GPU the kernel fails to compile for: warn, use SDPA
-                tk.mark_broken(q, err)
-        if name == "triton":
             log.debug("triton attention does not support %s/%s/%s causal=%s; using sdpa",
                       tuple(q.shape), tuple(k.shape), q.dtype, causal)
+        elif tk is not None and tk.supports(q, k, v, causal=causal, explicit=True):
+            from ldm.kernels import routing
+
+            key = routing.attention_key(q, causal)
+            if key is not None:
+                try:
+                    return tk.flash_attention(q, k, v, causal=causal, fallback=key)
+                except Exception as err:  # a toolchain failure the warm-up missed: SDPA from now on
+                    routing.failed(key, err, "SDPA")
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)

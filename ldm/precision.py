@@ -40,9 +40,11 @@ def maybe_compile(module: nn.Module, enabled: bool = False, **compile_kwargs) ->
 
     Off by default: returns `module` untouched. CUDA: Inductor generates Triton code; Dynamo either traces our
     own Triton kernels (ldm.kernels) as user kernels or breaks the graph around them — the result is the same;
-    with ONEWORD_KERNELS=math Inductor can fuse GroupNorm+SiLU itself. CPU: Inductor emits C++/OpenMP and needs
-    a working C++ compiler. The first call per input shape compiles (tens of seconds on a full UNet).
-    `compile_kwargs` go to torch.compile (e.g. mode="max-autotune", backend="eager" for a dry run).
+    with ONEWORD_KERNELS=math Inductor can fuse GroupNorm+SiLU itself. Under "auto", a compiled graph uses a
+    Triton kernel only for configurations whose warm-up already passed in an eager call (`ldm.kernels.routing`:
+    a compile failure inside a graph could not fall back); run one eager call first to get them. CPU: Inductor
+    emits C++/OpenMP and needs a working C++ compiler. The first call per input shape compiles (tens of seconds
+    on a full UNet). `compile_kwargs` go to torch.compile (e.g. mode="max-autotune", backend="eager" for a dry run).
     """
     if not enabled:
         return module

@@ -293,6 +293,11 @@ def test_cuda_auto_uses_fused_kernels_in_half(monkeypatch: pytest.MonkeyPatch, d
         before = CALLS.copy()
         out = model(x, 700, ctx)
     delta = CALLS - before
-    assert delta["group_norm_silu_fwd"] > 0 and delta["geglu_fwd"] > 0 and delta["attention_fwd"] > 0
+    from ldm.kernels import routing
+
+    warmups = sum(1 for key, ok in routing._WARM.items() if ok and key[0] == "attention")
+    assert delta["group_norm_silu_fwd"] > 0 and delta["geglu_fwd"] > 0
+    if not routing.MEASURED:  # auto: attention on SDPA until a GPU measurement shows Triton faster
+        assert delta["attention_fwd"] == warmups == 0
     assert out.dtype == torch.float32 and rel_err(out, ref) < (2e-2 if dtype == torch.float16 else 6e-2)
     assert math.isfinite(out.abs().max().item())

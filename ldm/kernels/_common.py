@@ -1,6 +1,11 @@
-"""Shared dispatch rules for the fused kernels: backend names, the interpreter switch, launch counters."""
+"""Shared dispatch rules for the fused kernels: backend names, the interpreter switch, launch counters.
+
+`CALLS` counts eager launches by kernel name so tests can prove a fused path ran; `count` skips itself while
+torch.compile traces (a global side effect there would break the graph), so compiled graphs hold no counter.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -14,6 +19,12 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Launches of every Triton kernel by name, so tests can prove the fused path really ran.
 CALLS: Counter[str] = Counter()
+
+
+def count(name: str) -> None:
+    """Record one eager launch of kernel `name` (nothing while torch.compile traces)."""
+    if not torch.compiler.is_compiling():
+        CALLS[name] += 1
 
 
 def reset_calls() -> None:
@@ -65,3 +76,8 @@ def use_triton(name: str, tensors: tuple[torch.Tensor, ...], what: str) -> bool:
         log.debug("%s: triton cannot run on %s; using the reference", what,
                   [(t.device.type, t.dtype) for t in tensors])
     return ok
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make t's CUDA device current for a launch (Triton launches on the current device); no-op elsewhere."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

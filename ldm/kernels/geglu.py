@@ -1,6 +1,7 @@
 """Fused GEGLU (Shazeer 2020): a·GELU_erf(gate) with a, gate = h.chunk(2, -1); Triton forward/backward + twin.
 
-Dispatch as `ldm.kernels.norm`: `backend` argument, else $ONEWORD_KERNELS, else "auto" (Triton on CUDA).
+Dispatch as `ldm.kernels.norm`: `backend` argument, else $ONEWORD_KERNELS, else "auto" (Triton on CUDA once the
+warm-up in `ldm.kernels.routing` passed). One program per (row, BLOCK columns): contiguous, vectorisable loads.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ldm.kernels._common import CALLS, kernel_backend, use_triton
+from ldm.kernels._common import CALLS, count, kernel_backend, on_device, use_triton
 
 try:
     import triton
@@ -35,39 +36,67 @@ def geglu(h: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     name = kernel_backend(backend)
     if h.numel() == 0 or not use_triton(name, (h,), "geglu"):
         return geglu_reference(h)
-    return _GEGLU.apply(h)
+    if name == "triton":
+        return _GEGLU.apply(h)
+    from ldm.kernels import routing
+
+    key = routing.geglu_key(h)
+    if key is not None:
+        try:
+            return _GEGLU.apply(h)
+        except Exception as err:  # a toolchain failure the warm-up missed: the reference from now on
+            routing.failed(key, err, "the reference")
+    return geglu_reference(h)
 
 
 if triton is not None:
 
-    @triton.jit
-    def _load_halves(H, total, inner, BLOCK: tl.constexpr):
-        """This program's flat output offsets, their mask, the h offsets of `a`, and the a and gate halves (fp32)."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < total
-        row = offs // inner
-        col = offs - row * inner
-        src = row * (2 * inner) + col
+    @triton.jit(do_not_specialize=["inner"])
+    def _geglu_fwd(H, Y, inner, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+        """y[r, c] = h[r, c]·Φ(h[r, inner + c])·h[r, inner + c] for one BLOCK of columns of row r, fp32 math."""
+        if ALIGN > 1:  # host-checked: the compiler can then prove 16-byte rows (128-bit loads)
+            inner = (inner // ALIGN) * ALIGN
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < inner
+        src = H + row * (2 * inner) + cols
+        a = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(src + inner, mask=m, other=0.0).to(tl.float32)
+        y = a * (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
+        tl.store(Y + row * inner + cols, y.to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit(do_not_specialize=["inner"])
+    def _geglu_bwd(H, DY, DH, inner, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+        """da = dy·GELU(g); dg = dy·a·(Φ(g) + g·φ(g))."""
+        if ALIGN > 1:
+            inner = (inner // ALIGN) * ALIGN
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < inner
+        src = row * (2 * inner) + cols
         a = tl.load(H + src, mask=m, other=0.0).to(tl.float32)
         g = tl.load(H + src + inner, mask=m, other=0.0).to(tl.float32)
-        return offs, m, src, a, g
-
-    @triton.jit
-    def _geglu_fwd(H, Y, total, inner, BLOCK: tl.constexpr):
-        """y[r, c] = h[r, c]·Φ(h[r, inner + c])·h[r, inner + c], fp32 math."""
-        offs, m, src, a, g = _load_halves(H, total, inner, BLOCK)
-        y = a * (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
-        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
-
-    @triton.jit
-    def _geglu_bwd(H, DY, DH, total, inner, BLOCK: tl.constexpr):
-        """da = dy·GELU(g); dg = dy·a·(Φ(g) + g·φ(g))."""
-        offs, m, src, a, g = _load_halves(H, total, inner, BLOCK)
-        dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * inner + cols, mask=m, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
         tl.store(DH + src, (dy * g * cdf).to(DH.dtype.element_ty), mask=m)
         tl.store(DH + src + inner, (dy * a * (cdf + g * pdf)).to(DH.dtype.element_ty), mask=m)
+
+
+def launch_meta(align: int = 8) -> dict:
+    """Block size, warps and stages of both launches: one row per grid row, BLOCK columns per program."""
+    return {"BLOCK": _BLOCK, "ALIGN": align, "num_warps": 4, "num_stages": 1}
+
+
+def _align(inner: int, *tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes when every row of every tensor starts 16-byte aligned, else 1."""
+    per = 16 // tensors[0].element_size()
+    return per if inner % per == 0 and all(t.data_ptr() % 16 == 0 for t in tensors) else 1
+
+
+def _grid(rows: int, inner: int, block: int) -> tuple[int, int]:
+    """(rows, column blocks): rows on axis 0 (2³¹ − 1 programs), the few column blocks on axis 1 (≤ 65,535)."""
+    return rows, triton.cdiv(inner, block)
 
 
 class _GEGLU(torch.autograd.Function):
@@ -76,9 +105,10 @@ class _GEGLU(torch.autograd.Function):
         h = h.contiguous()
         inner = h.shape[-1] // 2
         y = torch.empty((*h.shape[:-1], inner), device=h.device, dtype=h.dtype)
-        total = y.numel()
-        _geglu_fwd[(triton.cdiv(total, _BLOCK),)](h, y, total, inner, BLOCK=_BLOCK)
-        CALLS["geglu_fwd"] += 1
+        meta = launch_meta(_align(inner, h, y))
+        with on_device(h):
+            _geglu_fwd[_grid(y.numel() // inner, inner, meta["BLOCK"])](h, y, inner, **meta)
+        count("geglu_fwd")
         ctx.save_for_backward(h)
         return y
 
@@ -88,10 +118,11 @@ class _GEGLU(torch.autograd.Function):
         dy = dy.contiguous()
         inner = h.shape[-1] // 2
         dh = torch.empty_like(h)
-        total = dy.numel()
-        _geglu_bwd[(triton.cdiv(total, _BLOCK),)](h, dy, dh, total, inner, BLOCK=_BLOCK)
-        CALLS["geglu_bwd"] += 1
+        meta = launch_meta(_align(inner, h, dy, dh))
+        with on_device(h):
+            _geglu_bwd[_grid(dy.numel() // inner, inner, meta["BLOCK"])](h, dy, dh, inner, **meta)
+        count("geglu_bwd")
         return dh
 
 
-__all__ = ["geglu", "geglu_reference", "CALLS"]
+__all__ = ["geglu", "geglu_reference", "launch_meta", "CALLS"]

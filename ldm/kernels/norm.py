@@ -1,17 +1,24 @@
 """Fused GroupNorm (+ SiLU) (Wu & He 2018) with fp32 statistics: Triton forward/backward and a reference twin.
 
 Dispatch: `backend` argument, else $ONEWORD_KERNELS, else "auto" ("math" | "triton" | "auto"). "auto" uses
-Triton on CUDA tensors when triton imports, the reference elsewhere; "triton" also runs on CPU under
-TRITON_INTERPRET=1 (how the tests check it) and otherwise falls back to the reference with a debug log.
+Triton on CUDA tensors when triton imports and the configuration passed its warm-up (`ldm.kernels.routing`: a
+failure warns once and the reference is used from then on), the reference elsewhere; "triton" also runs on CPU
+under TRITON_INTERPRET=1 (how the tests check it) and otherwise falls back to the reference with a debug log.
+
+The statistics are split across programs: each reduces a chunk of at most 16,384 elements of one group (two
+passes, fp32) and a second kernel merges the chunks (Chan et al.'s parallel variance), so a 512-px VAE decoder
+group of ~1 M elements runs on 64 programs instead of one; the backward reduction is split per (channels, chunk),
+each program reducing up to 16,384 elements of one or more channels of a group.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
 import torch.nn.functional as F
 
-from ldm.kernels._common import CALLS, kernel_backend, use_triton
+from ldm.kernels._common import CALLS, count, kernel_backend, on_device, use_triton
 
 try:
     import triton
@@ -46,50 +53,100 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     c = x.shape[1]
     w = weight if weight is not None else torch.ones(c, device=x.device, dtype=torch.float32)
     b = bias if bias is not None else torch.zeros(c, device=x.device, dtype=torch.float32)
-    return _GroupNormSiLU.apply(x, w, b, num_groups, float(eps), bool(silu))
+    if name == "triton":
+        return _GroupNormSiLU.apply(x, w, b, num_groups, float(eps), bool(silu))
+    from ldm.kernels import routing
+
+    key = routing.group_norm_key(x, w, silu)
+    if key is not None:
+        try:
+            return _GroupNormSiLU.apply(x, w, b, num_groups, float(eps), bool(silu))
+        except Exception as err:  # a toolchain failure the warm-up missed: the reference from now on
+            routing.failed(key, err, "the reference")
+    return group_norm_reference(x, weight, bias, num_groups, eps, silu)
 
 
 if triton is not None:
+
+    def _jit(fn):
+        """triton.jit without value specialisation of the sizes: alignment comes from the host-checked ALIGN."""
+        sizes = {"L", "S", "C", "CG", "G", "CHUNK", "CPB"}
+        return triton.jit(do_not_specialize=[n for n in inspect.signature(fn).parameters if n in sizes])(fn)
 
     @triton.jit
     def _silu_fwd(z):
         return z * tl.sigmoid(z)
 
     @triton.jit
-    def _gn_stats(X, MEAN, RSTD, L, eps, BLOCK: tl.constexpr):
-        """Two-pass mean and 1/σ of one (sample, group): L contiguous elements, fp32."""
+    def _aligned(n, ALIGN: tl.constexpr):
+        """A host-checked length, rewritten so the compiler can prove it a multiple of ALIGN (16-byte loads)."""
+        if ALIGN > 1:
+            n = (n // ALIGN) * ALIGN
+        return n
+
+    @_jit
+    def _gn_stats(X, PMEAN, PM2, L, CHUNK, eps, ALIGN: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr):
+        """Mean and Σ(x − mean)² of one CHUNK of one (sample, group), two passes in fp32 (the second hits cache).
+
+        FINAL (the group is one chunk): mean and 1/σ of the group instead, so no merge kernel is needed.
+        """
+        L = _aligned(L, ALIGN)
+        CHUNK = _aligned(CHUNK, ALIGN)
         pid = tl.program_id(0).to(tl.int64)
-        base = X + pid * L
+        split = tl.cdiv(L, CHUNK)
+        grp = pid // split
+        start = (pid % split) * CHUNK
+        count = tl.minimum(L - start, CHUNK)
+        base = X + grp * L + start
         offs = tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, L, BLOCK):
-            x = tl.load(base + start + offs, mask=start + offs < L, other=0.0).to(tl.float32)
-            acc += x
-        mean = tl.sum(acc, 0) / L
+        for i in range(0, count, BLOCK):
+            acc += tl.load(base + i + offs, mask=i + offs < count, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, 0) / count
         acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, L, BLOCK):
-            m = start + offs < L
-            x = tl.load(base + start + offs, mask=m, other=0.0).to(tl.float32)
-            d = tl.where(m, x - mean, 0.0)
+        for i in range(0, count, BLOCK):
+            m = i + offs < count
+            d = tl.where(m, tl.load(base + i + offs, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
             acc += d * d
-        var = tl.sum(acc, 0) / L
+        tl.store(PMEAN + pid, mean)
+        if FINAL:
+            tl.store(PM2 + pid, 1.0 / tl.sqrt(tl.sum(acc, 0) / count + eps))
+        else:
+            tl.store(PM2 + pid, tl.sum(acc, 0))
+
+    @_jit
+    def _gn_combine(PMEAN, PM2, MEAN, RSTD, L, CHUNK, eps, BLOCK: tl.constexpr):
+        """Merge a group's chunk statistics (Chan et al. 1979): mean and 1/σ of the whole group."""
+        pid = tl.program_id(0).to(tl.int64)
+        split = tl.cdiv(L, CHUNK)
+        offs = tl.arange(0, BLOCK)
+        m = offs < split
+        cnt = tl.where(m, tl.minimum(L - offs * CHUNK, CHUNK), 0).to(tl.float32)
+        pmean = tl.load(PMEAN + pid * split + offs, mask=m, other=0.0)
+        pm2 = tl.load(PM2 + pid * split + offs, mask=m, other=0.0)
+        mean = tl.sum(cnt * pmean, 0) / L
+        d = pmean - mean
+        var = tl.sum(pm2 + cnt * d * d, 0) / L
         tl.store(MEAN + pid, mean)
         tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
 
-    @triton.jit
-    def _gn_apply(X, Y, W, B, MEAN, RSTD, L, S, CG, G, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    @_jit
+    def _gn_apply(X, Y, W, B, MEAN, RSTD, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr,
+                  BLOCK: tl.constexpr):
         """y = (x − μ)/σ·w + b (then SiLU) for one BLOCK of one (sample, group)."""
-        pid = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        L = _aligned(L, ALIGN)
+        nblk = tl.cdiv(L, BLOCK)
+        grp = (tl.program_id(0) // nblk).to(tl.int64)
+        offs = (tl.program_id(0) % nblk) * BLOCK + tl.arange(0, BLOCK)
         m = offs < L
-        chan = (pid % G) * CG + offs // S
-        x = tl.load(X + pid * L + offs, mask=m, other=0.0).to(tl.float32)
+        chan = (grp % G) * CG + offs // S
+        x = tl.load(X + grp * L + offs, mask=m, other=0.0).to(tl.float32)
         w = tl.load(W + chan, mask=m, other=0.0).to(tl.float32)
         b = tl.load(B + chan, mask=m, other=0.0).to(tl.float32)
-        z = (x - tl.load(MEAN + pid)) * tl.load(RSTD + pid) * w + b
+        z = (x - tl.load(MEAN + grp)) * tl.load(RSTD + grp) * w + b
         if SILU:
             z = _silu_fwd(z)
-        tl.store(Y + pid * L + offs, z.to(Y.dtype.element_ty), mask=m)
+        tl.store(Y + grp * L + offs, z.to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
     def _gn_dz(x, dy, mean, rstd, w, b, SILU: tl.constexpr):
@@ -102,59 +159,85 @@ if triton is not None:
             dz = dy * sig * (1.0 + z * (1.0 - sig))
         return xhat, dz
 
-    @triton.jit
-    def _gn_bwd_reduce(X, DY, W, B, MEAN, RSTD, DW, DB, C1, C2, L, S, C, CG, G,
-                       SILU: tl.constexpr, BLOCK: tl.constexpr):
-        """Per (sample, group): per-channel Σdz·x̂, Σdz (→ dw, db) and the group means of dx̂ and dx̂·x̂."""
+    @_jit
+    def _gn_bwd_reduce(X, DY, W, B, MEAN, RSTD, PDW, PDB, S, C, CG, G, CHUNK, CPB,
+                       SILU: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+        """Per CPB channels (of one group) × one CHUNK of their S positions: partial Σdz·x̂ and Σdz per channel."""
+        S = _aligned(S, ALIGN)
+        CHUNK = _aligned(CHUNK, ALIGN)
         pid = tl.program_id(0).to(tl.int64)
-        n = pid // G
-        g = pid % G
-        mean = tl.load(MEAN + pid)
-        rstd = tl.load(RSTD + pid)
+        split = tl.cdiv(S, CHUNK)
+        part = pid % split
+        nc0 = (pid // split) * CPB
+        start = part * CHUNK
+        count = tl.minimum(S - start, CHUNK)
+        chan0 = nc0 % C
+        grp = (nc0 // C) * G + chan0 // CG
+        mean = tl.load(MEAN + grp)
+        rstd = tl.load(RSTD + grp)
         offs = tl.arange(0, BLOCK)
-        sum_dxhat = 0.0
-        sum_dxhat_xhat = 0.0
-        for cl in range(0, CG):
-            chan = g * CG + cl
-            w = tl.load(W + chan).to(tl.float32)
-            b = tl.load(B + chan).to(tl.float32)
-            base = pid * L + cl * S
+        for cl in range(0, CPB):
+            w = tl.load(W + chan0 + cl).to(tl.float32)
+            b = tl.load(B + chan0 + cl).to(tl.float32)
+            base = (nc0 + cl) * S + start
             acc_w = tl.zeros([BLOCK], tl.float32)
             acc_b = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, S, BLOCK):
-                m = start + offs < S
-                x = tl.load(X + base + start + offs, mask=m, other=0.0).to(tl.float32)
-                dy = tl.load(DY + base + start + offs, mask=m, other=0.0).to(tl.float32)
+            for i in range(0, count, BLOCK):
+                m = i + offs < count
+                x = tl.load(X + base + i + offs, mask=m, other=0.0).to(tl.float32)
+                dy = tl.load(DY + base + i + offs, mask=m, other=0.0).to(tl.float32)
                 xhat, dz = _gn_dz(x, dy, mean, rstd, w, b, SILU)
                 acc_w += dz * xhat
                 acc_b += dz
-            dw = tl.sum(acc_w, 0)
-            db = tl.sum(acc_b, 0)
-            tl.store(DW + n * C + chan, dw)
-            tl.store(DB + n * C + chan, db)
-            sum_dxhat += w * db
-            sum_dxhat_xhat += w * dw
-        tl.store(C1 + pid, sum_dxhat / L)
-        tl.store(C2 + pid, sum_dxhat_xhat / L)
+            tl.store(PDW + (nc0 + cl) * split + part, tl.sum(acc_w, 0))
+            tl.store(PDB + (nc0 + cl) * split + part, tl.sum(acc_b, 0))
 
-    @triton.jit
-    def _gn_bwd_dx(X, DY, DX, W, B, MEAN, RSTD, C1, C2, L, S, CG, G, SILU: tl.constexpr, BLOCK: tl.constexpr):
+    @_jit
+    def _gn_bwd_dx(X, DY, DX, W, B, MEAN, RSTD, C1, C2, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr,
+                   BLOCK: tl.constexpr):
         """dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))/σ for one BLOCK of one (sample, group)."""
-        pid = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        L = _aligned(L, ALIGN)
+        nblk = tl.cdiv(L, BLOCK)
+        grp = (tl.program_id(0) // nblk).to(tl.int64)
+        offs = (tl.program_id(0) % nblk) * BLOCK + tl.arange(0, BLOCK)
         m = offs < L
-        chan = (pid % G) * CG + offs // S
-        x = tl.load(X + pid * L + offs, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + pid * L + offs, mask=m, other=0.0).to(tl.float32)
+        chan = (grp % G) * CG + offs // S
+        x = tl.load(X + grp * L + offs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + grp * L + offs, mask=m, other=0.0).to(tl.float32)
         w = tl.load(W + chan, mask=m, other=0.0).to(tl.float32)
         b = tl.load(B + chan, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + pid)
-        xhat, dz = _gn_dz(x, dy, tl.load(MEAN + pid), rstd, w, b, SILU)
-        dx = (dz * w - tl.load(C1 + pid) - xhat * tl.load(C2 + pid)) * rstd
-        tl.store(DX + pid * L + offs, dx.to(DX.dtype.element_ty), mask=m)
+        rstd = tl.load(RSTD + grp)
+        xhat, dz = _gn_dz(x, dy, tl.load(MEAN + grp), rstd, w, b, SILU)
+        dx = (dz * w - tl.load(C1 + grp) - xhat * tl.load(C2 + grp)) * rstd
+        tl.store(DX + grp * L + offs, dx.to(DX.dtype.element_ty), mask=m)
 
 
 _BLOCK = 1024
+_CHUNK = 16384  # elements one statistics program reduces: a 512-px VAE decoder group (~1 M) spreads over 64
+
+
+def launch_meta(kernel: str, split: int = 64, align: int = 8) -> dict:
+    """Block size, alignment, warps and stages of each launch (`split`: chunks per group, for the combine)."""
+    if kernel == "gn_combine":
+        return {"BLOCK": max(16, triton.next_power_of_2(split)), "num_warps": 1, "num_stages": 1}
+    meta = {"BLOCK": _BLOCK, "ALIGN": align, "num_warps": 4,
+            "num_stages": 2 if kernel in ("gn_stats", "gn_bwd_reduce") else 1}
+    if kernel == "gn_stats":
+        meta["FINAL"] = split == 1
+    return meta
+
+
+def _meta(kernel: str, length: int, split: int = 64, align: int = 1) -> dict:
+    meta = launch_meta(kernel, split, align)
+    if kernel != "gn_combine":
+        meta["BLOCK"] = min(meta["BLOCK"], max(16, triton.next_power_of_2(length)))
+    return meta
+
+
+def _align(s: int, *tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes when every channel row (s elements) of every tensor starts 16-byte aligned, else 1."""
+    per = 16 // tensors[0].element_size()
+    return per if s % per == 0 and all(t.data_ptr() % 16 == 0 for t in tensors) else 1
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -165,16 +248,25 @@ class _GroupNormSiLU(torch.autograd.Function):
         s = x[0, 0].numel()
         cg = c // num_groups
         length = cg * s
-        mean = torch.empty(n * num_groups, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
+        groups = n * num_groups
+        split = triton.cdiv(length, _CHUNK)
+        stats = torch.empty((2, groups), device=x.device, dtype=torch.float32)
+        mean, rstd = stats
+        part = torch.empty((2, groups * split), device=x.device, dtype=torch.float32) if split > 1 else stats
         y = torch.empty_like(x)
-        block = min(_BLOCK, triton.next_power_of_2(length))
-        _gn_stats[(n * num_groups,)](x, mean, rstd, length, eps, BLOCK=block)
-        _gn_apply[(n * num_groups, triton.cdiv(length, block))](
-            x, y, weight, bias, mean, rstd, length, s, cg, num_groups, SILU=silu, BLOCK=block)
-        CALLS["group_norm_fwd"] += 1
+        align = _align(s, x, y)
+        meta = _meta("gn_apply", length, align=align)
+        with on_device(x):
+            _gn_stats[(groups * split,)](x, part[0], part[1], length, _CHUNK, eps,
+                                         **_meta("gn_stats", _CHUNK, split, align=align))
+            if split > 1:
+                _gn_combine[(groups,)](part[0], part[1], mean, rstd, length, _CHUNK, eps,
+                                       **_meta("gn_combine", 0, split))
+            _gn_apply[(groups * triton.cdiv(length, meta["BLOCK"]),)](
+                x, y, weight, bias, mean, rstd, length, s, cg, num_groups, SILU=silu, **meta)
+        count("group_norm_fwd")
         if silu:
-            CALLS["group_norm_silu_fwd"] += 1
+            count("group_norm_silu_fwd")
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.silu = num_groups, silu
         return y
@@ -188,25 +280,31 @@ class _GroupNormSiLU(torch.autograd.Function):
         s = x[0, 0].numel()
         cg = c // g
         length = cg * s
-        dw = torch.empty((n, c), device=x.device, dtype=torch.float32)
-        db = torch.empty_like(dw)
-        c1 = torch.empty_like(mean)
-        c2 = torch.empty_like(mean)
-        block_s = min(_BLOCK, triton.next_power_of_2(s))
-        _gn_bwd_reduce[(n * g,)](x, dy, weight, bias, mean, rstd, dw, db, c1, c2, length, s, c, cg, g,
-                                 SILU=ctx.silu, BLOCK=block_s)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            block = min(_BLOCK, triton.next_power_of_2(length))
-            _gn_bwd_dx[(n * g, triton.cdiv(length, block))](x, dy, dx, weight, bias, mean, rstd, c1, c2,
-                                                            length, s, cg, g, SILU=ctx.silu, BLOCK=block)
-        CALLS["group_norm_bwd"] += 1
+        chunk = min(_CHUNK, s)
+        split = triton.cdiv(s, chunk)
+        cpb = max(k for k in range(1, cg + 1) if cg % k == 0 and k * s <= max(_CHUNK, s))  # channels per program
+        part = torch.empty((2, n * c * split), device=x.device, dtype=torch.float32)
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        align = _align(s, x, dy, *(() if dx is None else (dx,)))
+        with on_device(x):
+            _gn_bwd_reduce[(n * c // cpb * split,)](x, dy, weight, bias, mean, rstd, part[0], part[1], s, c, cg, g,
+                                                    chunk, cpb, SILU=ctx.silu,
+                                                    **_meta("gn_bwd_reduce", chunk, align=align))
+        dw, db = part.view(2, n, c, split).sum(-1)  # per (sample, channel) Σdz·x̂, Σdz
+        wf = weight.float()
+        c1 = (wf * db).view(n * g, cg).sum(-1) / length  # mean(dx̂) per group
+        c2 = (wf * dw).view(n * g, cg).sum(-1) / length  # mean(dx̂·x̂) per group
+        if dx is not None:
+            meta = _meta("gn_bwd_dx", length, align=align)
+            with on_device(x):
+                _gn_bwd_dx[(n * g * triton.cdiv(length, meta["BLOCK"]),)](
+                    x, dy, dx, weight, bias, mean, rstd, c1, c2, length, s, cg, g, SILU=ctx.silu, **meta)
+        count("group_norm_bwd")
         if ctx.silu:
-            CALLS["group_norm_silu_bwd"] += 1
+            count("group_norm_silu_bwd")
         dweight = dw.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = db.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None, None, None
 
 
-__all__ = ["group_norm", "group_norm_reference", "CALLS"]
+__all__ = ["group_norm", "group_norm_reference", "launch_meta", "CALLS"]
