@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from ldm.precision import DTYPES
+
 HEAD_DIMS = (40, 64, 80, 160)
 LENGTHS = (4096, 1024, 256)
 CONTEXT = 77

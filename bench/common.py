@@ -12,6 +12,8 @@ import gzip
 import json
 import logging
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -130,6 +132,40 @@ def oneword_model(config: ModelConfig, unet: nn.Module, vae: nn.Module, text: nn
 
     model = LatentDiffusion(config, unet, vae, text, build_tokenizer(config), Schedule.from_config(config))
     return model.eval().requires_grad_(False)
+
+
+# --- the two models over one set of weights ----------------------------------------------------------------
+
+@dataclass
+class Setup:
+    config: object
+    ours: object                   # ldm LatentDiffusion
+    unet: torch.nn.Module          # diffusers UNet2DConditionModel
+    vae: torch.nn.Module           # diffusers AutoencoderKL
+    text: torch.nn.Module          # transformers CLIPTextModel
+    tokenizer: object              # transformers CLIPTokenizer
+    pipe: object                   # diffusers StableDiffusionPipeline
+    build_s: float
+
+
+def build(config_name: str, seed: int, tmp: Path) -> Setup:
+    t0 = time.perf_counter()
+    config = get_config(config_name)
+    unet, vae, text = random_modules(config, seed)
+    sd = original_state_dict(unet, vae, text)
+    d_unet, d_vae, d_text = diffusers_modules(sd, config)
+    del sd
+    ours = oneword_model(config, unet, vae, text)
+    tok = hf_tokenizer(tmp / "tokenizer")
+    pipe = diffusers_pipeline(d_unet, d_vae, d_text, tok, config)
+    return Setup(config, ours, d_unet, d_vae, d_text, tok, pipe, time.perf_counter() - t0)
+
+
+def place(modules, device: torch.device, dtype: torch.dtype) -> None:
+    for m in modules:
+        p = next(m.parameters())
+        if p.device != device or p.dtype != dtype:
+            m.to(device=device, dtype=dtype)
 
 
 # --- diffusers / transformers side -------------------------------------------------------------------------

@@ -19,8 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ldm.precision import DTYPES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
