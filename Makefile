@@ -21,7 +21,7 @@ help:
 	@echo "make ui                      local web app: train, watch, generate [HOST=127.0.0.1] [PORT=7860] [DEVICE=]"
 	@echo "make gpu-wheels              wheels for bash bench/gpu.sh on a bare GPU machine (into bench/wheels/)"
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
@@ -126,7 +126,7 @@ weights: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq chromium >/dev/null; } || echo "chromium could not be installed: the browser test will be skipped"
-$(UI_STAMP): $(STAMP) setup.py
+$(UI_STAMP): $(STAMP) pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[ui]'
 	touch $(UI_STAMP)
 
