@@ -13,13 +13,20 @@ opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
 help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
 	@echo "make test                    ruff + the whole pytest suite (CPU; Triton kernels interpreted)"
+	@echo "make test-fast               the suite without the tests marked slow"
+	@echo "make lint                    ruff"
+	@echo "make install                 the virtual environment (.venv) with the test extras; install-ui adds gradio"
 	@echo "make sample PROMPT=\"...\"     [MODEL=sd15|sd21|sd21-v|shapes|tiny] [CKPT=] [N=] [STEPS=] [SCALE=] ..."
 	@echo "make edit IMAGE=a.png PROMPT=\"...\"  [MASK=m.png] [STRENGTH=0.75] [MASK_BLUR=4] + the options of make sample"
-	@echo "make train CONCEPT=cat       [MODEL=] [STEPS=] [BATCH=] [LR=] [INIT=] [TOKEN=] [VECTORS=] ..."
+	@echo "make train CONCEPT=cat       [MODEL=] [STEPS=6100|auto] [MAX_STEPS=] [BATCH=] [LR=] [INIT=] [TOKEN=] [VECTORS=] ..."
+	@echo "make eval RUN=runs/<run>     the paper's CLIP image/text similarity [PROMPTS=] [N=] [STEPS=] [CLIP=]"
+	@echo "make figures                 every paper figure [MODEL=] [CONCEPT=] [RUN=] [STEPS=] [N=]; one: make figure-<name>"
 	@echo "make weights MODEL=sd15      download a public checkpoint (sha256-verified, resumable)"
 	@echo "make pretrain-shapes         retrain the shipped shapes model from scratch (2 CPU cores, ~27 min)"
 	@echo "make ui                      local web app: train, watch, generate [HOST=127.0.0.1] [PORT=7860] [DEVICE=]"
+	@echo "make bench                   oneword vs diffusers on the same random SD1.5-size weights [DEVICE=] [QUICK=1]"
 	@echo "make gpu-wheels              wheels for bash bench/gpu.sh on a bare GPU machine (into bench/wheels/)"
+	@echo "make clean                   remove outputs/ and the tool caches"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)

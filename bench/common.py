@@ -215,7 +215,7 @@ def diffusers_modules(sd: dict[str, torch.Tensor], config: ModelConfig) -> tuple
 
 
 def hf_tokenizer(folder: str | Path):
-    """transformers' CLIPTokenizer built offline from open_clip's BPE merges (REFERENCE.md §4); pads with EOS."""
+    """transformers' CLIPTokenizer built offline from open_clip's BPE merges; pads with EOS."""
     from transformers import CLIPTokenizer
 
     from ldm.tokenizer import NUM_MERGES, bytes_to_unicode, default_bpe_path
@@ -254,7 +254,7 @@ def diffusers_pipeline(unet: nn.Module, vae: nn.Module, text: nn.Module, tokeniz
     return pipe
 
 
-# --- a full-size checkpoint on disk (issue 2's load-time report) -------------------------------------------
+# --- a full-size checkpoint on disk (the load-time report) ---------------------------------------------------
 
 def write_checkpoint(path: str | Path, config_name: str = "sd1", dtype: torch.dtype = torch.float32,
                      seed: int = 0) -> Path:

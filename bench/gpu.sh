@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 15, on a bare GPU machine (python3 with torch, triton, transformers; no network).
+# The GPU measurement, on a bare GPU machine (python3 with torch, triton, transformers; no network).
 # Exact invocation, from the repository root, with bench/wheels/ prepared by `make gpu-wheels` and carried along:
 #
 #   bash bench/gpu.sh "$OUT"            # or: bash bench/gpu.sh DIR [extra python -m bench.run flags]

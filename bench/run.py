@@ -448,7 +448,7 @@ def run(args: argparse.Namespace, out: Path, phase_dir: Path) -> dict:
     train_configs = []
     for size in train_sizes:
         for b in batches:
-            # CPU (issues 4, 5): batch 1 at every size, batches 2 and 4 at 256 px only; CUDA: all at 512
+            # CPU: batch 1 at every size, batches 2 and 4 at 256 px only; CUDA: all at 512
             if cuda or tiny or b == 1 or size <= 256:
                 train_configs.append((size, b))
     train_configs.sort(key=lambda c: (c[1] > 1, c[0], c[1]))

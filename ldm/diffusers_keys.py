@@ -1,4 +1,4 @@
-"""diffusers folder keys → original single-file keys, by rule (REFERENCE.md §4), not by table.
+"""diffusers folder keys → original single-file keys, by rule, not by table.
 
 The maps work on key names only and return recipes {original key: (op, diffusers keys)}, so that a loader can
 apply them lazily, one tensor at a time: "copy"; "conv1x1" (a Linear (C, C) weight as a 1×1 conv); "cat"

@@ -112,7 +112,7 @@ def test_every_attention_goes_through_the_entry_point(monkeypatch):
 
 
 def test_keys_and_full_size_shapes_match_the_original():
-    """REFERENCE.md §2: the txt2img-f8-large cond_stage_model.transformer.* keys, built on meta (no memory)."""
+    """The LDM-1.4B (txt2img-f8-large) cond_stage_model.transformer.* keys, built on meta (no memory)."""
     with torch.device("meta"):
         model = LDMBertTextModel()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -145,7 +145,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 # --- a real client reads our file ------------------------------------------------------------------------
 
 def _hf_tokenizer(folder):
-    """transformers' CLIPTokenizer built offline from open_clip's BPE merges (REFERENCE.md §4)."""
+    """transformers' CLIPTokenizer built offline from open_clip's BPE merges."""
     from transformers import CLIPTokenizer
 
     from ldm.tokenizer import bytes_to_unicode, default_bpe_path

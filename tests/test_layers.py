@@ -1,4 +1,4 @@
-"""The layers import downward only (DESIGN.md): ldm ← inversion ← apps ← experiments, bench; weights is a leaf.
+"""The layers import downward only: ldm ← inversion ← apps ← experiments, bench; weights is a leaf.
 
 Every import of a project package is read from the source (module tops and function bodies alike), so a lazy
 import cannot hide an upward edge.

@@ -1,4 +1,4 @@
-"""The shapes world (issue 7): generator, captions, judge, shipped model and the inversion demo."""
+"""The shapes world: generator, captions, judge, shipped model and the inversion demo."""
 from __future__ import annotations
 
 from collections import Counter

@@ -49,7 +49,7 @@ def open_clip_ids() -> torch.Tensor:
 
 
 def hf_tokenizer():
-    """transformers' CLIPTokenizer built offline from the same merges file (REFERENCE.md §4)."""
+    """transformers' CLIPTokenizer built offline from the same merges file."""
     transformers = pytest.importorskip("transformers")
     encoder, _, ranks = _load_bpe(str(default_bpe_path()))
     return transformers.CLIPTokenizer(vocab=dict(encoder), merges=sorted(ranks, key=ranks.get))

@@ -1,1 +1,1 @@
-"""The offline shapes world: a procedural captioned dataset, a judge, a small LDM trained on it (issue 7)."""
+"""The offline shapes world: a procedural captioned dataset, a judge, a small LDM trained on it."""

@@ -29,7 +29,7 @@ def split_state_dict(state_dict: Mapping[str, Tensor], config: ModelConfig, sour
     Nothing is read: the parts stay as lazy as the input."""
     kind = config.text["kind"]
     if kind not in PREFIXES:
-        raise NotImplementedError(f"text tower {kind!r} cannot be loaded yet (issue 6)")
+        raise NotImplementedError(f"text tower {kind!r} cannot be loaded from a checkpoint yet")
     lazy = state_dict if isinstance(state_dict, LazyStateDict) else LazyStateDict.of(dict(state_dict))
     keys: dict[str, dict[str, str]] = {"unet": {}, "vae": {}, "text": {}}
     for key in lazy:
@@ -162,7 +162,7 @@ def _load(path: Path, source: str, sd: LazyStateDict, hints: dict, device: torch
         log.warning("%s: its alphas_cumprod is not a decreasing schedule in (0, 1]; recomputing it", source)
         alphas = None
     if alphas is not None and alphas.dtype in (torch.float32, torch.float64):
-        schedule = Schedule(alphas, config.parameterization)  # the checkpoint's own ᾱ, as DESIGN prefers
+        schedule = Schedule(alphas, config.parameterization)  # the checkpoint's own ᾱ
     elif alphas is not None:
         log.info("%s: alphas_cumprod stored as %s; recomputing the schedule in float64", source, alphas.dtype)
     try:

@@ -1,4 +1,4 @@
-"""Hardening, numerics (issue 8): the NaN/inf guard (skip, count, stop after K in a row with advice, nothing
+"""Numerics: the NaN/inf guard (skip, count, stop after K in a row with advice, nothing
 lost) and --deterministic (bit-identical reruns; what it promises per device)."""
 from __future__ import annotations
 

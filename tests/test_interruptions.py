@@ -1,4 +1,4 @@
-"""Hardening, faults (issue 8): kill -9 at random moments, a disk that fills during a save, Ctrl-C while
+"""Interruptions and faults: kill -9 at random moments, a disk that fills during a save, Ctrl-C while
 training and while sampling. Nothing already saved may be lost, and every stop says what to do next."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hardening, security (issue 8): no pickle runs code without an explicit opt-in, every download is
+"""Security: no pickle runs code without an explicit opt-in, every download is
 sha256-verified, names from files/tokens/folders never write outside the output folder, nothing is overwritten
 without --overwrite; and the CI gate runs ruff plus the README's commands."""
 from __future__ import annotations

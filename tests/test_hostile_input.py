@@ -1,4 +1,4 @@
-"""Hardening, hostile input (issue 8), property-based: the tokenizers on arbitrary unicode, image files from
+"""Hostile input, property-based: the tokenizers on arbitrary unicode, image files from
 random bytes to decompression bombs, embedding files of any structure, checkpoints with random keys and shapes.
 Every case either works or is refused with a one-line error of the tool's own class — never a traceback."""
 from __future__ import annotations
