@@ -17,7 +17,6 @@ How `ldm/sample.py` uses it (`make sample PROMPT=… EMBEDDING=… BEST_OF=16 KE
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from inversion import data as D
 from inversion.clip import CLIP_WEIGHTS, RANDOM, CLIPScorer, clip_text, cosine
 from inversion.embedding import InversionError
+from inversion.rundir import RunDir
 from ldm.pipeline import from_pil
 
 log = logging.getLogger(__name__)
@@ -138,15 +138,14 @@ def concept_folders(args: argparse.Namespace) -> list[Path]:
     if args.concept:
         return [D.resolve_concept(c.strip()) for c in args.concept.split(",") if c.strip()]
     folders = []
-    for f in (getattr(args, "embedding", None) or "").split(","):
-        info = Path(f).parent / "args.json" if f else None
-        if info is None or not info.is_file():
-            continue
+    for f in [f for f in (getattr(args, "embedding", None) or "").split(",") if f]:
+        run = RunDir(Path(f).parent)
         try:
-            concept = json.loads(info.read_text())["options"]["concept"]
-            folders.append(D.resolve_concept(concept))
-        except (KeyError, ValueError, InversionError) as e:
-            log.warning("%s: no usable concept folder (%s)", info, e)
+            concept = run.options().get("concept")
+            if concept:
+                folders.append(D.resolve_concept(concept))
+        except InversionError as e:
+            log.warning("%s: no usable concept folder (%s)", run.path, e)
     return folders
 
 

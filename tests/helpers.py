@@ -10,13 +10,11 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import save_file
 
+from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
 from ldm.pipeline import build_modules
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-            "clip": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model.",
-            "ldmbert": "cond_stage_model.transformer."}
 
 
 def module_prefixes(config: ModelConfig) -> tuple[str, str, str]:

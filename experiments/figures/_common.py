@@ -29,6 +29,7 @@ from inversion.rundir import RunDir
 from inversion.templates import MARKER
 from inversion.train import train
 from ldm import cli
+from ldm.pipeline import image_grid
 
 log = logging.getLogger("experiments.figures")
 
@@ -348,9 +349,10 @@ def grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], cell: int | None = N
     for r, (caption, ims) in enumerate(rows):
         y = top + r * (cell + text_h)
         draw.text((4, y + 1), caption, fill="black", font=font)
-        for c, im in enumerate(ims):
-            resample = Image.NEAREST if im.size[0] < cell else Image.BICUBIC
-            canvas.paste(im.convert("RGB").resize((cell, cell), resample), (c * cell, y + text_h))
+        if ims:
+            cells = [im.convert("RGB").resize((cell, cell), Image.NEAREST if im.size[0] < cell else Image.BICUBIC)
+                     for im in ims]
+            canvas.paste(image_grid(cells, cols=len(cells)), (0, y + text_h))
     return canvas
 
 
