@@ -22,7 +22,7 @@ from apps import sample
 from inversion.data import load_image
 from inversion.models import model_hash
 from ldm import cli
-from ldm.pipeline import image_grid, mask_tensor
+from ldm.images import image_grid, mask_tensor
 
 log = logging.getLogger("apps.edit")
 

@@ -20,7 +20,7 @@ from inversion.embedding import check_width, load_embedding_file
 from inversion.models import model_hash
 from ldm import attention, cli, determinism
 from ldm.attention import BACKENDS
-from ldm.pipeline import image_grid
+from ldm.images import image_grid
 from ldm.precision import DTYPES, maybe_compile
 
 log = logging.getLogger("apps.sample")

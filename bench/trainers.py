@@ -30,9 +30,10 @@ class OnewordTrainer:
 
     def configure(self, size: int, batch: int, device: torch.device, precision: str) -> None:
         from inversion import data as D
+        from inversion.batches import Batches
         from inversion.config import TrainConfig
         from inversion.templates import dual_templates, load_templates
-        from inversion.train import Batches, InversionLoss
+        from inversion.train import InversionLoss
 
         m, dtype = self.s.ours, DTYPES[precision]
         place([m], device, torch.float32)

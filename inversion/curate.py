@@ -27,7 +27,7 @@ from inversion import data as D
 from inversion.clip import CLIP_WEIGHTS, RANDOM, CLIPScorer, clip_text, cosine
 from inversion.embedding import InversionError
 from inversion.rundir import RunDir
-from ldm.pipeline import from_pil
+from ldm.images import from_pil
 
 log = logging.getLogger(__name__)
 

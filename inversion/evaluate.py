@@ -36,7 +36,7 @@ from inversion.embedding import InversionError, atomic_write, load_embedding_fil
 from inversion.rundir import RunDir
 from inversion.templates import MARKER
 from ldm import cli
-from ldm.pipeline import image_grid, to_pil
+from ldm.images import image_grid, to_pil
 
 log = logging.getLogger("inversion.evaluate")
 

@@ -35,7 +35,7 @@ from inversion.embedding import (
     save_torch,
 )
 from ldm import cli
-from ldm.pipeline import image_grid
+from ldm.images import image_grid
 
 log = logging.getLogger(__name__)
 

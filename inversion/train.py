@@ -28,26 +28,27 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from inversion import data as D
 from inversion import models, stopping
+from inversion.batches import Batches
 from inversion.config import TrainConfig
 from inversion.distributed import Dist, GracefulStop, any_rank, barrier, init_distributed
 from inversion.embedding import InversionError, LearnedWords
 from inversion.models import model_hash
 from inversion.rundir import RunDir, load_state, plot_loss, read_loss_csv, rng_state, set_rng_state
-from inversion.templates import MIXING_PROB, TemplateError, dual_templates, load_templates
+from inversion.templates import TemplateError, dual_templates, load_templates
 from ldm import cli, determinism
 from ldm.precision import DTYPES
-from ldm.tokenizer import fit_ids
 
 log = logging.getLogger("inversion.train")
 
@@ -77,68 +78,6 @@ class InversionLoss(nn.Module):
         mse = F.mse_loss(out.to(dtype), target.to(dtype))
         loss = mse + self.reg_weight * self.words.reg_loss() if self.reg_weight > 0 else mse
         return loss, mse.detach()
-
-
-# --- one batch of samples ----------------------------------------------------------------------------------
-
-class Batches:
-    """Builds the inputs of global samples k from their own generators (see the module docstring)."""
-
-    def __init__(self, model, words: LearnedWords, images: D.ConceptImages, cache: D.LatentCache | None,
-                 templates: tuple[str, ...], duals: tuple[str, ...], config: TrainConfig,
-                 latent_shape: tuple[int, ...], device: torch.device) -> None:
-        self.model, self.words, self.images, self.cache = model, words, images, cache
-        self.templates, self.duals, self.config = templates, duals, config
-        self.latent_shape, self.device = latent_shape, device
-        self.vae_calls = 0
-
-    def prompt(self, g: torch.Generator, image: int) -> str:
-        w = self.words
-        if w.image_tokens and float(torch.rand((), generator=g)) < MIXING_PROB:
-            template = self.duals[int(torch.randint(len(self.duals), (), generator=g))]
-            return template.format(w.token, w.image_tokens[image])
-        return self.templates[int(torch.randint(len(self.templates), (), generator=g))].format(w.token)
-
-    def tokenize(self, prompts: list[str], active: int) -> torch.Tensor:
-        """Ids (B, 77); progressive words keep only the first `active` vectors of the placeholder."""
-        tok = self.model.tokenizer
-        drop = self.words.unused_ids(active)
-        if not drop:
-            return tok(prompts)
-        out = torch.full((len(prompts), tok.context_length), tok.pad_id, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids = fit_ids([i for i in tok.encode(p) if i not in drop], tok.context_length - 2,
-                          {i: t for t, run in self.words.tokens.items() for i in run})
-            out[r, : len(ids) + 2] = torch.tensor([tok.bos_id, *ids, tok.eos_id])
-        return out
-
-    def __call__(self, ks: list[int], active: int) -> tuple[torch.Tensor, ...]:
-        a, n = self.config, len(self.images)
-        T = self.model.schedule.num_timesteps
-        prompts, idx, flips, ts, noises, normals = [], [], [], [], [], []
-        for k in ks:
-            g = D.sample_generator(a.seed, k)
-            image = D.dataset_item(a.seed, k, n, a.repeats)
-            flip = bool(float(torch.rand((), generator=g)) < a.flip_p)
-            prompts.append(self.prompt(g, image))
-            ts.append(int(torch.randint(T, (), generator=g)))
-            noises.append(torch.randn(self.latent_shape, generator=g))
-            normals.append(torch.randn(self.latent_shape, generator=g))
-            idx.append(image)
-            flips.append(flip)
-        normals_t = torch.stack(normals)
-        if self.cache is not None:
-            latents = self.cache.draw(idx, flips, normals_t)
-        else:  # the official way: encode every step (same distribution, a VAE pass per step)
-            with torch.no_grad():
-                post = self.model.posterior(self.images.batch(idx, flips))
-                self.vae_calls += 1
-                z = post.mean.float() + post.std.float() * normals_t.to(post.mean.device)
-            latents = z * self.model.config.scale_factor
-        ids = self.tokenize(prompts, active)
-        dev = self.device
-        return (ids.to(dev), latents.to(dev, torch.float32), torch.tensor(ts, device=dev),
-                torch.stack(noises).to(dev))
 
 
 # --- one optimiser step ------------------------------------------------------------------------------------
@@ -228,10 +167,79 @@ class Result:
     stop_reason: str | None = None
 
 
-# --- the loop ----------------------------------------------------------------------------------------------
+@dataclass
+class Session:
+    """Everything the loop touches, built once by `setup` (and restored from state.pt on RESUME)."""
 
-def run(config: TrainConfig, model=None) -> Result:
-    """Run (or resume) textual inversion as `config` says."""
+    config: TrainConfig
+    d: Dist
+    out: RunDir
+    model: object
+    words: LearnedWords
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    runner: nn.Module
+    batches: Batches
+    lr: float
+    autocast: object
+    checkpoint: tuple[str | None, str | None]
+    rule: stopping.StopRule | None = None
+    objective: stopping.DeterministicObjective | None = None
+    start: int = 0
+    skipped: int = 0
+    bad_in_row: int = 0
+    rows: list = field(default_factory=list)
+
+    def save(self, step: int) -> None:
+        """The embedding files and the RESUME state (rank 0 only)."""
+        if self.d.main:
+            state = {"vectors": self.words.vectors.detach().cpu().clone(), "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict(), "step": step, "skipped": self.skipped,
+                     "bad_in_row": self.bad_in_row, "rng": rng_state(), "token_ids": self.words.tokens,
+                     **({"stop_rule": self.rule.state_dict()} if self.rule else {})}
+            self.out.save(self.words, step, state, self.checkpoint)
+
+    def restore(self) -> None:
+        """RESUME: vectors, optimiser, scaler, counters, every RNG and the stop rule from state.pt."""
+        if not self.out.state_path.is_file():
+            log.warning("RESUME=%s: no state.pt yet (stopped before its first save); starting from step 0",
+                        self.out.path)
+            return
+        st = load_state(self.out.state_path)
+        if tuple(st["vectors"].shape) != tuple(self.words.vectors.shape):
+            raise InversionError(f"RESUME={self.out.path}: state.pt holds vectors {tuple(st['vectors'].shape)} but "
+                                 f"this run needs {tuple(self.words.vectors.shape)}; was args.json edited?")
+        with torch.no_grad():
+            self.words.vectors.copy_(st["vectors"].to(self.words.vectors.device))
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        self.start, self.skipped, self.bad_in_row = st["step"], st["skipped"], st["bad_in_row"]
+        set_rng_state(st["rng"])
+        if self.rule is not None and "stop_rule" in st:
+            self.rule.load_state_dict(st["stop_rule"])
+        if self.start >= self.config.steps:
+            log.info("run %s already has %d steps (STEPS=%d)", self.out.path, self.start, self.config.steps)
+        self.rows = read_loss_csv(self.out.loss_path, self.start)
+
+    def active(self, step: int) -> int:
+        """Vectors in use at `step`: all of them, or one more every --progressive steps."""
+        n, every = self.words.num_vectors, self.config.progressive
+        return min(n, 1 + step // every) if every else n
+
+    def settled(self, step: int, active: int) -> str | None:
+        """STEPS=auto: the fixed-batch objective at multiples of --stop-every; rank 0's reason to stop, if any."""
+        rule = self.rule
+        if rule is None or step % self.config.stop_every or (rule.history and rule.history[-1][0] >= step):
+            return None
+        with self.autocast:
+            reason = rule.update(step, self.objective(active))
+        return (reason or "rank 0's stop rule") if any_rank(reason is not None and self.d.main, self.d) else None
+
+
+# --- setting a run up --------------------------------------------------------------------------------------
+
+def setup(config: TrainConfig, model=None) -> Session:
+    """The run folder, the frozen model, the learned words, optimiser, batches and stop rule, as `config` says."""
     d, device = init_distributed(config.device)
     if config.deterministic:
         determinism.enable(device, config.seed)
@@ -262,43 +270,27 @@ def run(config: TrainConfig, model=None) -> Result:
                          per_image=len(images) if config.per_image_tokens else 0,
                          generator=torch.Generator().manual_seed(D.mix_seed(config.seed, 0x1417))).to(device)
     lr = config.scaled_lr(d.world)
-    optimizer = torch.optim.AdamW([words.vectors], lr=lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     loss_fn = InversionLoss(model, words, config.reg_weight)
     runner: nn.Module = loss_fn
     if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         runner = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
     cache = latent_cache(config, model, images, d)
     vf = model.config.vae_factor
     latent_shape = cache.latent_shape if cache else (model.config.unet["in_channels"], config.size // vf,
                                                      config.size // vf)
     batches = Batches(model, words, images, cache, templates, duals, config, latent_shape, device)
-    rule = stopping.StopRule(config.stop_window, config.stop_threshold) if config.auto else None
-    objective = (stopping.DeterministicObjective(loss_fn, batches, fixed_latents(model, images, cache), config.seed,
-                                                 batch=config.batch) if rule else None)
-
-    start, skipped, bad_in_row = 0, 0, 0
-    if config.resume and not out.state_path.is_file():
-        log.warning("RESUME=%s: no state.pt yet (stopped before its first save); starting from step 0", out.path)
-    elif config.resume:
-        st = load_state(out.state_path)
-        if tuple(st["vectors"].shape) != tuple(words.vectors.shape):
-            raise InversionError(f"RESUME={out.path}: state.pt holds vectors {tuple(st['vectors'].shape)} but this "
-                                 f"run needs {tuple(words.vectors.shape)}; was args.json edited?")
-        with torch.no_grad():
-            words.vectors.copy_(st["vectors"].to(device))
-        optimizer.load_state_dict(st["optimizer"])
-        scaler.load_state_dict(st["scaler"])
-        start, skipped, bad_in_row = st["step"], st["skipped"], st["bad_in_row"]
-        set_rng_state(st["rng"])
-        if rule is not None and "stop_rule" in st:
-            rule.load_state_dict(st["stop_rule"])
-        if start >= config.steps:
-            log.info("run %s already has %d steps (STEPS=%d)", out.path, start, config.steps)
-    rows = read_loss_csv(out.loss_path, start) if config.resume and start else []
-    checkpoint = checkpoint_identity(config) if d.main else (None, None)
+    autocast = (torch.autocast(device.type, dtype=DTYPES[config.precision])
+                if config.precision != "fp32" else nullcontext())
+    optimizer = torch.optim.AdamW([words.vectors], lr=lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    s = Session(config, d, out, model, words, optimizer, scaler, runner, batches, lr, autocast,
+                checkpoint_identity(config) if d.main else (None, None))
+    if config.auto:
+        s.rule = stopping.StopRule(config.stop_window, config.stop_threshold)
+        s.objective = stopping.DeterministicObjective(loss_fn, batches, fixed_latents(model, images, cache),
+                                                      config.seed, batch=config.batch)
+    if config.resume:
+        s.restore()
     if d.main:
         out.write_json("args.json", {"options": config.options(), "lr": lr, "world_size": d.world,
                                      "model": model.config.name, "token_ids": words.tokens,
@@ -309,63 +301,52 @@ def run(config: TrainConfig, model=None) -> Result:
         log.info("training %s (%d vectors) on %d images of %s, %d px, batch %d × accum %d × %d, %s → %s",
                  config.token, config.vectors, len(images), concept, config.size, config.batch, config.accum,
                  d.world, f"at most {config.steps} steps (auto)" if config.auto else f"{config.steps} steps", out.path)
+    return s
 
-    def save(step: int) -> None:
-        if d.main:
-            out.save(words, step, {"vectors": words.vectors.detach().cpu().clone(), "optimizer": optimizer.state_dict(),
-                                   "scaler": scaler.state_dict(), "step": step, "skipped": skipped,
-                                   "bad_in_row": bad_in_row, "rng": rng_state(), "token_ids": words.tokens,
-                                   **({"stop_rule": rule.state_dict()} if rule else {})}, checkpoint)
 
-    def settled(step: int, active: int) -> str | None:
-        """STEPS=auto: the fixed-batch objective at multiples of --stop-every; rank 0's reason to stop, if any."""
-        if rule is None or step % config.stop_every or (rule.history and rule.history[-1][0] >= step):
-            return None
-        with autocast:
-            reason = rule.update(step, objective(active))
-        return (reason or "rank 0's stop rule") if any_rank(reason is not None and d.main, d) else None
+# --- the loop ----------------------------------------------------------------------------------------------
 
-    def active_vectors(step: int) -> int:
-        return min(words.num_vectors, 1 + step // config.progressive) if config.progressive else words.num_vectors
-
-    loss_log = out.open_loss_log(rows) if d.main else None
-    autocast = (torch.autocast(device.type, dtype=DTYPES[config.precision])
-                if config.precision != "fp32" else nullcontext())
-    bar = tqdm(total=config.steps, initial=start, desc=f"learning {config.token}", unit="step", dynamic_ncols=True,
-               disable=not d.main or config.no_progress)
-    result = Result(out, config, start)
+def run(config: TrainConfig, model=None) -> Result:
+    """Run (or resume) textual inversion as `config` says."""
+    s = setup(config, model)
+    config, d, out = s.config, s.d, s.out
+    loss_log = out.open_loss_log(s.rows) if d.main else None
+    bar = tqdm(total=config.steps, initial=s.start, desc=f"learning {config.token}", unit="step",
+               dynamic_ncols=True, disable=not d.main or config.no_progress)
+    result = Result(out, config, s.start)
     with GracefulStop(d) as stop:
         try:
-            if start == 0:
-                settled(0, active_vectors(0))
-            for step in range(start, config.steps):
-                active = active_vectors(step)
-                value, applied = train_step(runner, batches, optimizer, scaler, config, d, step, active, autocast)
-                skipped, bad_in_row = skipped + (not applied), 0 if applied else bad_in_row + 1
+            if s.start == 0:
+                s.settled(0, s.active(0))
+            for step in range(s.start, config.steps):
+                active = s.active(step)
+                value, applied = train_step(s.runner, s.batches, s.optimizer, s.scaler, config, d, step, active,
+                                            s.autocast)
+                s.skipped, s.bad_in_row = s.skipped + (not applied), 0 if applied else s.bad_in_row + 1
                 done = result.step = step + 1
-                rows.append((done, value, lr, skipped))
+                s.rows.append((done, value, s.lr, s.skipped))
                 if loss_log is not None:
-                    loss_log.write(f"{done},{value:.6g},{lr:.6g},{skipped}\n")
+                    loss_log.write(f"{done},{value:.6g},{s.lr:.6g},{s.skipped}\n")
                 bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", skipped=skipped, refresh=False)
-                if bad_in_row >= config.max_bad_steps:  # skipped steps left the vectors as they were: keep them
-                    save(done)
-                    raise InversionError(f"{bad_in_row} steps in a row gave NaN/inf loss or gradients (last at step "
-                                         f"{done}; the vectors from before them are saved in {out.path}); lower LR, "
-                                         "use PRECISION=bf16 or fp32, or check the checkpoint")
-                result.stop_reason = settled(done, active)
+                bar.set_postfix(loss=f"{value:.4f}", skipped=s.skipped, refresh=False)
+                if s.bad_in_row >= config.max_bad_steps:  # skipped steps left the vectors as they were: keep them
+                    s.save(done)
+                    raise InversionError(f"{s.bad_in_row} steps in a row gave NaN/inf loss or gradients (last at "
+                                         f"step {done}; the vectors from before them are saved in {out.path}); "
+                                         "lower LR, use PRECISION=bf16 or fp32, or check the checkpoint")
+                result.stop_reason = s.settled(done, active)
                 last = done == config.steps or result.stop_reason is not None
                 saved = done % config.save_every == 0 or last
                 if saved:
-                    save(done)
+                    s.save(done)
                     every = config.validation_every
                     if d.main and every and (done % every == 0 or last):
-                        out.validation_grid(model, words, config.validation_prompts, config.val_n,
-                                            config.val_steps or model.config.steps, config.size, config.seed, done)
+                        out.validation_grid(s.model, s.words, config.validation_prompts, config.val_n,
+                                            config.val_steps or s.model.config.steps, config.size, config.seed, done)
                     barrier(d)
                 if stop.requested() and done < config.steps:  # Ctrl-C: this step is complete, keep it and leave
                     if not saved:
-                        save(done)
+                        s.save(done)
                     result.interrupted = True
                     log.warning("interrupted at step %d of %d: saved %s; continue with RESUME=%s", done,
                                 config.steps, out / "learned_embeds.safetensors", out.path)
@@ -377,23 +358,29 @@ def run(config: TrainConfig, model=None) -> Result:
             if loss_log is not None:
                 loss_log.close()
     if d.main:
-        if start >= config.steps:
-            save(start)
-        if rule is not None and not result.interrupted:
-            result.stop_reason = result.stop_reason or f"reached --max-steps {config.max_steps} first"
-            out.write_json("stop.json", {"stopped_at": result.step, "reason": result.stop_reason,
-                                         "max_steps": config.max_steps,
-                                         "rule": {"every": config.stop_every, "window": rule.window,
-                                                  "threshold": rule.threshold},
-                                         "objective": [{"step": s, "value": v} for s, v in rule.history]})
-            log.info("STEPS=auto stopped at step %d: %s", result.step, result.stop_reason)
-        if rows:
-            plot_loss(rows, out / "loss.png", f"{config.token}: {config.steps} steps, batch "
-                      f"{config.batch}×{config.accum}×{d.world}")
-        if skipped:
-            log.warning("%d step(s) skipped for NaN/inf loss or gradients", skipped)
+        finish(s, result)
     barrier(d)
     return result
+
+
+def finish(s: Session, result: Result) -> None:
+    """After the loop (rank 0): a resumed, already finished run saves again; stop.json; the loss plot."""
+    config, out, rule = s.config, s.out, s.rule
+    if s.start >= config.steps:
+        s.save(s.start)
+    if rule is not None and not result.interrupted:
+        result.stop_reason = result.stop_reason or f"reached --max-steps {config.max_steps} first"
+        out.write_json("stop.json", {"stopped_at": result.step, "reason": result.stop_reason,
+                                     "max_steps": config.max_steps,
+                                     "rule": {"every": config.stop_every, "window": rule.window,
+                                              "threshold": rule.threshold},
+                                     "objective": [{"step": t, "value": v} for t, v in rule.history]})
+        log.info("STEPS=auto stopped at step %d: %s", result.step, result.stop_reason)
+    if s.rows:
+        plot_loss(s.rows, out / "loss.png", f"{config.token}: {config.steps} steps, batch "
+                  f"{config.batch}×{config.accum}×{s.d.world}")
+    if s.skipped:
+        log.warning("%d step(s) skipped for NaN/inf loss or gradients", s.skipped)
 
 
 def train(config: TrainConfig, model=None) -> Path:

@@ -13,6 +13,7 @@ from PIL import Image
 
 import ldm
 from ldm import pipeline, samplers
+from ldm.images import feather, mask_tensor
 from ldm.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def test_full_mask_is_image_to_image_and_empty_mask_is_an_error(model):
 
 
 def test_mask_of_another_size_is_resized_with_a_warning(model, caplog):
-    m = pipeline.mask_tensor(square_mask(64, (16, 16, 40, 40)), 32, 32)
+    m = mask_tensor(square_mask(64, (16, 16, 40, 40)), 32, 32)
     assert "resized" in caplog.text
     assert m.shape == (1, 1, 32, 32) and m[0, 0, 8:20, 8:20].all() and m.sum() == 144
 
@@ -196,7 +197,7 @@ def test_mask_of_another_size_is_resized_with_a_warning(model, caplog):
 def test_feather_ramps_inside_the_mask_only():
     m = torch.zeros(1, 1, 16, 16)
     m[..., 4:12, 4:12] = 1
-    w = pipeline.feather(m, 3)
+    w = feather(m, 3)
     assert torch.equal(w[m == 0], torch.zeros_like(w[m == 0]))
     assert w[0, 0, 4, 8].item() == pytest.approx(1 / 3) and w[0, 0, 5, 8].item() == pytest.approx(2 / 3)
     assert w[0, 0, 8, 8].item() == 1.0
@@ -378,7 +379,7 @@ def test_ring_word_edits_on_the_shapes_model(tmp_path):
     edited = model.edit(inputs, "a photo of S*", mask=masks, strength=1.0, mask_dilate=1, mask_blur=2, **kw)
     shapes, _ = judge.score(edited)
     ring_rate = (shapes == ring).float().mean().item()
-    outside = pipeline.mask_tensor(masks, 32, 32, dilate=1)[:, 0].numpy() == 0
+    outside = mask_tensor(masks, 32, 32, dilate=1)[:, 0].numpy() == 0
     for a, b, o in zip(edited, inputs, outside):
         assert np.array_equal(np.asarray(a)[o], np.asarray(b)[o])
 

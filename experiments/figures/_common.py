@@ -29,7 +29,7 @@ from inversion.rundir import RunDir
 from inversion.templates import MARKER
 from inversion.train import train
 from ldm import cli
-from ldm.pipeline import image_grid
+from ldm.images import image_grid
 
 log = logging.getLogger("experiments.figures")
 
@@ -314,7 +314,7 @@ def concept_images(folder: Path | None, size: int, limit: int = 8) -> list[Image
     if folder is None:
         return []
     from inversion import data as D
-    from ldm.pipeline import to_pil
+    from ldm.images import to_pil
 
     images = D.ConceptImages(folder, size)
     k = min(limit, len(images))

@@ -66,7 +66,7 @@ def plain_word(ctx: C.Context, concept: str | None) -> str:
 
 
 def run(ctx: C.Context) -> dict:
-    from ldm.pipeline import from_pil
+    from ldm.images import from_pil
 
     a = ctx.args
     if not a.run:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from experiments.shapes import world
 from experiments.shapes.pretrain import MODEL_PATH, ROOT
-from ldm.pipeline import image_grid
+from ldm.images import image_grid
 
 log = logging.getLogger(__name__)
 
