@@ -7,6 +7,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ldm.errors import SettingError
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("math", "sdpa", "triton", "auto")
@@ -17,14 +19,14 @@ def set_backend(name: str | None) -> None:
     """Choose the process-wide default backend (None: $ONEWORD_ATTENTION, else "auto")."""
     global _default_backend
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise SettingError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     _default_backend = name
 
 
 def current_backend() -> str:
     name = _default_backend or os.environ.get("ONEWORD_ATTENTION", "auto")
     if name not in BACKENDS:
-        raise ValueError(f"ONEWORD_ATTENTION={name!r}; choose one of {', '.join(BACKENDS)}")
+        raise SettingError(f"ONEWORD_ATTENTION={name!r}; choose one of {', '.join(BACKENDS)}")
     return name
 
 

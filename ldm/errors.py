@@ -8,3 +8,7 @@ is a bug and keeps its traceback. Each package derives its own: `ldm.cli.UsageEr
 
 class UserError(Exception):
     """Bad input or an impossible request, said in one line."""
+
+
+class SettingError(UserError, ValueError):
+    """A bad value for a library setting (an argument or an environment variable such as ONEWORD_ATTENTION)."""

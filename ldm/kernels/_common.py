@@ -12,6 +12,8 @@ from collections import Counter
 
 import torch
 
+from ldm.errors import SettingError
+
 log = logging.getLogger(__name__)
 
 KERNEL_BACKENDS = ("math", "triton", "auto")
@@ -50,7 +52,7 @@ def kernel_backend(backend: str | None) -> str:
     """Resolve a norm/GEGLU backend: the argument, else $ONEWORD_KERNELS, else "auto"."""
     name = backend or os.environ.get("ONEWORD_KERNELS", "auto")
     if name not in KERNEL_BACKENDS:
-        raise ValueError(f"kernel backend {name!r} (argument or ONEWORD_KERNELS); "
+        raise SettingError(f"kernel backend {name!r} (argument or ONEWORD_KERNELS); "
                          f"choose one of {', '.join(KERNEL_BACKENDS)}")
     return name
 
