@@ -11,7 +11,7 @@ import gradio as gr
 CSS = """
 #train-grid img, #gen-gallery img, #edit-gallery img, #edit-image-view img, #edit-mask-view img {
   image-rendering: pixelated; }
-#train-grid img { width: 100%; height: 100%; object-fit: contain; }
+#train-grid img, #edit-image-view img, #edit-mask-view img { width: 100%; height: 100%; object-fit: contain; }
 """
 
 
@@ -110,7 +110,7 @@ def layout(app, defaults: dict) -> gr.Blocks:
                         edit_negative = gr.Textbox(label="Negative prompt", elem_id="edit-negative")
                         with gr.Row():
                             strength = gr.Slider(0, 1, value=defaults["strength"], step=0.05,
-                                                 label="Strength (how much changes; 1 = from pure noise)",
+                                                 label="Strength (1 = from pure noise)",
                                                  elem_id="edit-strength")
                             mask_blur = gr.Number(defaults["mask_blur"], precision=0, minimum=0,
                                                   label="Mask blur (px)", elem_id="edit-mask-blur")

@@ -25,6 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
+from apps.edit import check_mask
 from apps.generate import MAX_COUNT, EditRequest, Generator, Request, read_upload
 from apps.jobs import JobManager, Status, check_options
 from apps.sample import SAMPLER_NAMES
@@ -243,13 +244,16 @@ class App:
 
     @staticmethod
     def edit_upload(upload: str | None, what: str):
-        """An Edit upload checked at once: (preview, message); a refused file shows no preview."""
+        """An Edit upload checked at once (a mask must hold white): (preview, message); a refused file shows no
+        preview."""
         if not upload:
             return None, ""
         try:
             image = read_upload(upload, what)
+            if what == "mask":
+                check_mask(image, 0, Path(upload).name)
             return upload, note(f"{what} {Path(upload).name}: {image.size[0]}×{image.size[1]} px")
-        except UIError as e:
+        except (UIError, cli.UsageError) as e:
             return None, note(str(e), ok=False)
 
     def edit_view(self, model: str | None, loaded: list[str]):

@@ -398,4 +398,6 @@ def test_edit_refusals_are_one_line_messages_on_the_page(tmp_path, one_thread):
     assert gallery[1] == (str(ws.root / "outputs" / "edits" / "00001-5.png"),
                           Image.open(gallery[1][0]).text["parameters"])
     assert App.edit_upload(str(notes), "image")[0] is None
+    assert App.edit_upload(str(tmp_path / "black.png"), "mask") == (
+        None, "⚠ MASK=black.png is empty (no white pixel): nothing to edit")
     assert App.edit_upload(str(image), "image") == (str(image), "✓ image ring-1-red-on-white.png: 32×32 px")
