@@ -236,7 +236,7 @@ class App:
             saved = self.gen.edit(self.model_path(model), files, req, Path(image), Path(mask) if mask else None,
                                   self.ws.folders["outputs"] / "edits")
             where = self.ws.show(saved[0][0].parent)
-            kind = "masked edit" if "Mask blur: " in saved[0][1] else "image-to-image"
+            kind = "masked edit" if "Mask blur: " in saved[0][1].rsplit("\n", 1)[-1] else "image-to-image"
             return ([(str(path), params) for path, params in saved],
                     note(f"saved {len(saved)} image(s) in {where} ({kind})"))
         except UIError as e:

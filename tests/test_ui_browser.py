@@ -272,6 +272,14 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     assert params.startswith("a photo of <ring>\nSteps: 10, Sampler: DDIM, CFG scale: 3, Seed: 8, Size: 32x32")
     page.screenshot(path=str(shots / "ui-generate.png"), full_page=True)
 
+    # Edit shares the model and the loaded word, insertable there too
+    page.get_by_role("tab", name="Edit").click()
+    wait_text(page, "#edit-using", r"weights/shapes\.safetensors[\s\S]*<ring>")
+    fill(page, "edit-prompt", "a photo of")
+    page.locator("#edit-insert").click()
+    page.wait_for_function("() => document.querySelector('#edit-prompt textarea').value === 'a photo of <ring>'",
+                           timeout=WAIT_MS)
+
 
 def test_edit_round_trip(server, page, tmp_path):
     from PIL import ImageDraw
