@@ -43,9 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     sample.check_args(args)
-    if not 0.0 < args.strength <= 1.0:
-        raise cli.UsageError(f"STRENGTH={args.strength:g} must be in (0, 1] (1 = start from pure noise)")
-    for name, v in (("MASK_BLUR", args.mask_blur), ("MASK_DILATE", args.mask_dilate)):
+    check_edit(args.strength, args.mask_blur, args.mask_dilate)
+
+
+def check_edit(strength: float, mask_blur: int, mask_dilate: int = 0) -> None:
+    """The editing settings' ranges: strength in (0, 1], mask blur and dilation in pixels ≥ 0."""
+    if not 0.0 < strength <= 1.0:
+        raise cli.UsageError(f"STRENGTH={strength:g} must be in (0, 1] (1 = start from pure noise)")
+    for name, v in (("MASK_BLUR", mask_blur), ("MASK_DILATE", mask_dilate)):
         if v < 0:
             raise cli.UsageError(f"{name}={v} must be 0 or more pixels")
 
@@ -74,36 +79,57 @@ def fit(image: Image.Image, factor: int, train_size: int, path: str) -> Image.Im
     return image
 
 
+def check_mask(mask: Image.Image, dilate: int, path: str) -> None:
+    """A mask with no white pixel (after dilation) edits nothing: refused."""
+    if not bool(mask_tensor(mask, mask.size[1], mask.size[0], dilate).any()):
+        raise cli.UsageError(f"MASK={path} is empty (no white pixel): nothing to edit")
+
+
+def prepare(image: Image.Image, mask: Image.Image | None, model, dilate: int, image_path: str,
+            mask_path: str | None) -> tuple[Image.Image, Image.Image | None]:
+    """(image, mask) as the model edits them: the image `fit`, the mask resized to it and checked; a mask that
+    covers the whole image is None (plain image-to-image)."""
+    image = fit(image, model.latent_factor, model.config.image_size, image_path)
+    if mask is None:
+        return image, None
+    if mask.size != image.size:
+        log.warning("MASK=%s is %d×%d px and the image %d×%d: the mask is resized to the image", mask_path,
+                    *mask.size, *image.size)
+        mask = mask.resize(image.size, Image.NEAREST)
+    m = mask_tensor(mask, image.size[1], image.size[0], dilate)
+    if not bool(m.any()):
+        raise cli.UsageError(f"MASK={mask_path} is empty (no white pixel): nothing to edit")
+    if bool(m.all()):
+        log.warning("MASK=%s covers the whole image: plain image-to-image", mask_path)
+        return image, None
+    return image, mask
+
+
+def extra_parameters(strength: float, mask: Image.Image | None, mask_blur: int) -> dict[str, object]:
+    """img2img's fields of the `parameters` text, after the common ones: Denoising strength[, Mask blur]."""
+    extra: dict[str, object] = {"Denoising strength": float(strength)}
+    if mask is not None:
+        extra["Mask blur"] = mask_blur
+    return extra
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     image = read_image(args.image, "IMAGE")
     mask = read_image(args.mask, "MASK") if args.mask else None
-    if mask is not None and not bool(mask_tensor(mask, mask.size[1], mask.size[0], args.mask_dilate).any()):
-        raise cli.UsageError(f"MASK={args.mask} is empty (no white pixel): nothing to edit")
+    if mask is not None:
+        check_mask(mask, args.mask_dilate, args.mask)
     out = cli.check_writable(args.out)
     model, _, _ = sample.load_model(args)
     cfg = model.config
-    image = fit(image, model.latent_factor, cfg.image_size, args.image)
+    image, mask = prepare(image, mask, model, args.mask_dilate, args.image, args.mask)
     width, height = image.size
-    if mask is not None:
-        if mask.size != image.size:
-            log.warning("MASK=%s is %d×%d px and the image %d×%d: the mask is resized to the image", args.mask,
-                        *mask.size, width, height)
-            mask = mask.resize(image.size, Image.NEAREST)
-        m = mask_tensor(mask, height, width, args.mask_dilate)
-        if not bool(m.any()):
-            raise cli.UsageError(f"MASK={args.mask} is empty (no white pixel): nothing to edit")
-        if bool(m.all()):
-            log.warning("MASK=%s covers the whole image: plain image-to-image", args.mask)
-            mask = None
     steps = args.steps or cfg.steps
     cli.check([cli.steps_rule("STEPS", steps, model)])
     scale = cfg.guidance if args.scale is None else args.scale
     mhash, mname = model_hash(args.model, args.ckpt)
-    extra: dict[str, object] = {"Denoising strength": float(args.strength)}
-    if mask is not None:
-        extra["Mask blur"] = args.mask_blur
+    extra = extra_parameters(args.strength, mask, args.mask_blur)
 
     def params(seed: int) -> str:
         return sample.infotext(args.prompt, args.neg, steps, args.sampler, scale, seed, width, height, mhash, mname,

@@ -1,6 +1,7 @@
-"""The page: three tabs of gradio components wired to `apps.ui.App`'s handlers (imported only with gradio).
+"""The page: four tabs of gradio components wired to `apps.ui.App`'s handlers (imported only with gradio).
 
-Element ids (elem_id) are the names the browser test and any user script can rely on: train-*, gen-*, emb-*.
+Element ids (elem_id) are the names the browser test and any user script can rely on: train-*, gen-*, edit-*,
+emb-*.
 """
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import gradio as gr
 
 # small models draw small images (the shapes model: 32 px): show them scaled up, pixels kept sharp
 CSS = """
-#train-grid img, #gen-gallery img { image-rendering: pixelated; }
-#train-grid img { width: 100%; height: 100%; object-fit: contain; }
+#train-grid img, #gen-gallery img, #edit-gallery img, #edit-image-view img, #edit-mask-view img {
+  image-rendering: pixelated; }
+#train-grid img, #edit-image-view img, #edit-mask-view img { width: 100%; height: 100%; object-fit: contain; }
 """
 
 
@@ -87,6 +89,47 @@ def layout(app, defaults: dict) -> gr.Blocks:
                     with gr.Column(scale=3):
                         gallery = gr.Gallery(label="Images (each with its parameters)", columns=4, format="png",
                                              elem_id="gen-gallery", height=520)
+            with gr.Tab("Edit", id="edit"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        edit_using = gr.Markdown(elem_id="edit-using")
+                        with gr.Row():
+                            edit_image = gr.File(file_types=["image"], label="Image to edit", elem_id="edit-image")
+                            edit_mask = gr.File(file_types=["image"], label="Mask (optional): white = edit",
+                                                elem_id="edit-mask")
+                        with gr.Row():
+                            image_view = gr.Image(label="image", type="filepath", interactive=False, height=160,
+                                                  elem_id="edit-image-view")
+                            mask_view = gr.Image(label="mask", type="filepath", interactive=False, height=160,
+                                                 elem_id="edit-mask-view")
+                        with gr.Row():
+                            edit_word = gr.Dropdown([], value=None, label="Learned word", elem_id="edit-word",
+                                                    scale=3)
+                            edit_insert = gr.Button("Insert into prompt", elem_id="edit-insert", scale=1)
+                        edit_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="edit-prompt")
+                        edit_negative = gr.Textbox(label="Negative prompt", elem_id="edit-negative")
+                        with gr.Row():
+                            strength = gr.Slider(0, 1, value=defaults["strength"], step=0.05,
+                                                 label="Strength (1 = from pure noise)",
+                                                 elem_id="edit-strength")
+                            mask_blur = gr.Number(defaults["mask_blur"], precision=0, minimum=0,
+                                                  label="Mask blur (px)", elem_id="edit-mask-blur")
+                        with gr.Row():
+                            edit_sampler = gr.Dropdown(defaults["samplers"], value="ddim", label="Sampler",
+                                                       elem_id="edit-sampler")
+                            edit_steps = gr.Textbox("", label="Steps", placeholder="the model's",
+                                                    elem_id="edit-steps")
+                            edit_scale = gr.Textbox("", label="Guidance scale", placeholder="the model's",
+                                                    elem_id="edit-scale")
+                        with gr.Row():
+                            edit_seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="edit-seed")
+                            edit_count = gr.Slider(1, defaults["max_count"], value=4, step=1, label="Count",
+                                                   elem_id="edit-count")
+                        edit_go = gr.Button("Edit", variant="primary", elem_id="edit-go")
+                        edit_message = gr.Markdown(elem_id="edit-message")
+                    with gr.Column(scale=3):
+                        edit_gallery = gr.Gallery(label="Edited images (each with its parameters)", columns=4,
+                                                  format="png", elem_id="edit-gallery", height=520)
             with gr.Tab("Embeddings", id="embeddings") as embeddings_tab:
                 table = gr.Dataframe(headers=["file", "words", "width", "trained on"], interactive=False,
                                      wrap=True, elem_id="emb-table")
@@ -115,18 +158,32 @@ def layout(app, defaults: dict) -> gr.Blocks:
         go.click(app.generate, [gen_model, loaded, prompt, negative, sampler, gen_steps, scale, seed, count],
                  [gallery, gen_message])
 
+        edit_image.upload(lambda f: app.edit_upload(f, "image"), [edit_image], [image_view, edit_message],
+                          show_progress="hidden")
+        edit_mask.upload(lambda f: app.edit_upload(f, "mask"), [edit_mask], [mask_view, edit_message],
+                         show_progress="hidden")
+        edit_image.clear(lambda: (None, ""), None, [image_view, edit_message], show_progress="hidden")
+        edit_mask.clear(lambda: (None, ""), None, [mask_view, edit_message], show_progress="hidden")
+        edit_insert.click(app.insert, [edit_prompt, edit_word], [edit_prompt])
+        edit_go.click(app.edit, [gen_model, loaded, edit_image, edit_mask, edit_prompt, edit_negative, strength,
+                                 edit_sampler, edit_steps, edit_scale, edit_seed, edit_count, mask_blur],
+                      [edit_gallery, edit_message])
+        gen_model.change(app.edit_view, [gen_model, loaded], [edit_using, edit_word], show_progress="hidden")
+
         def refresh_embeddings():
             return app.table(), app.embedding_choices()
 
         refresh.click(refresh_embeddings, None, [table, pick])
         embeddings_tab.select(refresh_embeddings, None, [table, pick])
         pick.change(app.download, [pick], [download])
-        load.click(app.load_word, [pick, loaded, gen_model], [loaded, words, word, gen_model, emb_message])
+        load.click(app.load_word, [pick, loaded, gen_model], [loaded, words, word, gen_model, emb_message]).then(
+            app.edit_view, [gen_model, loaded], [edit_using, edit_word], show_progress="hidden")
         upload.upload(app.add_file, [upload], [table, pick, emb_message])
         def refresh_lists():
             models = gr.update(choices=ws.models())
             return (models, models, gr.update(choices=ws.concepts()), gr.update(choices=app.run_choices()),
                     *refresh_embeddings())
 
-        demo.load(refresh_lists, None, [model, gen_model, concept, resume_run, table, pick])
+        demo.load(refresh_lists, None, [model, gen_model, concept, resume_run, table, pick]).then(
+            app.edit_view, [gen_model, loaded], [edit_using, edit_word], show_progress="hidden")
     return demo

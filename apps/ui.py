@@ -4,7 +4,8 @@
 
 Tabs: Train (the ordinary trainer as a child process writing an ordinary run folder, apps/jobs.py; the page
 polls that folder once a second for the loss, the validation grids, step, rate and ETA), Generate (one model kept
-loaded, apps/generate.py) and Embeddings (runs and embedding files: load into Generate, download, add a file).
+loaded, apps/generate.py), Edit (image-to-image and masked editing as `make edit`, on the Generate tab's model and
+learned words) and Embeddings (runs and embedding files: load into Generate, download, add a file).
 Every typed path and uploaded file passes apps/workspace.py's guards. Job state lives in the server, so a second
 tab shows the running job instead of starting another.
 
@@ -24,7 +25,8 @@ import signal
 import sys
 from pathlib import Path
 
-from apps.generate import MAX_COUNT, Generator, Request
+from apps.edit import check_mask
+from apps.generate import MAX_COUNT, EditRequest, Generator, Request, read_upload
 from apps.jobs import JobManager, Status, check_options
 from apps.sample import SAMPLER_NAMES
 from apps.workspace import (
@@ -218,6 +220,47 @@ class App:
         except UIError as e:
             return None, note(str(e), ok=False)
 
+    # --- Edit ----------------------------------------------------------------------------------------------
+
+    def edit(self, model: str, loaded: list[str], image: str | None, mask: str | None, prompt: str, negative: str,
+             strength: float | None, sampler: str, steps: str, scale: str, seed: float | None, count: float,
+             mask_blur: float | None):
+        """Edit the uploaded image with the Generate tab's model and words; (gallery, message)."""
+        try:
+            if not image:
+                raise UIError("upload an image to edit")
+            files = [self.ws.resolve(f, "embedding file") for f in loaded]
+            req = EditRequest(prompt or "", negative or "", sampler, number(steps, int, "steps"),
+                              number(scale, float, "scale"), -1 if seed is None else int(seed), int(count),
+                              float(0 if strength is None else strength), int(mask_blur or 0))
+            saved = self.gen.edit(self.model_path(model), files, req, Path(image), Path(mask) if mask else None,
+                                  self.ws.folders["outputs"] / "edits")
+            where = self.ws.show(saved[0][0].parent)
+            kind = "masked edit" if "Mask blur: " in saved[0][1].rsplit("\n", 1)[-1] else "image-to-image"
+            return ([(str(path), params) for path, params in saved],
+                    note(f"saved {len(saved)} image(s) in {where} ({kind})"))
+        except UIError as e:
+            return None, note(str(e), ok=False)
+
+    @staticmethod
+    def edit_upload(upload: str | None, what: str):
+        """An Edit upload checked at once (a mask must hold white): (preview, message); a refused file shows no
+        preview."""
+        if not upload:
+            return None, ""
+        try:
+            image = read_upload(upload, what)
+            if what == "mask":
+                check_mask(image, 0, Path(upload).name)
+            return upload, note(f"{what} {Path(upload).name}: {image.size[0]}×{image.size[1]} px")
+        except (UIError, cli.UsageError) as e:
+            return None, note(str(e), ok=False)
+
+    def edit_view(self, model: str | None, loaded: list[str]):
+        """(markdown naming the Generate tab's model and words, the insert dropdown) for Edit."""
+        text, words = self.words_view(loaded)
+        return f"Model and words of the Generate tab: `{model or '—'}`\n\n{text}", words
+
     @staticmethod
     def insert(prompt: str, word: str | None) -> str:
         if not word:
@@ -298,12 +341,13 @@ class App:
 
 
 def build(app: App):
-    """The gradio Blocks of the three tabs."""
+    """The gradio Blocks of the four tabs."""
     from apps.layout import layout
 
     return layout(app, defaults={"steps": STEPS_DEFAULT, "save_every": SAVE_EVERY_DEFAULT,
                                      "token": TOKEN_DEFAULT, "init": TrainConfig.init,
                                      "max_count": MAX_COUNT, "samplers": list(SAMPLER_NAMES),
+                                     "strength": EditRequest.strength, "mask_blur": EditRequest.mask_blur,
                                      "poll": POLL_SECONDS})
 
 

@@ -1,6 +1,6 @@
 """The web app's parts without a browser (and without gradio): the path guard, the upload guards, the one-job
-manager (against a stand-in trainer that behaves like inversion.train on SIGINT), generation and its PNG metadata,
-and the page's one-line refusals."""
+manager (against a stand-in trainer that behaves like inversion.train on SIGINT), generation and editing and their
+PNG metadata, and the page's one-line refusals."""
 from __future__ import annotations
 
 import sys
@@ -8,12 +8,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from apps import workspace as W
-from apps.generate import Generator, Request, read_words
+from apps.generate import EditRequest, Generator, Request, read_words
 from apps.jobs import Busy, JobManager, check_options, read_progress
 from apps.sample import infotext
 from apps.ui import App, duration, number, status_text
@@ -313,3 +314,90 @@ def test_a_runs_base_model_is_named_only_inside_the_allowed_folders(tmp_path):
     for options, want in cases:
         (tmp_path / "args.json").write_text(json.dumps({"options": options}))
         assert base_model(ws, tmp_path) == want, options
+
+
+# --- editing -----------------------------------------------------------------------------------------------
+
+def ring_and_mask(tmp_path) -> tuple[Path, Path]:
+    """A shapes-ring picture and a mask (white = edit) over its left half, drawn with PIL."""
+    from PIL import ImageDraw
+
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 15, 31), fill=255)
+    mask.save(tmp_path / "mask.png")
+    return RINGS[0], tmp_path / "mask.png"
+
+
+@needs_shapes
+def test_edit_saves_what_make_edit_saves(tmp_path, one_thread, capsys):
+    """Same model, settings and seed: the page's PNGs are `make edit`'s, pixels and `parameters` text alike."""
+    from apps import edit
+    from ldm import cli
+
+    word = tmp_path / "w.safetensors"
+    save_safetensors(diffusers_dict("<w>", torch.randn(1, 64, generator=torch.Generator().manual_seed(0))), word)
+    image, mask = ring_and_mask(tmp_path)
+    gen = Generator("cpu")
+    req = EditRequest("a photo of <w>", "blurry", "ddim", 4, 2.5, 5, 2, strength=0.5, mask_blur=2)
+    saved = gen.edit(SHAPES, [word], req, image, mask, tmp_path / "edits")
+    assert [p.name for p, _ in saved] == ["00000-5.png", "00001-6.png"]
+    h, name = gen.identity(SHAPES)
+    want = infotext("a photo of <w>", "blurry", 4, "ddim", 2.5, 6, 32, 32, h, name,
+                    {"Denoising strength": 0.5, "Mask blur": 2})
+    assert Image.open(saved[1][0]).text["parameters"] == want == saved[1][1]
+    assert want.endswith("Denoising strength: 0.5, Mask blur: 2")
+    edited, original = (np.asarray(Image.open(p).convert("RGB")) for p in (saved[0][0], image))
+    assert np.array_equal(edited[:, 16:], original[:, 16:]) and not np.array_equal(edited, original)
+    code = cli.run(edit.main, ["--image", str(image), "--mask", str(mask), "--prompt", "a photo of <w>", "--neg",
+                               "blurry", "--embedding", str(word), "--ckpt", str(SHAPES), "--steps", "4",
+                               "--scale", "2.5", "--seed", "5", "--n", "2", "--strength", "0.5", "--mask-blur", "2",
+                               "--device", "cpu", "--out", str(tmp_path / "cli")])
+    assert code == 0, capsys.readouterr().err
+    for path, _ in saved:
+        assert path.read_bytes() == (tmp_path / "cli" / path.name).read_bytes(), path.name
+    again = gen.edit(SHAPES, [], EditRequest("a photo of a shape", steps=2, seed=3, count=1, strength=0.3),
+                     image, None, tmp_path / "edits")
+    text = Image.open(again[0][0]).text["parameters"]
+    assert again[0][0].name == "00002-3.png" and text.endswith("Denoising strength: 0.3")   # no mask: no blur
+
+
+@needs_shapes
+def test_edit_refusals_are_one_line_messages_on_the_page(tmp_path, one_thread):
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "weights").symlink_to(SHAPES.parent)
+    ws = Workspace(tmp_path / "ws")
+    app = App(ws, JobManager(ws.root), Generator("cpu"))
+    image, mask = ring_and_mask(tmp_path)
+    notes = tmp_path / "gradio-tmp-9" / "notes.png"
+    notes.parent.mkdir()
+    notes.write_text("not pixels")
+    Image.new("RGB", (32, 32)).save(tmp_path / "black.png")
+    Image.new("RGB", (136, 64), "white").save(tmp_path / "big.png")
+
+    def edit(image=image, mask=None, strength=0.75, prompt="a shape", blur=4):
+        gallery, message = app.edit("weights/shapes.safetensors", [], str(image) if image else None,
+                                    str(mask) if mask else None, prompt, "", strength, "ddim", "2", "", 1, 1, blur)
+        assert gallery is None and "\n" not in message
+        return message
+
+    assert edit(image=None) == "⚠ upload an image to edit"
+    assert edit(image=notes).startswith("⚠ image notes.png: not a readable image")
+    assert "gradio-tmp-9" not in edit(image=notes)
+    assert edit(mask=notes).startswith("⚠ mask notes.png: not a readable image")
+    assert edit(mask=tmp_path / "black.png") == "⚠ MASK=black.png is empty (no white pixel): nothing to edit"
+    assert edit(image=tmp_path / "big.png") == (
+        "⚠ IMAGE=big.png is 136×64 px; this model (32 px) edits at most 128 px a side — downscale it first")
+    for bad in (0, 1.5, -0.2):
+        assert edit(strength=bad) == f"⚠ STRENGTH={bad:g} must be in (0, 1\\] (1 = start from pure noise)"
+    assert edit(blur=-1) == "⚠ MASK\\_BLUR=-1 must be 0 or more pixels"
+    assert edit(prompt=" ") == "⚠ the prompt is empty"
+    assert not (ws.root / "outputs" / "edits").exists()
+    gallery, message = app.edit("weights/shapes.safetensors", [], str(image), str(mask), "a shape", "", 0.6, "ddim",
+                                "2", "", 4, 2, 4)
+    assert message == "✓ saved 2 image(s) in outputs/edits (masked edit)" and len(gallery) == 2
+    assert gallery[1] == (str(ws.root / "outputs" / "edits" / "00001-5.png"),
+                          Image.open(gallery[1][0]).text["parameters"])
+    assert App.edit_upload(str(notes), "image")[0] is None
+    assert App.edit_upload(str(tmp_path / "black.png"), "mask") == (
+        None, "⚠ MASK=black.png is empty (no white pixel): nothing to edit")
+    assert App.edit_upload(str(image), "image") == (str(image), "✓ image ring-1-red-on-white.png: 32×32 px")

@@ -7,8 +7,10 @@ shipped shapes model from the uploaded ring images: the loss plot redraws while 
 appears, a second tab shows the same job and is refused a second one, Stop saves (state.pt) and Resume finishes
 the run; the Embeddings tab lists the run, downloads its learned_embeds.safetensors and loads the word into
 Generate, which draws with it and saves PNGs with `make sample`'s parameters. Another test checks that a
-non-image upload and a path-traversal attempt are each answered on the page. No request may leave the machine.
-Screenshots of the three tabs go to a temporary folder, or to docs/ with ONEWORD_UI_SCREENSHOTS=docs.
+non-image upload and a path-traversal attempt are each answered on the page. An edit round trip uploads a ring
+picture and a mask drawn here, is refused a non-image, an empty mask and strength 0 on the page, then edits and
+sees the gallery and `make edit`'s img2img parameters. No request may leave the machine.
+Screenshots of the four tabs go to a temporary folder, or to docs/ with ONEWORD_UI_SCREENSHOTS=docs.
 Without gradio, Playwright or Chromium the tests are skipped, naming what is missing.
 """
 from __future__ import annotations
@@ -269,3 +271,53 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     params = Image.open(pngs[1]).text["parameters"]
     assert params.startswith("a photo of <ring>\nSteps: 10, Sampler: DDIM, CFG scale: 3, Seed: 8, Size: 32x32")
     page.screenshot(path=str(shots / "ui-generate.png"), full_page=True)
+
+    # Edit shares the model and the loaded word, insertable there too
+    page.get_by_role("tab", name="Edit").click()
+    wait_text(page, "#edit-using", r"weights/shapes\.safetensors[\s\S]*<ring>")
+    fill(page, "edit-prompt", "a photo of")
+    page.locator("#edit-insert").click()
+    page.wait_for_function("() => document.querySelector('#edit-prompt textarea').value === 'a photo of <ring>'",
+                           timeout=WAIT_MS)
+
+
+def test_edit_round_trip(server, page, tmp_path):
+    from PIL import ImageDraw
+
+    ws = server[1]
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).ellipse((4, 4, 20, 20), fill=255)
+    mask.save(tmp_path / "mask.png")
+    Image.new("L", (32, 32), 0).save(tmp_path / "black.png")
+    fake = tmp_path / "notes.png"
+    fake.write_text("these are notes, not pixels")
+    page.get_by_role("tab", name="Edit").click()
+    wait_text(page, "#edit-using", r"weights/shapes\.safetensors")
+    page.locator("#edit-image input[type=file]").set_input_files([str(fake)])
+    wait_text(page, "#edit-message", r"image notes\.png: not a readable image")
+    page.locator("#edit-image button[aria-label=Clear]").click()
+    page.locator("#edit-image input[type=file]").set_input_files([str(RINGS[0])])
+    wait_text(page, "#edit-message", rf"image {re.escape(RINGS[0].name)}: 32×32 px")
+    page.locator("#edit-mask input[type=file]").set_input_files([str(tmp_path / "black.png")])
+    wait_text(page, "#edit-message", r"MASK=black\.png is empty \(no white pixel\)")
+    page.locator("#edit-mask button[aria-label=Clear]").click()
+    page.locator("#edit-mask input[type=file]").set_input_files([str(tmp_path / "mask.png")])
+    wait_text(page, "#edit-message", r"mask mask\.png: 32×32 px")
+    fill(page, "edit-prompt", "a photo of a shape")
+    fill(page, "edit-steps", "10")
+    fill(page, "edit-seed", "3")
+    fill(page, "edit-count", "2")
+    fill(page, "edit-strength", "0")
+    page.locator("#edit-go").click()
+    wait_text(page, "#edit-message", r"STRENGTH=0 must be in \(0, 1\]")
+    assert not (ws / "outputs" / "edits").exists()
+    fill(page, "edit-strength", "0.8")
+    page.locator("#edit-go").click()
+    wait_text(page, "#edit-message", r"saved 2 image\(s\) in outputs/edits \(masked edit\)")
+    assert page.locator("#edit-gallery img").count() >= 2
+    pngs = sorted((ws / "outputs" / "edits").glob("*.png"))
+    assert [p.name for p in pngs] == ["00000-3.png", "00001-4.png"]
+    params = Image.open(pngs[1]).text["parameters"]
+    assert params.startswith("a photo of a shape\nSteps: 10, Sampler: DDIM, CFG scale: 3, Seed: 4, Size: 32x32")
+    assert params.endswith("Denoising strength: 0.8, Mask blur: 4")
+    page.screenshot(path=str(shots_dir(tmp_path) / "ui-edit.png"), full_page=True)
