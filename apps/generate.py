@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 from apps import edit as edit_cli
+from apps import workspace
 from apps.sample import SAMPLER_NAMES, infotext, next_index, save_png
-from apps.workspace import MAX_IMAGE_BYTES, UIError, read_embedding
+from apps.workspace import UIError, read_embedding
 from inversion import models
-from inversion.data import load_image
 from inversion.embedding import InversionError, check_width
 from inversion.models import model_hash
 from ldm import cli
@@ -82,16 +82,11 @@ class EditRequest(Request):
 
 
 def read_upload(path: str, what: str) -> Image.Image:
-    """One uploaded image (RGB) under the Train tab's guards: the size limit and `load_image`'s (decompression
-    bombs, corrupt and non-image files); the one-line error names the upload's own file name."""
-    name = Path(path).name
-    size = Path(path).stat().st_size
-    if size > MAX_IMAGE_BYTES:
-        raise UIError(f"{what} {name}: {size / 2**20:.1f} MiB is over the limit of {MAX_IMAGE_BYTES / 2**20:.0f} MiB")
+    """One uploaded image under the Train tab's guards (workspace.read_upload); the message starts with `what`."""
     try:
-        return load_image(path)
-    except InversionError as e:
-        raise UIError(f"{what} {str(e).replace(str(path), name)}") from None
+        return workspace.read_upload(path)
+    except UIError as e:
+        raise UIError(f"{what} {e}") from None
 
 
 def read_words(files: list[Path]) -> dict[str, torch.Tensor]:

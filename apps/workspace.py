@@ -4,7 +4,8 @@ Allowed folders, under the workspace root (the folder `make ui` starts in):
     weights/               checkpoints (read)
     experiments/concepts/  concept image folders (read)
     runs/                  training runs; uploaded concept images are kept in runs/uploads/<run name>/
-    outputs/               generated images (outputs/samples/) and uploaded embeddings (outputs/embeddings/)
+    outputs/               generated and edited images (outputs/samples/, outputs/edits/) and uploaded embeddings
+                           (outputs/embeddings/)
 A typed path is taken relative to the root, resolved (`..` collapsed, links followed) and must end inside one of
 the folders allowed for its use, else `PathRefused` names the path and those folders; an absolute path is held to
 the same rule. The folders may themselves be links: their resolved targets are what a path is checked against.
@@ -161,20 +162,28 @@ class Workspace:
         return dest, words
 
 
+def read_upload(path: str) -> Image.Image:
+    """One uploaded image (RGB) under the CLI's guards: the size limit and `load_image`'s (decompression bombs,
+    corrupt and non-image files); the one-line UIError names the upload's own file name."""
+    name = Path(path).name
+    size = Path(path).stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise UIError(f"{name}: {size / 2**20:.1f} MiB is over the limit of {MAX_IMAGE_BYTES / 2**20:.0f} MiB")
+    try:
+        return load_image(path)
+    except InversionError as e:
+        raise UIError(_message(e, path, name)) from None
+
+
 def check_images(uploads: list[str]) -> list[tuple[str, Image.Image, str | None]]:
     """(path, RGB image, format) of MIN_IMAGES…MAX_IMAGES uploads that each pass the CLI's image guards;
     otherwise one UIError that names every refused file and why."""
     problems, checked = [], []
     for path in uploads:
-        name = Path(path).name
-        size = Path(path).stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            problems.append(f"{name}: {size / 2**20:.1f} MiB is over the limit of {MAX_IMAGE_BYTES / 2**20:.0f} MiB")
-            continue
         try:
-            image = load_image(path)
-        except InversionError as e:
-            problems.append(_message(e, path, name))
+            image = read_upload(path)
+        except UIError as e:
+            problems.append(str(e))
             continue
         with Image.open(path) as im:
             checked.append((path, image, im.format))
