@@ -102,9 +102,10 @@ def toolchain_missing() -> str | None:
 
 def _attention_case(case: Case):
     from ldm.kernels import attention as A
+    from ldm.kernels import flash as F
 
-    fn = {"attn_fwd": A._attn_fwd, "attn_delta": A._attn_bwd_delta, "attn_dkdv": A._attn_bwd_dkdv,
-          "attn_dq": A._attn_bwd_dq}[case.kernel]
+    fn = {"attn_fwd": F.attn_fwd, "attn_delta": F.attn_bwd_delta, "attn_dkdv": F.attn_bwd_dkdv,
+          "attn_dq": F.attn_bwd_dq}[case.kernel]
     kind = case.kernel.removeprefix("attn_")
     da, db = A.split_head_dim(case.head_dim)
     bm, bn, warps, stages = A.tiles(case.head_dim, case.dtype, kind, case.arch)
