@@ -9,12 +9,12 @@ export PYTHONUNBUFFERED := 1
 # make variables → CLI flags, passed only when set
 opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
 
-.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes bench lint clean help gpu-wheels
+.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes bench lint format clean help gpu-wheels
 help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
 	@echo "make test                    ruff + the whole pytest suite (CPU; Triton kernels interpreted)"
 	@echo "make test-fast               the suite without the tests marked slow"
-	@echo "make lint                    ruff"
+	@echo "make lint                    ruff check and ruff format --check (the one formatter); make format applies it"
 	@echo "make install                 the virtual environment (.venv) with the test extras; install-ui adds gradio"
 	@echo "make sample PROMPT=\"...\"     [MODEL=sd15|sd21|sd21-v|shapes|tiny] [CKPT=] [N=] [STEPS=] [SCALE=] ..."
 	@echo "make edit IMAGE=a.png PROMPT=\"...\"  [MASK=m.png] [STRENGTH=0.75] [MASK_BLUR=4] + the options of make sample"
@@ -39,6 +39,11 @@ install: $(STAMP)
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: $(STAMP)
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
 
 test: $(STAMP) $(UI_STAMP) browser lint
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -p no:cacheprovider

@@ -9,6 +9,7 @@ multiple, with a notice, as the original img2img does; a mask of another size is
 Writes one PNG per image and a grid under --out (default outputs/edits), each with AUTOMATIC1111's img2img
 `parameters` text (Denoising strength, and Mask blur for masks), never overwriting an existing file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m apps.edit", description="Edit an image with a text prompt.")
     p.add_argument("--image", required=True, help="the picture to edit")
     p.add_argument("--mask", default=None, help="white = edit, black = keep (any single-channel or RGB image)")
-    p.add_argument("--strength", type=float, default=0.75,
-                   help="how much to change, in (0, 1]: 1 starts from pure noise (default 0.75)")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.75,
+        help="how much to change, in (0, 1]: 1 starts from pure noise (default 0.75)",
+    )
     p.add_argument("--mask-blur", type=int, default=4, help="feathered edge inside the mask, in pixels (default 4)")
     p.add_argument("--mask-dilate", type=int, default=0, help="grow the mask by this many pixels first")
     sample.add_arguments(p, out="outputs/edits")
@@ -67,14 +72,17 @@ def fit(image: Image.Image, factor: int, train_size: int, path: str) -> Image.Im
     w, h = image.size
     limit = MAX_SIDE_FACTOR * train_size
     if max(w, h) > limit:
-        raise cli.UsageError(f"IMAGE={path} is {w}×{h} px; this model ({train_size} px) edits at most {limit} px a "
-                             "side — downscale it first")
+        raise cli.UsageError(
+            f"IMAGE={path} is {w}×{h} px; this model ({train_size} px) edits at most {limit} px a "
+            "side — downscale it first"
+        )
     fw, fh = w - w % factor, h - h % factor
     if fw == 0 or fh == 0:
         raise cli.UsageError(f"IMAGE={path} is {w}×{h} px; this model needs at least {factor} px a side")
     if (fw, fh) != (w, h):
-        log.warning("IMAGE=%s is %d×%d px: resized to %d×%d (this model needs multiples of %d)", path, w, h, fw, fh,
-                    factor)
+        log.warning(
+            "IMAGE=%s is %d×%d px: resized to %d×%d (this model needs multiples of %d)", path, w, h, fw, fh, factor
+        )
         image = image.resize((fw, fh), Image.LANCZOS)
     return image
 
@@ -85,16 +93,21 @@ def check_mask(mask: Image.Image, dilate: int, path: str) -> None:
         raise cli.UsageError(f"MASK={path} is empty (no white pixel): nothing to edit")
 
 
-def prepare(image: Image.Image, mask: Image.Image | None, model, dilate: int, image_path: str,
-            mask_path: str | None) -> tuple[Image.Image, Image.Image | None]:
+def prepare(
+    image: Image.Image, mask: Image.Image | None, model, dilate: int, image_path: str, mask_path: str | None
+) -> tuple[Image.Image, Image.Image | None]:
     """(image, mask) as the model edits them: the image `fit`, the mask resized to it and checked; a mask that
     covers the whole image is None (plain image-to-image)."""
     image = fit(image, model.latent_factor, model.config.image_size, image_path)
     if mask is None:
         return image, None
     if mask.size != image.size:
-        log.warning("MASK=%s is %d×%d px and the image %d×%d: the mask is resized to the image", mask_path,
-                    *mask.size, *image.size)
+        log.warning(
+            "MASK=%s is %d×%d px and the image %d×%d: the mask is resized to the image",
+            mask_path,
+            *mask.size,
+            *image.size,
+        )
         mask = mask.resize(image.size, Image.NEAREST)
     m = mask_tensor(mask, image.size[1], image.size[0], dilate)
     if not bool(m.any()):
@@ -132,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = extra_parameters(args.strength, mask, args.mask_blur)
 
     def params(seed: int) -> str:
-        return sample.infotext(args.prompt, args.neg, steps, args.sampler, scale, seed, width, height, mhash, mname,
-                               extra)
+        return sample.infotext(
+            args.prompt, args.neg, steps, args.sampler, scale, seed, width, height, mhash, mname, extra
+        )
 
     batch = args.batch_size or args.n
     start = sample.next_index(out)
@@ -141,9 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for first in range(0, args.n, batch):
             count = min(batch, args.n - first)
-            images = model.edit(image, [args.prompt] * count, negative_prompts=[args.neg] * count, mask=mask,
-                                strength=args.strength, steps=steps, scale=scale, eta=args.eta, sampler=args.sampler,
-                                seed=args.seed + first, mask_dilate=args.mask_dilate, mask_blur=args.mask_blur)
+            images = model.edit(
+                image,
+                [args.prompt] * count,
+                negative_prompts=[args.neg] * count,
+                mask=mask,
+                strength=args.strength,
+                steps=steps,
+                scale=scale,
+                eta=args.eta,
+                sampler=args.sampler,
+                seed=args.seed + first,
+                mask_dilate=args.mask_dilate,
+                mask_blur=args.mask_blur,
+            )
             for i, im in enumerate(images):
                 seed = args.seed + first + i
                 path = sample.save_png(im, out / f"{start + len(written):05d}-{seed}.png", params(seed))

@@ -12,6 +12,7 @@ read under the Train tab's upload guards (`read_upload`), fitted and checked by 
 (apps.edit: `check_edit`, `check_mask`, `prepare`, `extra_parameters`), saved to outputs/edits/ with the same
 img2img `parameters` text as `make edit` (Denoising strength, and Mask blur with a mask).
 """
+
 from __future__ import annotations
 
 import logging
@@ -114,7 +115,7 @@ class Generator:
     def load(self, path: Path):
         """The model of checkpoint `path`, loading it only if another one is loaded."""
         if self.path != path:
-            self.model, self.path = None, None          # free the old weights before reading the new ones
+            self.model, self.path = None, None  # free the old weights before reading the new ones
             log.info("loading %s", path)
             try:
                 self.model = models.load(None, str(path), self.device, torch.float32)
@@ -174,14 +175,28 @@ class Generator:
             model = self._ready(path, words)
             steps, scale, seed = self._settings(model, req)
             size = model.config.image_size
-            images = model.sample([req.prompt] * req.count, [req.negative] * req.count, steps=steps, scale=scale,
-                                  sampler=req.sampler, seed=seed, height=size, width=size, progress=False)
+            images = model.sample(
+                [req.prompt] * req.count,
+                [req.negative] * req.count,
+                steps=steps,
+                scale=scale,
+                sampler=req.sampler,
+                seed=seed,
+                height=size,
+                width=size,
+                progress=False,
+            )
             mhash, mname = self.identity(path)
-            return self._save(images, out, seed, lambda s: infotext(req.prompt, req.negative, steps, req.sampler,
-                                                                    scale, s, size, size, mhash, mname))
+            return self._save(
+                images,
+                out,
+                seed,
+                lambda s: infotext(req.prompt, req.negative, steps, req.sampler, scale, s, size, size, mhash, mname),
+            )
 
-    def edit(self, path: Path, files: list[Path], req: EditRequest, image: Path, mask: Path | None,
-             out: Path) -> list[tuple[Path, str]]:
+    def edit(
+        self, path: Path, files: list[Path], req: EditRequest, image: Path, mask: Path | None, out: Path
+    ) -> list[tuple[Path, str]]:
         """Edit the uploaded `image` (within the uploaded `mask`, white = edit) req.count times as `make edit`
         does, with the words of `files`, and save the results in `out`; [(png, parameters)]."""
         req.check()
@@ -202,13 +217,29 @@ class Generator:
                 raise UIError(str(e)) from None
             steps, scale, seed = self._settings(model, req)
             try:
-                images = model.edit(picture, [req.prompt] * req.count, negative_prompts=[req.negative] * req.count,
-                                    mask=drawn, strength=req.strength, steps=steps, scale=scale,
-                                    sampler=req.sampler, seed=seed, mask_blur=req.mask_blur, progress=False)
+                images = model.edit(
+                    picture,
+                    [req.prompt] * req.count,
+                    negative_prompts=[req.negative] * req.count,
+                    mask=drawn,
+                    strength=req.strength,
+                    steps=steps,
+                    scale=scale,
+                    sampler=req.sampler,
+                    seed=seed,
+                    mask_blur=req.mask_blur,
+                    progress=False,
+                )
             except ValueError as e:
                 raise UIError(str(e)) from None
             mhash, mname = self.identity(path)
             width, height = picture.size
             extra = edit_cli.extra_parameters(req.strength, drawn, req.mask_blur)
-            return self._save(images, out, seed, lambda s: infotext(req.prompt, req.negative, steps, req.sampler,
-                                                                    scale, s, width, height, mhash, mname, extra))
+            return self._save(
+                images,
+                out,
+                seed,
+                lambda s: infotext(
+                    req.prompt, req.negative, steps, req.sampler, scale, s, width, height, mhash, mname, extra
+                ),
+            )

@@ -11,6 +11,7 @@ files) and exits 0; resuming starts `--resume RUN`. Options are checked with the
 before a process starts, so a bad value is one line on the page. The trainer's output is kept in memory (the
 last LOG_LINES lines), not in the run folder. On shutdown a running job is stopped the same way and waited for.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,7 @@ from ldm import cli
 
 log = logging.getLogger(__name__)
 
-PROJECT = Path(__file__).resolve().parent.parent     # the checkout whose inversion/ and ldm/ the trainer runs
+PROJECT = Path(__file__).resolve().parent.parent  # the checkout whose inversion/ and ldm/ the trainer runs
 LOG_LINES = 300
 RATE_WINDOW = 30.0
 STOP_WAIT = 120.0
@@ -57,11 +58,19 @@ class Progress:
 def read_progress(run: Path) -> Progress:
     rows = read_loss_csv(run / "loss.csv", 2**62)
     total = run_options(run).get("steps")
-    grids = [(int(m.group(1)), p) for p in (run / "samples").glob("val-step*.png")
-             if (m := re.fullmatch(r"val-step(\d+)\.png", p.name))]
+    grids = [
+        (int(m.group(1)), p)
+        for p in (run / "samples").glob("val-step*.png")
+        if (m := re.fullmatch(r"val-step(\d+)\.png", p.name))
+    ]
     grid_step, grid = max(grids) if grids else (None, None)
-    return Progress(rows[-1][0] if rows else 0, total if isinstance(total, int) else None,
-                    [(r[0], r[1]) for r in rows], grid, grid_step)
+    return Progress(
+        rows[-1][0] if rows else 0,
+        total if isinstance(total, int) else None,
+        [(r[0], r[1]) for r in rows],
+        grid,
+        grid_step,
+    )
 
 
 def check_options(argv: list[str]) -> None:
@@ -106,8 +115,11 @@ class Job:
         of = f" of {progress.total}" if progress.total else ""
         rc = self.proc.poll()
         if rc is None:
-            return ("stopping", f"stopping: finishing step {progress.step + 1} and saving") if self.stopping else \
-                ("running", f"training: step {progress.step}{of}")
+            return (
+                ("stopping", f"stopping: finishing step {progress.step + 1} and saving")
+                if self.stopping
+                else ("running", f"training: step {progress.step}{of}")
+            )
         if rc == 0 and self.stopping and (progress.total is None or progress.step < progress.total):
             return "stopped", f"stopped at step {progress.step}{of}; saved — Resume continues it"
         if rc == 0:
@@ -146,20 +158,34 @@ class JobManager:
         job = self.job
         if job is not None and job.running:
             step = read_progress(job.run).step
-            raise Busy(f"a training job is already running ({job.run.name}, step {step}); it is shown here — "
-                       "stop it or wait for it before starting another")
+            raise Busy(
+                f"a training job is already running ({job.run.name}, step {step}); it is shown here — "
+                "stop it or wait for it before starting another"
+            )
 
     def start(self, run: Path, argv: list[str]) -> Job:
         """Start the trainer with argv writing `run`, unless a job is running."""
         check_options(argv)
         with self._lock:
             self.ensure_free()
-            env = dict(os.environ, PYTHONUNBUFFERED="1",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])))
+            env = dict(
+                os.environ,
+                PYTHONUNBUFFERED="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+            )
             cmd = [*self.command, *argv, "--no-progress"]
             log.info("starting %s", " ".join(cmd))
-            proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
+            )
             self.job = Job(run, proc)
             return self.job
 

@@ -3,6 +3,7 @@
 Writes one PNG per image and a grid, each carrying its parameters in a PNG text chunk named `parameters`
 (the AUTOMATIC1111 convention), never overwriting an existing file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "outputs/samples") -> N
     p.add_argument("--model", default=None, help=f"one of {', '.join(models.MODEL_CHOICES)} (default sd15)")
     p.add_argument("--ckpt", default=None, help="a checkpoint file or diffusers folder (overrides --model)")
     p.add_argument("--prediction", choices=("eps", "v"), default=None, help="override the parameterisation")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="let a .ckpt run pickled code (only for files you trust)")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="let a .ckpt run pickled code (only for files you trust)"
+    )
     p.add_argument("--n", type=int, default=4, help="number of images")
     p.add_argument("--batch-size", type=int, default=None, help="images per UNet batch (default: all)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
@@ -49,8 +51,11 @@ def add_arguments(p: argparse.ArgumentParser, out: str = "outputs/samples") -> N
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--attention", default=None, help="attention backend: math, sdpa, triton, auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (first step is slow)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms, reference kernels (per-device promise: ldm/determinism.py)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms, reference kernels (per-device promise: ldm/determinism.py)",
+    )
     p.add_argument("--embedding", default=None, help="learned embedding file(s), comma-separated")
     p.add_argument("--token", default=None, help="the word to use for a single embedding file")
 
@@ -61,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's)")
     p.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the UNet step as a CUDA graph (CUDA only)")
-    curate.add_arguments(p)          # --best-of --keep --rank --concept --clip-weights --image-weight
+    curate.add_arguments(p)  # --best-of --keep --rank --concept --clip-weights --image-weight
     return p
 
 
@@ -89,15 +94,31 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
     return path
 
 
-def infotext(prompt: str, neg: str, steps: int, sampler: str, scale: float, seed: int, width: int, height: int,
-             mhash: str, mname: str, extra: dict[str, object] | None = None) -> str:
+def infotext(
+    prompt: str,
+    neg: str,
+    steps: int,
+    sampler: str,
+    scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    mhash: str,
+    mname: str,
+    extra: dict[str, object] | None = None,
+) -> str:
     """AUTOMATIC1111's parameters text: prompt, negative prompt, then one line of key: value pairs (`extra` last,
     e.g. img2img's Denoising strength)."""
     lines = [prompt]
     if neg:
         lines.append(f"Negative prompt: {neg}")
-    fields = [f"Steps: {steps}", f"Sampler: {SAMPLER_NAMES[sampler]}", f"CFG scale: {scale:g}", f"Seed: {seed}",
-              f"Size: {width}x{height}"]
+    fields = [
+        f"Steps: {steps}",
+        f"Sampler: {SAMPLER_NAMES[sampler]}",
+        f"CFG scale: {scale:g}",
+        f"Seed: {seed}",
+        f"Size: {width}x{height}",
+    ]
     if mhash:
         fields.append(f"Model hash: {mhash}")
     fields.append(f"Model: {mname}")
@@ -124,20 +145,35 @@ def add_embeddings(model, spec: str, token: str | None) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every add_arguments option that can be checked before the model loads: one line naming it, exit 2."""
-    cli.check([
-        (args.sampler in SAMPLER_NAMES, f"unknown SAMPLER={args.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}"),
-        cli.at_least("STEPS", args.steps), cli.at_least("N", args.n), cli.at_least("--batch-size", args.batch_size),
-        cli.finite("SCALE", args.scale), cli.finite("ETA", args.eta, 0.0), cli.seed_rule("SEED", args.seed),
-        (args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
-         f"unknown MODEL={args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give CKPT=path"),
-        (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
-        (args.dtype in DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(DTYPES)}"),
-        (args.attention is None or args.attention in BACKENDS,
-         f"unknown ATTENTION={args.attention!r}; choose one of {', '.join(BACKENDS)}"),
-        (not (args.token and args.embedding and "," in args.embedding),
-         "TOKEN= names the word of a single embedding file; give one EMBEDDING= file"),
-        (not (args.token and not args.embedding), f"TOKEN={args.token!r} needs EMBEDDING= (the file it names)"),
-    ])
+    cli.check(
+        [
+            (
+                args.sampler in SAMPLER_NAMES,
+                f"unknown SAMPLER={args.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}",
+            ),
+            cli.at_least("STEPS", args.steps),
+            cli.at_least("N", args.n),
+            cli.at_least("--batch-size", args.batch_size),
+            cli.finite("SCALE", args.scale),
+            cli.finite("ETA", args.eta, 0.0),
+            cli.seed_rule("SEED", args.seed),
+            (
+                args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
+                f"unknown MODEL={args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give CKPT=path",
+            ),
+            (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
+            (args.dtype in DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(DTYPES)}"),
+            (
+                args.attention is None or args.attention in BACKENDS,
+                f"unknown ATTENTION={args.attention!r}; choose one of {', '.join(BACKENDS)}",
+            ),
+            (
+                not (args.token and args.embedding and "," in args.embedding),
+                "TOKEN= names the word of a single embedding file; give one EMBEDDING= file",
+            ),
+            (not (args.token and not args.embedding), f"TOKEN={args.token!r} needs EMBEDDING= (the file it names)"),
+        ]
+    )
     for f in [s for s in (args.embedding or "").split(",") if s]:
         if not Path(f).is_file():
             raise cli.UsageError(f"EMBEDDING={f}: no such file")
@@ -181,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     height, width = args.H or cfg.image_size, args.W or cfg.image_size
     check_size(model, height, width)
     mhash, mname = model_hash(args.model, args.ckpt)
-    total = args.best_of or args.n                     # BEST_OF candidates, KEEP of them saved
+    total = args.best_of or args.n  # BEST_OF candidates, KEEP of them saved
     batch = args.batch_size or total
     start = next_index(out)
     written: list[Image.Image] = []
@@ -196,9 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for first in range(0, total, batch):
             count = min(batch, total - first)
-            images = model.sample([args.prompt] * count, [args.neg] * count, steps=steps, scale=scale,
-                                  eta=args.eta, sampler=args.sampler, seed=args.seed + first, height=height,
-                                  width=width, cuda_graph=args.cuda_graph)
+            images = model.sample(
+                [args.prompt] * count,
+                [args.neg] * count,
+                steps=steps,
+                scale=scale,
+                eta=args.eta,
+                sampler=args.sampler,
+                seed=args.seed + first,
+                height=height,
+                width=width,
+                cuda_graph=args.cuda_graph,
+            )
             for i, image in enumerate(images):
                 if args.best_of:
                     drawn.append((image, args.seed + first + i))

@@ -14,6 +14,7 @@ server-side rendering (no Node process), the theme's fonts served by the app its
 listens on 127.0.0.1 unless --host says otherwise, with a warning then: there is no login, so whoever reaches the
 port can train, generate and read the allowed folders.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,13 +48,18 @@ from ldm import cli
 log = logging.getLogger("apps.ui")
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-STEPS_DEFAULT = "auto"       # the trainer's --steps: stop by itself (STEPS=auto), at most --max-steps
+STEPS_DEFAULT = "auto"  # the trainer's --steps: stop by itself (STEPS=auto), at most --max-steps
 SAVE_EVERY_DEFAULT = 100
 TOKEN_DEFAULT = "S*"
 POLL_SECONDS = 1.0
 PLOT_POINTS = 1000
-OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "GRADIO_SSR_MODE": "False",
-               "NO_PROXY": "127.0.0.1,localhost,::1", "no_proxy": "127.0.0.1,localhost,::1"}
+OFFLINE_ENV = {
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_OFFLINE": "1",
+    "GRADIO_SSR_MODE": "False",
+    "NO_PROXY": "127.0.0.1,localhost,::1",
+    "no_proxy": "127.0.0.1,localhost,::1",
+}
 
 
 def duration(seconds: float | None) -> str:
@@ -107,7 +113,7 @@ def base_model(ws: Workspace, run: Path) -> str | None:
     ckpt = options.get("ckpt")
     try:
         if not ckpt and options.get("model") not in (None, "tiny"):
-            ckpt = str(models.model_path(str(options["model"])))     # MODEL=sd15 … → its file in weights/
+            ckpt = str(models.model_path(str(options["model"])))  # MODEL=sd15 … → its file in weights/
         return ws.show(ws.resolve(ckpt, "model")) if ckpt else None
     except (UIError, cli.UsageError):
         return None
@@ -135,8 +141,17 @@ class App:
         except UIError as e:
             return note(str(e), ok=False)
 
-    def start(self, model: str, uploads: list[str] | None, concept: str | None, token: str, init: str,
-              steps: str, save_every: float | None, vectors: float | None) -> str:
+    def start(
+        self,
+        model: str,
+        uploads: list[str] | None,
+        concept: str | None,
+        token: str,
+        init: str,
+        steps: str,
+        save_every: float | None,
+        vectors: float | None,
+    ) -> str:
         try:
             self.jobs.ensure_free()
             ckpt = self.model_path(model)
@@ -150,9 +165,24 @@ class App:
                     raise UIError(f"concept folder {concept!r} does not exist")
             else:
                 raise UIError(f"drop {MIN_IMAGES}–{MAX_IMAGES} images or choose a concept folder")
-            argv = ["--concept", str(folder), "--ckpt", str(ckpt), "--token", token, "--init", (init or "").strip(),
-                    "--steps", str(steps).strip(), "--save-every", str(int(save_every or SAVE_EVERY_DEFAULT)),
-                    "--vectors", str(int(vectors or 1)), "--out", str(run)]
+            argv = [
+                "--concept",
+                str(folder),
+                "--ckpt",
+                str(ckpt),
+                "--token",
+                token,
+                "--init",
+                (init or "").strip(),
+                "--steps",
+                str(steps).strip(),
+                "--save-every",
+                str(int(save_every or SAVE_EVERY_DEFAULT)),
+                "--vectors",
+                str(int(vectors or 1)),
+                "--out",
+                str(run),
+            ]
             check_options(argv)
             if uploads:
                 argv[1] = str(self.ws.keep_images(uploads, run))
@@ -166,8 +196,17 @@ class App:
             run = self.ws.resolve(run_text or "", "run folder", ("runs",))
             if not (run / "args.json").is_file():
                 raise UIError(f"{run_text!r} is not a training run (no args.json)")
-            self.jobs.start(run, ["--resume", str(run), "--steps", str(steps).strip(),
-                                  "--save-every", str(int(save_every or SAVE_EVERY_DEFAULT))])
+            self.jobs.start(
+                run,
+                [
+                    "--resume",
+                    str(run),
+                    "--steps",
+                    str(steps).strip(),
+                    "--save-every",
+                    str(int(save_every or SAVE_EVERY_DEFAULT)),
+                ],
+            )
             return note(f"resumed {self.ws.show(run)}")
         except UIError as e:
             return note(str(e), ok=False)
@@ -189,8 +228,12 @@ class App:
         plot = gr.skip()
         if key != seen.get("plot"):
             rows = p.losses[:: max(1, len(p.losses) // PLOT_POINTS)]
-            plot = pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
-                                 "loss": pd.Series([r[1] for r in rows], dtype="float64")})
+            plot = pd.DataFrame(
+                {
+                    "step": pd.Series([r[0] for r in rows], dtype="int64"),
+                    "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+                }
+            )
         grid = gr.skip()
         if p.grid is not None and (str(p.grid), p.grid_step) != seen.get("grid"):
             grid = gr.update(value=str(p.grid), label=f"validation grid, step {p.grid_step}")
@@ -198,8 +241,11 @@ class App:
         if st.run is not None and str(st.run) != seen.get("run"):
             run = gr.update(choices=self.run_choices(), value=self.ws.show(st.run))
         busy = st.state in ("running", "stopping")
-        buttons = [gr.update(interactive=not busy), gr.update(interactive=st.state == "running"),
-                   gr.update(interactive=not busy)]
+        buttons = [
+            gr.update(interactive=not busy),
+            gr.update(interactive=st.state == "running"),
+            gr.update(interactive=not busy),
+        ]
         seen = {"plot": key, "grid": (str(p.grid), p.grid_step), "run": str(st.run)}
         return [status_text(self.ws, st), plot, grid, st.log, run, *buttons, seen]
 
@@ -208,12 +254,29 @@ class App:
 
     # --- Generate ------------------------------------------------------------------------------------------
 
-    def generate(self, model: str, loaded: list[str], prompt: str, negative: str, sampler: str,
-                 steps: str, scale: str, seed: float | None, count: float):
+    def generate(
+        self,
+        model: str,
+        loaded: list[str],
+        prompt: str,
+        negative: str,
+        sampler: str,
+        steps: str,
+        scale: str,
+        seed: float | None,
+        count: float,
+    ):
         try:
             files = [self.ws.resolve(f, "embedding file") for f in loaded]
-            req = Request(prompt or "", negative or "", sampler, number(steps, int, "steps"),
-                          number(scale, float, "scale"), -1 if seed is None else int(seed), int(count))
+            req = Request(
+                prompt or "",
+                negative or "",
+                sampler,
+                number(steps, int, "steps"),
+                number(scale, float, "scale"),
+                -1 if seed is None else int(seed),
+                int(count),
+            )
             saved = self.gen.generate(self.model_path(model), files, req, self.ws.folders["outputs"] / "samples")
             where = self.ws.show(saved[0][0].parent)
             return [(str(path), params) for path, params in saved], note(f"saved {len(saved)} image(s) in {where}")
@@ -222,23 +285,52 @@ class App:
 
     # --- Edit ----------------------------------------------------------------------------------------------
 
-    def edit(self, model: str, loaded: list[str], image: str | None, mask: str | None, prompt: str, negative: str,
-             strength: float | None, sampler: str, steps: str, scale: str, seed: float | None, count: float,
-             mask_blur: float | None):
+    def edit(
+        self,
+        model: str,
+        loaded: list[str],
+        image: str | None,
+        mask: str | None,
+        prompt: str,
+        negative: str,
+        strength: float | None,
+        sampler: str,
+        steps: str,
+        scale: str,
+        seed: float | None,
+        count: float,
+        mask_blur: float | None,
+    ):
         """Edit the uploaded image with the Generate tab's model and words; (gallery, message)."""
         try:
             if not image:
                 raise UIError("upload an image to edit")
             files = [self.ws.resolve(f, "embedding file") for f in loaded]
-            req = EditRequest(prompt or "", negative or "", sampler, number(steps, int, "steps"),
-                              number(scale, float, "scale"), -1 if seed is None else int(seed), int(count),
-                              float(0 if strength is None else strength), int(mask_blur or 0))
-            saved = self.gen.edit(self.model_path(model), files, req, Path(image), Path(mask) if mask else None,
-                                  self.ws.folders["outputs"] / "edits")
+            req = EditRequest(
+                prompt or "",
+                negative or "",
+                sampler,
+                number(steps, int, "steps"),
+                number(scale, float, "scale"),
+                -1 if seed is None else int(seed),
+                int(count),
+                float(0 if strength is None else strength),
+                int(mask_blur or 0),
+            )
+            saved = self.gen.edit(
+                self.model_path(model),
+                files,
+                req,
+                Path(image),
+                Path(mask) if mask else None,
+                self.ws.folders["outputs"] / "edits",
+            )
             where = self.ws.show(saved[0][0].parent)
             kind = "masked edit" if "Mask blur: " in saved[0][1].rsplit("\n", 1)[-1] else "image-to-image"
-            return ([(str(path), params) for path, params in saved],
-                    note(f"saved {len(saved)} image(s) in {where} ({kind})"))
+            return (
+                [(str(path), params) for path, params in saved],
+                note(f"saved {len(saved)} image(s) in {where} ({kind})"),
+            )
         except UIError as e:
             return None, note(str(e), ok=False)
 
@@ -291,8 +383,12 @@ class App:
             shown = self.ws.show(path)
             loaded = [f for f in loaded if f != shown] + [shown]
             run_model = base_model(self.ws, path.parent) if (path.parent / "args.json").is_file() else None
-            return (loaded, *self.words_view(loaded), run_model or model,
-                    note(f"loaded {', '.join(words)} from {shown} into Generate"))
+            return (
+                loaded,
+                *self.words_view(loaded),
+                run_model or model,
+                note(f"loaded {', '.join(words)} from {shown} into Generate"),
+            )
         except UIError as e:
             return (loaded, *self.words_view(loaded), model, note(str(e), ok=False))
 
@@ -336,19 +432,31 @@ class App:
         except UIError:
             return gr.update(value=None, interactive=False)
         target = path.parent / "learned_embeds.safetensors" if (path.parent / "args.json").is_file() else path
-        return gr.update(value=str(target) if target.is_file() else None, interactive=target.is_file(),
-                         label=f"Download {target.name}")
+        return gr.update(
+            value=str(target) if target.is_file() else None,
+            interactive=target.is_file(),
+            label=f"Download {target.name}",
+        )
 
 
 def build(app: App):
     """The gradio Blocks of the four tabs."""
     from apps.layout import layout
 
-    return layout(app, defaults={"steps": STEPS_DEFAULT, "save_every": SAVE_EVERY_DEFAULT,
-                                     "token": TOKEN_DEFAULT, "init": TrainConfig.init,
-                                     "max_count": MAX_COUNT, "samplers": list(SAMPLER_NAMES),
-                                     "strength": EditRequest.strength, "mask_blur": EditRequest.mask_blur,
-                                     "poll": POLL_SECONDS})
+    return layout(
+        app,
+        defaults={
+            "steps": STEPS_DEFAULT,
+            "save_every": SAVE_EVERY_DEFAULT,
+            "token": TOKEN_DEFAULT,
+            "init": TrainConfig.init,
+            "max_count": MAX_COUNT,
+            "samplers": list(SAMPLER_NAMES),
+            "strength": EditRequest.strength,
+            "mask_blur": EditRequest.mask_blur,
+            "poll": POLL_SECONDS,
+        },
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -380,9 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ws = Workspace(args.root)
     if args.host not in LOCAL_HOSTS:
-        log.warning("HOST=%s: listening beyond this machine; there is no login, so anyone who reaches port %d "
-                    "can train, generate and read weights/, experiments/concepts/, runs/ and outputs/",
-                    args.host, args.port)
+        log.warning(
+            "HOST=%s: listening beyond this machine; there is no login, so anyone who reaches port %d "
+            "can train, generate and read weights/, experiments/concepts/, runs/ and outputs/",
+            args.host,
+            args.port,
+        )
     jobs = JobManager(ws.root)
     try:
         gen = Generator(args.device)
@@ -397,16 +508,28 @@ def main(argv: list[str] | None = None) -> int:
         ws.folders[name].mkdir(parents=True, exist_ok=True)
     try:
         demo.queue(default_concurrency_limit=1).launch(
-            server_name=args.host, server_port=args.port, share=False, ssr_mode=False, pwa=False, mcp_server=False,
-            enable_monitoring=False, max_file_size=MAX_IMAGE_BYTES, footer_links=[], quiet=True, css=CSS,
-            prevent_thread_lock=True, allowed_paths=[str(ws.folders["runs"]), str(ws.folders["outputs"])])
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            ssr_mode=False,
+            pwa=False,
+            mcp_server=False,
+            enable_monitoring=False,
+            max_file_size=MAX_IMAGE_BYTES,
+            footer_links=[],
+            quiet=True,
+            css=CSS,
+            prevent_thread_lock=True,
+            allowed_paths=[str(ws.folders["runs"]), str(ws.folders["outputs"])],
+        )
         host = f"[{args.host}]" if ":" in args.host else args.host
         log.info("oneword web app on http://%s:%d (workspace %s); Ctrl-C stops it", host, args.port, ws.root)
         demo.block_thread()
     except OSError as e:
         reason = str(e).split(". ")[0]
-        print(f"error: cannot listen on {args.host}:{args.port} ({reason}); choose another PORT or HOST",
-              file=sys.stderr)
+        print(
+            f"error: cannot listen on {args.host}:{args.port} ({reason}); choose another PORT or HOST", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         pass

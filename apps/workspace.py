@@ -16,6 +16,7 @@ decompression bombs; corrupt and non-image files refused), embeddings through `i
 load_embedding_file` (weights_only: a file holding pickled code is refused and its code never runs). Kept files
 get names made here (`file_stem` of the upload's name, numbered), never a path taken from the upload.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,8 @@ MAX_IMAGE_BYTES = 50 * 2**20
 MAX_EMBEDDING_BYTES = 16 * 2**20
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
-NOT_MODELS = ("shapes-judge.safetensors",)      # the shapes world's classifier, not a diffusion model
-KEPT_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}   # copied byte for byte; others become PNG
+NOT_MODELS = ("shapes-judge.safetensors",)  # the shapes world's classifier, not a diffusion model
+KEPT_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}  # copied byte for byte; others become PNG
 
 
 class UIError(Exception):
@@ -103,15 +104,19 @@ class Workspace:
             if checkpoint or (p.is_dir() and (p / "model_index.json").is_file()):
                 found.append(f"weights/{p.name}")
         found.sort(key=lambda v: v != "weights/shapes.safetensors")
-        return [(f"shapes (the shipped offline model) — {v}" if v == "weights/shapes.safetensors" else v, v)
-                for v in found]
+        return [
+            (f"shapes (the shipped offline model) — {v}" if v == "weights/shapes.safetensors" else v, v) for v in found
+        ]
 
     def concepts(self) -> list[str]:
         base = self.folders["experiments/concepts"]
         if not base.is_dir():
             return []
-        return [f"experiments/concepts/{p.name}" for p in sorted(base.iterdir())
-                if p.is_dir() and not p.name.startswith((".", "_"))]
+        return [
+            f"experiments/concepts/{p.name}"
+            for p in sorted(base.iterdir())
+            if p.is_dir() and not p.name.startswith((".", "_"))
+        ]
 
     def runs(self) -> list[Path]:
         """Training run folders (those holding args.json) in runs/, newest first."""
@@ -201,8 +206,10 @@ def read_embedding(path: str | os.PathLike) -> dict:
         raise UIError(f"{name}: an embedding file ends in {', '.join(EMBEDDING_SUFFIXES)}")
     size = Path(path).stat().st_size
     if size > MAX_EMBEDDING_BYTES:
-        raise UIError(f"{name}: {size / 2**20:.1f} MiB is over the limit of {MAX_EMBEDDING_BYTES / 2**20:.0f} MiB "
-                      "for an embedding file")
+        raise UIError(
+            f"{name}: {size / 2**20:.1f} MiB is over the limit of {MAX_EMBEDDING_BYTES / 2**20:.0f} MiB "
+            "for an embedding file"
+        )
     try:
         return load_embedding_file(path)
     except InversionError as e:

@@ -16,6 +16,7 @@ self- and cross-attentions) in a forward and a forward+backward report of one GP
 `Measured(...)` row per head dim for `ldm.kernels.routing.MEASURED` ("auto" then uses Triton only where both
 sums are no slower than SDPA's); a head dim with any failed row gets none.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,36 +100,64 @@ def run(args: argparse.Namespace) -> dict:
                         err, ms, error = float("nan"), float("nan"), f"{type(e).__name__}: {e}"[:500]
                         if cuda:
                             torch.cuda.empty_cache()
-                    rows.append(dict(head_dim=d, kind=kind, nq=n, nk=nk, backend=backend, ms=ms,
-                                     tflops=flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan"),
-                                     max_rel_err=err, error=error))
-    return {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "arch": "sm_{}{}".format(*torch.cuda.get_device_capability()) if cuda else "cpu",
-            "timings_meaningful": cuda, "dtype": args.dtype, "batch": batch, "heads": heads,
-            "backward": args.backward, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "results": rows}
+                    rows.append(
+                        dict(
+                            head_dim=d,
+                            kind=kind,
+                            nq=n,
+                            nk=nk,
+                            backend=backend,
+                            ms=ms,
+                            tflops=flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan"),
+                            max_rel_err=err,
+                            error=error,
+                        )
+                    )
+    return {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "arch": "sm_{}{}".format(*torch.cuda.get_device_capability()) if cuda else "cpu",
+        "timings_meaningful": cuda,
+        "dtype": args.dtype,
+        "batch": batch,
+        "heads": heads,
+        "backward": args.backward,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "results": rows,
+    }
 
 
 def print_table(report: dict) -> None:
-    print(f"# {report['device']}  dtype={report['dtype']} batch={report['batch']} heads={report['heads']} "
-          f"{'fwd+bwd' if report['backward'] else 'fwd'}")
-    print(f"{'D':>4} {'kind':>5} {'Nq':>5} {'Nk':>5} | {'math ms':>9} {'sdpa ms':>9} {'triton ms':>9} | "
-          f"{'triton TF/s':>11} {'vs sdpa':>7} | {'fwd err':>10}")
+    print(
+        f"# {report['device']}  dtype={report['dtype']} batch={report['batch']} heads={report['heads']} "
+        f"{'fwd+bwd' if report['backward'] else 'fwd'}"
+    )
+    print(
+        f"{'D':>4} {'kind':>5} {'Nq':>5} {'Nk':>5} | {'math ms':>9} {'sdpa ms':>9} {'triton ms':>9} | "
+        f"{'triton TF/s':>11} {'vs sdpa':>7} | {'fwd err':>10}"
+    )
     by_case: dict[tuple, dict[str, dict]] = {}
     for r in report["results"]:
         by_case.setdefault((r["head_dim"], r["kind"], r["nq"], r["nk"]), {})[r["backend"]] = r
     for (d, kind, nq, nk), rs in by_case.items():
         tri, sdpa = rs["triton"], rs["sdpa"]
-        print(f"{d:>4} {kind:>5} {nq:>5} {nk:>5} | {rs['math']['ms']:>9.3f} {sdpa['ms']:>9.3f} {tri['ms']:>9.3f} | "
-              f"{tri['tflops']:>11.2f} {sdpa['ms'] / tri['ms']:>6.2f}x | {tri['max_rel_err']:>10.2e}")
+        print(
+            f"{d:>4} {kind:>5} {nq:>5} {nk:>5} | {rs['math']['ms']:>9.3f} {sdpa['ms']:>9.3f} {tri['ms']:>9.3f} | "
+            f"{tri['tflops']:>11.2f} {sdpa['ms'] / tri['ms']:>6.2f}x | {tri['max_rel_err']:>10.2e}"
+        )
     if not report["timings_meaningful"]:
         print("(CPU interpreter run: the numbers above only show the script works; run on a GPU to time)")
 
 
 def routes(fwd: dict, fwd_bwd: dict) -> list[str]:
     """`Measured(...)` lines for ldm.kernels.routing.MEASURED from a forward and a forward+backward report."""
-    if fwd["backward"] or not fwd_bwd["backward"] or fwd["dtype"] != fwd_bwd["dtype"] \
-            or fwd["device"] != fwd_bwd["device"] or not (fwd["timings_meaningful"] and fwd_bwd["timings_meaningful"]):
+    if (
+        fwd["backward"]
+        or not fwd_bwd["backward"]
+        or fwd["dtype"] != fwd_bwd["dtype"]
+        or fwd["device"] != fwd_bwd["device"]
+        or not (fwd["timings_meaningful"] and fwd_bwd["timings_meaningful"])
+    ):
         raise ValueError("--routes needs a forward and a forward+backward CUDA report of one GPU and dtype")
     dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[fwd["dtype"]]
     lines = []
@@ -141,9 +170,11 @@ def routes(fwd: dict, fwd_bwd: dict) -> list[str]:
                 sums[f"{backend}_{tag}"] = sum(ms) if ms and all(m == m for m in ms) else None
         if None in sums.values():
             continue
-        lines.append(f"Measured({fwd.get('arch', '?')!r}, {dtype!r}, {d}, {sums['triton_fwd']:.4f}, "
-                     f"{sums['sdpa_fwd']:.4f}, {sums['triton_fwdbwd']:.4f}, {sums['sdpa_fwdbwd']:.4f}, "
-                     f"{fwd['device']!r}, {fwd.get('date', '')!r}),")
+        lines.append(
+            f"Measured({fwd.get('arch', '?')!r}, {dtype!r}, {d}, {sums['triton_fwd']:.4f}, "
+            f"{sums['sdpa_fwd']:.4f}, {sums['triton_fwdbwd']:.4f}, {sums['sdpa_fwdbwd']:.4f}, "
+            f"{fwd['device']!r}, {fwd.get('date', '')!r}),"
+        )
     return lines
 
 
@@ -166,8 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backward", action="store_true", help="time forward + backward (dQ, dK, dV)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--routes", type=Path, nargs=2, metavar=("FWD_JSON", "FWD_BWD_JSON"),
-                   help="print the routing rows two reports support, and exit")
+    p.add_argument(
+        "--routes",
+        type=Path,
+        nargs=2,
+        metavar=("FWD_JSON", "FWD_BWD_JSON"),
+        help="print the routing rows two reports support, and exit",
+    )
     args = p.parse_args(argv)
     if args.routes:
         fwd, fwd_bwd = (json.loads(path.read_text()) for path in args.routes)

@@ -6,6 +6,7 @@ transformers CLIPTextModel. The diffusers modules are built on the meta device a
 so on the CPU both libraries read the very same weight storage (one copy of a full-size model, ≈ 4.3 GB fp32).
 diffusers and transformers are benchmark oracles only; library code never imports them.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -28,6 +29,7 @@ PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "clip
 
 
 # --- process memory (CPU) ----------------------------------------------------------------------------------
+
 
 def _status_kib(field: str) -> int | None:
     try:
@@ -85,12 +87,14 @@ def rss_mib() -> float | None:
 
 # --- our modules and the single-file key dict --------------------------------------------------------------
 
+
 def get_config(name: str) -> ModelConfig:
     """A preset by name; only the SD1 classes (CLIP text tower) are benchmarked against diffusers."""
     cfg = configs.PRESETS[name]()
     if cfg.text.get("kind") != "clip":
-        raise NotImplementedError(f"bench compares SD1-class models only (CLIP text tower); {name!r} is "
-                                  f"{cfg.text.get('kind')}")
+        raise NotImplementedError(
+            f"bench compares SD1-class models only (CLIP text tower); {name!r} is {cfg.text.get('kind')}"
+        )
     return cfg
 
 
@@ -120,9 +124,15 @@ def original_state_dict(unet: nn.Module, vae: nn.Module, text: nn.Module) -> dic
 
 def original_config(config: ModelConfig) -> dict:
     """The v1-inference.yaml layout (model.params.*_config.params) diffusers' converters read."""
-    return {"model": {"params": {"unet_config": {"params": dict(config.unet)},
-                                 "first_stage_config": {"params": dict(config.vae)},
-                                 "scale_factor": config.scale_factor}}}
+    return {
+        "model": {
+            "params": {
+                "unet_config": {"params": dict(config.unet)},
+                "first_stage_config": {"params": dict(config.vae)},
+                "scale_factor": config.scale_factor,
+            }
+        }
+    }
 
 
 def oneword_model(config: ModelConfig, unet: nn.Module, vae: nn.Module, text: nn.Module):
@@ -136,15 +146,16 @@ def oneword_model(config: ModelConfig, unet: nn.Module, vae: nn.Module, text: nn
 
 # --- the two models over one set of weights ----------------------------------------------------------------
 
+
 @dataclass
 class Setup:
     config: object
-    ours: object                   # ldm LatentDiffusion
-    unet: torch.nn.Module          # diffusers UNet2DConditionModel
-    vae: torch.nn.Module           # diffusers AutoencoderKL
-    text: torch.nn.Module          # transformers CLIPTextModel
-    tokenizer: object              # transformers CLIPTokenizer
-    pipe: object                   # diffusers StableDiffusionPipeline
+    ours: object  # ldm LatentDiffusion
+    unet: torch.nn.Module  # diffusers UNet2DConditionModel
+    vae: torch.nn.Module  # diffusers AutoencoderKL
+    text: torch.nn.Module  # transformers CLIPTextModel
+    tokenizer: object  # transformers CLIPTokenizer
+    pipe: object  # diffusers StableDiffusionPipeline
     build_s: float
 
 
@@ -170,6 +181,7 @@ def place(modules, device: torch.device, dtype: torch.dtype) -> None:
 
 # --- diffusers / transformers side -------------------------------------------------------------------------
 
+
 def _assign(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
     """Strict load by assignment into a meta-built module; fails on any tensor left on meta."""
     module.load_state_dict(state, strict=True, assign=True)
@@ -177,8 +189,7 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.
         if buf.is_meta:
             if name.endswith("position_ids"):
                 owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-                owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(buf.shape),
-                                      persistent=False)
+                owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
             else:
                 raise RuntimeError(f"{what}: buffer {name} was not in the converted state dict")
     left = [n for n, p in module.named_parameters() if p.is_meta]
@@ -202,16 +213,28 @@ def diffusers_modules(sd: dict[str, torch.Tensor], config: ModelConfig) -> tuple
     text_sd = {k.removeprefix("text_model."): v for k, v in sfu.convert_ldm_clip_checkpoint(sd).items()}
     text_sd = {k: v for k, v in text_sd.items() if not k.endswith("position_ids")}
     t = config.text
-    text_cfg = CLIPTextConfig(vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=4 * t["width"],
-                              num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
-                              max_position_embeddings=t["context_length"], hidden_act="quick_gelu",
-                              layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    text_cfg = CLIPTextConfig(
+        vocab_size=t["vocab_size"],
+        hidden_size=t["width"],
+        intermediate_size=4 * t["width"],
+        num_hidden_layers=t["layers"],
+        num_attention_heads=t["heads"],
+        max_position_embeddings=t["context_length"],
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_cfg)
         vae = AutoencoderKL.from_config(vae_cfg)
         text = CLIPTextModel(text_cfg)
-    return (_assign(unet, unet_sd, "diffusers UNet"), _assign(vae, vae_sd, "diffusers VAE"),
-            _assign(text, text_sd, "transformers CLIPTextModel"))
+    return (
+        _assign(unet, unet_sd, "diffusers UNet"),
+        _assign(vae, vae_sd, "diffusers VAE"),
+        _assign(text, text_sd, "transformers CLIPTextModel"),
+    )
 
 
 def hf_tokenizer(folder: str | Path):
@@ -223,41 +246,58 @@ def hf_tokenizer(folder: str | Path):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with gzip.open(default_bpe_path(), "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:NUM_MERGES + 1]
+        merges = f.read().split("\n")[1 : NUM_MERGES + 1]
     chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
-                         model_max_length=77)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
 
 
 def ddim_scheduler(config: ModelConfig):
     """diffusers DDIMScheduler equal to CompVis DDIM ("leading" spacing, offset 1, ᾱ_prev(last) = ᾱ₀)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=config.timesteps, beta_start=config.linear_start,
-                         beta_end=config.linear_end, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-                         prediction_type="epsilon")
+    return DDIMScheduler(
+        num_train_timesteps=config.timesteps,
+        beta_start=config.linear_start,
+        beta_end=config.linear_end,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
 
 
 def diffusers_pipeline(unet: nn.Module, vae: nn.Module, text: nn.Module, tokenizer, config: ModelConfig):
     """StableDiffusionPipeline without safety checker or feature extractor."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=ddim_scheduler(config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=ddim_scheduler(config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 # --- a full-size checkpoint on disk (the load-time report) ---------------------------------------------------
 
-def write_checkpoint(path: str | Path, config_name: str = "sd1", dtype: torch.dtype = torch.float32,
-                     seed: int = 0) -> Path:
+
+def write_checkpoint(
+    path: str | Path, config_name: str = "sd1", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Path:
     """Write random weights of `config_name` as a single-file .safetensors (original keys + alphas_cumprod)."""
     from safetensors.torch import save_file
 

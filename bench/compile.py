@@ -13,6 +13,7 @@ Contract
   * Results are cached per process; `toolchain_missing()` names what is absent (ptxas, cuobjdump), else None.
   * `python -m bench.compile [--arch 80 90] [--json PATH]` prints the table recorded in bench/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,21 +105,39 @@ def _attention_case(case: Case):
     from ldm.kernels import attention as A
     from ldm.kernels import flash as F
 
-    fn = {"attn_fwd": F.attn_fwd, "attn_delta": F.attn_bwd_delta, "attn_dkdv": F.attn_bwd_dkdv,
-          "attn_dq": F.attn_bwd_dq}[case.kernel]
+    fn = {
+        "attn_fwd": F.attn_fwd,
+        "attn_delta": F.attn_bwd_delta,
+        "attn_dkdv": F.attn_bwd_dkdv,
+        "attn_dq": F.attn_bwd_dq,
+    }[case.kernel]
     kind = case.kernel.removeprefix("attn_")
     da, db = A.split_head_dim(case.head_dim)
     bm, bn, warps, stages = A.tiles(case.head_dim, case.dtype, kind, case.arch)
-    meta = dict(HEAD_DIM=case.head_dim, DA=da, DB=db, ALIGN=16 // torch.empty((), dtype=case.dtype).element_size(),
-                CAUSAL=False, IEEE=case.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn)
+    meta = dict(
+        HEAD_DIM=case.head_dim,
+        DA=da,
+        DB=db,
+        ALIGN=16 // torch.empty((), dtype=case.dtype).element_size(),
+        CAUSAL=False,
+        IEEE=case.dtype == torch.float32,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+    )
     return fn, meta, {"LSE": "fp32", "DELTA": "fp32"}, warps, stages, f"{bm}x{bn} D={da}+{db}"
 
 
 def _norm_case(case: Case):
     from ldm.kernels import norm as N
 
-    fn = {"gn_stats": N._gn_stats, "gn_stats_final": N._gn_stats, "gn_combine": N._gn_combine,
-          "gn_apply": N._gn_apply, "gn_bwd_reduce": N._gn_bwd_reduce, "gn_bwd_dx": N._gn_bwd_dx}[case.kernel]
+    fn = {
+        "gn_stats": N._gn_stats,
+        "gn_stats_final": N._gn_stats,
+        "gn_combine": N._gn_combine,
+        "gn_apply": N._gn_apply,
+        "gn_bwd_reduce": N._gn_bwd_reduce,
+        "gn_bwd_dx": N._gn_bwd_dx,
+    }[case.kernel]
     final = case.kernel == "gn_stats_final"  # a group of one chunk: statistics without the merge kernel
     meta = {"SILU": case.silu, **N.launch_meta(case.kernel.removesuffix("_final"), split=1 if final else 64)}
     warps = meta.pop("num_warps")
@@ -171,25 +190,37 @@ def compile_kernel(case: Case) -> Figures:
             signature[name] = "i32"
     start = time.perf_counter()
     src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in meta.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", case.arch, 32),
-                            options={"num_warps": warps, "num_stages": stages})
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", case.arch, 32), options={"num_warps": warps, "num_stages": stages}
+    )
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([str(_bin("cuobjdump")), "-res-usage", str(cubin)], check=True,
-                               capture_output=True, text=True).stdout
+        usage = subprocess.run(
+            [str(_bin("cuobjdump")), "-res-usage", str(cubin)], check=True, capture_output=True, text=True
+        ).stdout
     res = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage.split("Function", 1)[1]))
     ptx = kernel.asm["ptx"]
     loads: dict[str, int] = {}
     for op in re.findall(r"\bld\.global[\w.]*", ptx):
         loads[op] = loads.get(op, 0) + 1
-    fig = Figures(case=case.label, regs=int(res["REG"]), stack=int(res["STACK"]), local=int(res["LOCAL"]),
-                  shared=int(res["SHARED"]) + int(kernel.metadata.shared), num_warps=warps, num_stages=stages,
-                  block=block, loads=loads, cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),
-                  tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
-                  wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
-                  seconds=seconds)
+    fig = Figures(
+        case=case.label,
+        regs=int(res["REG"]),
+        stack=int(res["STACK"]),
+        local=int(res["LOCAL"]),
+        shared=int(res["SHARED"]) + int(kernel.metadata.shared),
+        num_warps=warps,
+        num_stages=stages,
+        block=block,
+        loads=loads,
+        cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),
+        tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+        seconds=seconds,
+    )
     _CACHE[case] = fig
     return fig
 
@@ -203,20 +234,25 @@ def cases(archs: tuple[int, ...] = (80, 90)) -> list[Case]:
                 out += [Case(k, dtype, arch, head_dim=d) for k in ("attn_fwd", "attn_delta", "attn_dkdv", "attn_dq")]
             for silu in (False, True):
                 out += [Case(k, dtype, arch, silu=silu) for k in ("gn_apply", "gn_bwd_reduce", "gn_bwd_dx")]
-            out += [Case(k, dtype, arch)
-                    for k in ("gn_stats", "gn_stats_final", "gn_combine", "geglu_fwd", "geglu_bwd")]
+            out += [
+                Case(k, dtype, arch) for k in ("gn_stats", "gn_stats_final", "gn_combine", "geglu_fwd", "geglu_bwd")
+            ]
         out += [Case(k, torch.float32, arch, head_dim=160) for k in ("attn_dkdv", "attn_dq")]
     return out
 
 
 def table(rows: list[Figures]) -> str:
-    head = ("| config | tile | warps/stages | regs | spill B | smem KB | widest ld.global | cp.async | TMA | wgmma "
-            "| mma.sync |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| config | tile | warps/stages | regs | spill B | smem KB | widest ld.global | cp.async | TMA | wgmma "
+        "| mma.sync |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
-        lines.append(f"| {r.case} | {r.block} | {r.num_warps}/{r.num_stages} | {r.regs} | {r.stack + r.local} | "
-                     f"{r.shared / 1024:.1f} | {r.widest_load_bits} bit | {r.cp_async} | {r.tma} | {r.wgmma} | "
-                     f"{r.mma_sync} |")
+        lines.append(
+            f"| {r.case} | {r.block} | {r.num_warps}/{r.num_stages} | {r.regs} | {r.stack + r.local} | "
+            f"{r.shared / 1024:.1f} | {r.widest_load_bits} bit | {r.cp_async} | {r.tma} | {r.wgmma} | "
+            f"{r.mma_sync} |"
+        )
     return "\n".join(lines)
 
 

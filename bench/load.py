@@ -5,6 +5,7 @@
 
 Prints the detected variant, parameter count, load time per repeat and this process's peak RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeat):
         start = time.perf_counter()
         try:
-            model = load_model(args.path, device=args.device, dtype=DTYPES[args.dtype],
-                               prediction=args.prediction, allow_pickle=args.allow_pickle)
+            model = load_model(
+                args.path,
+                device=args.device,
+                dtype=DTYPES[args.dtype],
+                prediction=args.prediction,
+                allow_pickle=args.allow_pickle,
+            )
         except CheckpointError as e:
             print(f"CheckpointError: {e}", file=sys.stderr)
             return 1

@@ -13,6 +13,7 @@ Contract
   * --install-missing installs, offline and without dependencies, each wheel of the folder whose distribution is
     not installed already, into --target (to put first on PYTHONPATH); installed distributions are never shadowed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,13 @@ def check(allow_cpu: bool) -> tuple[dict, list[str]]:
     cuda = torch.cuda.is_available()
     if not cuda and allow_cpu:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernel below is defined
-    report: dict = {"python": platform.python_version(), "executable": sys.executable, "torch": torch.__version__,
-                    "cuda": cuda, "torch_cuda": torch.version.cuda}
+    report: dict = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "torch": torch.__version__,
+        "cuda": cuda,
+        "torch_cuda": torch.version.cuda,
+    }
     problems = []
     if cuda:
         report["device_name"] = torch.cuda.get_device_name(0)
@@ -121,8 +127,22 @@ def install_missing(folder: Path, target: Path) -> list[str]:
     target.mkdir(parents=True, exist_ok=True)
     pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True)
     if pip.returncode == 0:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                        "--disable-pip-version-check", "--target", str(target), *map(str, wanted)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--target",
+                str(target),
+                *map(str, wanted),
+            ],
+            check=True,
+        )
     else:  # no pip on the machine: a wheel is a zip of importable files
         for wheel in wanted:
             with zipfile.ZipFile(wheel) as z:
@@ -148,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.target:
             p.error("--install-missing needs --target")
         if not args.install_missing.is_dir():
-            print(f"preflight: wheel folder {args.install_missing} does not exist (run `make gpu-wheels` where "
-                  "there is network, and carry the folder)", file=sys.stderr)
+            print(
+                f"preflight: wheel folder {args.install_missing} does not exist (run `make gpu-wheels` where "
+                "there is network, and carry the folder)",
+                file=sys.stderr,
+            )
             return 2
         done = install_missing(args.install_missing, args.target)
         print(f"installed {len(done)} wheel(s) into {args.target}: {', '.join(done) or 'none needed'}")

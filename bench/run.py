@@ -24,6 +24,7 @@ it ends, writes PHASE_DIR/phase-<name>.json and rewrites the whole report (--out
 imported only by the phases that compare against them. --deadline-s stops starting new phases after that many
 seconds (they are recorded as skipped).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,28 +59,47 @@ SEED = 23
 
 # --- arguments ---------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--config", default="sd1", help="sd1 (full size) | tiny (harness smoke test)")
-    p.add_argument("--size", type=int, nargs="+", default=None,
-                   help="pixel sizes to run (default: CPU 512 256 sampling, 256 512 training; CUDA 512)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="pixel sizes to run (default: CPU 512 256 sampling, 256 512 training; CUDA 512)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not a measurement)")
     p.add_argument("--skip-train", action="store_true", help="sampling only")
     p.add_argument("--skip-sample", action="store_true", help="training only")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="training batch sizes (default 1 2 4)")
     p.add_argument("--reps", type=int, default=None, help="sampling runs per library (default 2, quick 1)")
-    p.add_argument("--sample-steps", type=int, default=None,
-                   help="DDIM steps per sampling run, the first not timed (default CPU 3, CUDA 12)")
+    p.add_argument(
+        "--sample-steps",
+        type=int,
+        default=None,
+        help="DDIM steps per sampling run, the first not timed (default CPU 3, CUDA 12)",
+    )
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps per library (default 3)")
-    p.add_argument("--sample-dtype", default=None, choices=sorted(DTYPES),
-                   help="sampling dtype (default CPU fp32, CUDA fp16)")
-    p.add_argument("--train-precision", default=None, choices=sorted(DTYPES),
-                   help="training precision (default CPU fp32, CUDA bf16 mixed)")
+    p.add_argument(
+        "--sample-dtype", default=None, choices=sorted(DTYPES), help="sampling dtype (default CPU fp32, CUDA fp16)"
+    )
+    p.add_argument(
+        "--train-precision",
+        default=None,
+        choices=sorted(DTYPES),
+        help="training precision (default CPU fp32, CUDA bf16 mixed)",
+    )
     p.add_argument("--attention", action="store_true", help="also run bench/attention.py on the CPU")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default torch's; on a CPU shared with other jobs 1 avoids "
-                        "OpenMP threads stalling each other)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default torch's; on a CPU shared with other jobs 1 avoids "
+        "OpenMP threads stalling each other)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--out", default=None, help="JSON file (default bench/results-<device>-<date>.json)")
     p.add_argument("--phase-dir", default=None, help="folder for phase-<name>.json files (default: --out's folder)")
@@ -89,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- timing helpers ----------------------------------------------------------------------------------------
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -130,9 +151,15 @@ def module_mib(*modules: torch.nn.Module) -> float:
     return total / 2**20
 
 
-def summarise(kind: str, params: dict, samples: dict[str, list[tuple[float, float]]],
-              mem: dict[str, list[float]], weights: dict[str, float], device: torch.device,
-              load: tuple[float, float]) -> dict:
+def summarise(
+    kind: str,
+    params: dict,
+    samples: dict[str, list[tuple[float, float]]],
+    mem: dict[str, list[float]],
+    weights: dict[str, float],
+    device: torch.device,
+    load: tuple[float, float],
+) -> dict:
     """One table row: medians, ratio (oneword speed / diffusers speed), peak memory.
 
     Process CPU seconds are recorded beside wall seconds: with one torch thread on a CPU shared with other
@@ -142,27 +169,46 @@ def summarise(kind: str, params: dict, samples: dict[str, list[tuple[float, floa
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     peak = {k: (max(v) if v and all(x is not None for x in v) else None) for k, v in mem.items()}
-    row = dict(kind=kind, **params,
-               oneword_s_per_step=med["oneword"], diffusers_s_per_step=med["diffusers"],
-               ratio=med["diffusers"] / med["oneword"],
-               oneword_samples=times["oneword"], diffusers_samples=times["diffusers"],
-               oneword_cpu_s_per_step=med_cpu["oneword"], diffusers_cpu_s_per_step=med_cpu["diffusers"],
-               cpu_ratio=med_cpu["diffusers"] / med_cpu["oneword"] if med_cpu["oneword"] > 0 else None,
-               oneword_cpu_samples=cpu["oneword"], diffusers_cpu_samples=cpu["diffusers"],
-               oneword_peak_delta_mib=peak["oneword"], diffusers_peak_delta_mib=peak["diffusers"],
-               oneword_weights_mib=weights["oneword"], diffusers_weights_mib=weights["diffusers"],
-               memory="cuda max_memory_allocated - allocated at start" if device.type == "cuda"
-               else "peak RSS (VmHWM) - RSS at start",
-               loadavg_before=load[0], loadavg_after=load[1])
-    log.info("%s %s: oneword %.3f s/step, diffusers %.3f s/step, ratio %.3f", kind, params,
-             row["oneword_s_per_step"], row["diffusers_s_per_step"], row["ratio"])
+    row = dict(
+        kind=kind,
+        **params,
+        oneword_s_per_step=med["oneword"],
+        diffusers_s_per_step=med["diffusers"],
+        ratio=med["diffusers"] / med["oneword"],
+        oneword_samples=times["oneword"],
+        diffusers_samples=times["diffusers"],
+        oneword_cpu_s_per_step=med_cpu["oneword"],
+        diffusers_cpu_s_per_step=med_cpu["diffusers"],
+        cpu_ratio=med_cpu["diffusers"] / med_cpu["oneword"] if med_cpu["oneword"] > 0 else None,
+        oneword_cpu_samples=cpu["oneword"],
+        diffusers_cpu_samples=cpu["diffusers"],
+        oneword_peak_delta_mib=peak["oneword"],
+        diffusers_peak_delta_mib=peak["diffusers"],
+        oneword_weights_mib=weights["oneword"],
+        diffusers_weights_mib=weights["diffusers"],
+        memory="cuda max_memory_allocated - allocated at start"
+        if device.type == "cuda"
+        else "peak RSS (VmHWM) - RSS at start",
+        loadavg_before=load[0],
+        loadavg_after=load[1],
+    )
+    log.info(
+        "%s %s: oneword %.3f s/step, diffusers %.3f s/step, ratio %.3f",
+        kind,
+        params,
+        row["oneword_s_per_step"],
+        row["diffusers_s_per_step"],
+        row["ratio"],
+    )
     return row
 
 
 # --- the two models over one set of weights ----------------------------------------------------------------
 
-def interleave(fns: dict[str, Callable[[int], list[tuple[float, float]]]], reps: int, device: torch.device
-               ) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[float]]]:
+
+def interleave(
+    fns: dict[str, Callable[[int], list[tuple[float, float]]]], reps: int, device: torch.device
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[float]]]:
     """Run oneword, diffusers, oneword, … collecting per-step (wall, process CPU) seconds and peak memory."""
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
     mem: dict[str, list[float]] = {k: [] for k in fns}
@@ -176,8 +222,10 @@ def interleave(fns: dict[str, Callable[[int], list[tuple[float, float]]]], reps:
 
 # --- (a) sampling ------------------------------------------------------------------------------------------
 
-def bench_sampling(s: Setup, size: int, device: torch.device, dtype: torch.dtype, reps: int, steps: int,
-                   scale: float = 7.5) -> dict:
+
+def bench_sampling(
+    s: Setup, size: int, device: torch.device, dtype: torch.dtype, reps: int, steps: int, scale: float = 7.5
+) -> dict:
     place([s.ours, s.unet, s.vae, s.text], device, dtype)
     if steps < 2:
         raise ValueError("sampling needs at least 2 steps per run (the first is not timed)")
@@ -188,6 +236,7 @@ def bench_sampling(s: Setup, size: int, device: torch.device, dtype: torch.dtype
         def mark() -> None:
             sync(device)
             marks.append((time.perf_counter(), time.process_time()))
+
         return marks, mark
 
     def intervals(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -198,8 +247,17 @@ def bench_sampling(s: Setup, size: int, device: torch.device, dtype: torch.dtype
 
     def ours(r: int) -> list[tuple[float, float]]:
         marks, mark = stamps()
-        s.ours.sample_latents([PROMPT], steps=steps, scale=scale, sampler="ddim", seed=r, height=size,
-                              width=size, callback=lambda i, t, x: mark(), progress=False)
+        s.ours.sample_latents(
+            [PROMPT],
+            steps=steps,
+            scale=scale,
+            sampler="ddim",
+            seed=r,
+            height=size,
+            width=size,
+            callback=lambda i, t, x: mark(),
+            progress=False,
+        )
         return intervals(marks)
 
     def theirs(r: int) -> list[tuple[float, float]]:
@@ -209,25 +267,43 @@ def bench_sampling(s: Setup, size: int, device: torch.device, dtype: torch.dtype
             mark()
             return kwargs
 
-        s.pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=scale,
-               generator=torch.Generator(device).manual_seed(r), output_type="latent",
-               callback_on_step_end=on_step)
+        s.pipe(
+            PROMPT,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            generator=torch.Generator(device).manual_seed(r),
+            output_type="latent",
+            callback_on_step_end=on_step,
+        )
         return intervals(marks)
 
     load0 = os.getloadavg()[0]
     with torch.no_grad():
         times, mem = interleave({"oneword": ours, "diffusers": theirs}, reps, device)
-    weights = {"oneword": module_mib(s.ours.unet, s.ours.vae, s.ours.text_encoder),
-               "diffusers": module_mib(s.unet, s.vae, s.text)}
-    params = dict(size=size, batch=1, dtype=str(dtype).removeprefix("torch."), cfg_scale=scale,
-                  steps_per_run=steps, runs=reps, timed_steps=reps * (steps - 1))
+    weights = {
+        "oneword": module_mib(s.ours.unet, s.ours.vae, s.ours.text_encoder),
+        "diffusers": module_mib(s.unet, s.vae, s.text),
+    }
+    params = dict(
+        size=size,
+        batch=1,
+        dtype=str(dtype).removeprefix("torch."),
+        cfg_scale=scale,
+        steps_per_run=steps,
+        runs=reps,
+        timed_steps=reps * (steps - 1),
+    )
     return summarise("sampling", params, times, mem, weights, device, (load0, os.getloadavg()[0]))
 
 
 # --- (b) textual-inversion training step (the two trainers: bench/trainers.py) -----------------------------
 
-def bench_training(s: Setup, trainers: dict, size: int, batch: int, device: torch.device, precision: str,
-                   steps: int) -> dict:
+
+def bench_training(
+    s: Setup, trainers: dict, size: int, batch: int, device: torch.device, precision: str, steps: int
+) -> dict:
     for t in trainers.values():
         t.configure(size, batch, device, precision)
 
@@ -238,6 +314,7 @@ def bench_training(s: Setup, trainers: dict, size: int, batch: int, device: torc
             trainer.step()
             sync(device)
             return [(time.perf_counter() - t0, time.process_time() - c0)]
+
         return run
 
     fns = {k: timed(t) for k, t in trainers.items()}
@@ -245,13 +322,16 @@ def bench_training(s: Setup, trainers: dict, size: int, batch: int, device: torc
         fn(-1)
     load0 = os.getloadavg()[0]
     times, mem = interleave(fns, steps, device)
-    weights = {"oneword": module_mib(s.ours.unet, s.ours.vae, s.ours.text_encoder),
-               "diffusers": module_mib(s.unet, s.vae, s.text)}
+    weights = {
+        "oneword": module_mib(s.ours.unet, s.ours.vae, s.ours.text_encoder),
+        "diffusers": module_mib(s.unet, s.vae, s.text),
+    }
     params = dict(size=size, batch=batch, dtype=precision, timed_steps=steps, warmup_steps=1)
     return summarise("train", params, times, mem, weights, device, (load0, os.getloadavg()[0]))
 
 
 # --- (d) attention kernel ----------------------------------------------------------------------------------
+
 
 def bench_attention(backward: bool, dtype: str = "fp16") -> dict:
     from bench import attention as A
@@ -263,6 +343,7 @@ def bench_attention(backward: bool, dtype: str = "fp16") -> dict:
 
 
 # --- (e) oneword alone -------------------------------------------------------------------------------------
+
 
 def bench_oneword(config_name: str, seed: int, device: torch.device, size: int, steps: int, reps: int) -> dict:
     """UNet forward / forward+backward-to-context milliseconds and sampling it/s, our model only."""
@@ -277,8 +358,12 @@ def bench_oneword(config_name: str, seed: int, device: torch.device, size: int, 
     x = torch.randn(2, config.unet["in_channels"], lat, lat, generator=g).to(device, half)
     ctx = torch.randn(2, 77, ctx_dim, generator=g).to(device, half)
     t = torch.tensor([500, 500], device=device)
-    out: dict = {"size": size, "dtype": str(half).removeprefix("torch."),
-                 "train_dtype": str(train_dtype).removeprefix("torch."), "rows": []}
+    out: dict = {
+        "size": size,
+        "dtype": str(half).removeprefix("torch."),
+        "train_dtype": str(train_dtype).removeprefix("torch."),
+        "rows": [],
+    }
 
     def timed(fn, n: int) -> list[float]:
         fn()
@@ -294,8 +379,9 @@ def bench_oneword(config_name: str, seed: int, device: torch.device, size: int, 
     def row(name: str, fn, n: int, **extra) -> None:
         try:
             ts = timed(fn, n)
-            out["rows"].append(dict(name=name, ms=1e3 * statistics.median(ts), samples_ms=[1e3 * v for v in ts],
-                                    **extra))
+            out["rows"].append(
+                dict(name=name, ms=1e3 * statistics.median(ts), samples_ms=[1e3 * v for v in ts], **extra)
+            )
         except Exception as err:  # one failing row costs only itself
             out["rows"].append(dict(name=name, error=f"{type(err).__name__}: {err}"[:500], **extra))
         log.info("oneword %s: %s", name, out["rows"][-1].get("ms", out["rows"][-1].get("error")))
@@ -314,14 +400,26 @@ def bench_oneword(config_name: str, seed: int, device: torch.device, size: int, 
     model.unet.to(half)
 
     for graph in (False, True):
+
         def sample(graph=graph) -> None:
             marks: list[float] = []
 
             def mark(i, tt, xx) -> None:
                 sync(device)
                 marks.append(time.perf_counter())
-            model.sample_latents([PROMPT], steps=steps, scale=7.5, sampler="ddim", seed=0, height=size, width=size,
-                                 callback=mark, progress=False, cuda_graph=graph)
+
+            model.sample_latents(
+                [PROMPT],
+                steps=steps,
+                scale=7.5,
+                sampler="ddim",
+                seed=0,
+                height=size,
+                width=size,
+                callback=mark,
+                progress=False,
+                cuda_graph=graph,
+            )
             sample.its = (len(marks) - 1) / (marks[-1] - marks[0])  # the first step (warm-up) excluded
 
         name = f"sampling_ddim_cfg_batch1_{'cuda_graph' if graph else 'eager'}"
@@ -332,6 +430,7 @@ def bench_oneword(config_name: str, seed: int, device: torch.device, size: int, 
 
 
 # --- phases ------------------------------------------------------------------------------------------------
+
 
 def _jsonable(value: object) -> object:
     """value itself when it is plain JSON data, else its type's name (a model, a trainer)."""
@@ -365,9 +464,12 @@ class Phases:
 
                 log.error("phase %s failed: %s: %s", name, type(err).__name__, err)
                 value = None
-                result = {"status": "failed", "seconds": time.perf_counter() - t0,
-                          "error": f"{type(err).__name__}: {err}"[:2000],
-                          "traceback": traceback.format_exc()[-4000:]}
+                result = {
+                    "status": "failed",
+                    "seconds": time.perf_counter() - t0,
+                    "error": f"{type(err).__name__}: {err}"[:2000],
+                    "traceback": traceback.format_exc()[-4000:],
+                }
         self.report["phases"][name] = {k: v for k, v in result.items() if k != "result"}
         write_json({"phase": name, **result}, self.dir / f"phase-{name}.json")
         write_json(self.report, self.out)
@@ -375,6 +477,7 @@ class Phases:
 
 
 # --- report ------------------------------------------------------------------------------------------------
+
 
 def versions() -> dict:
     found = {"torch": torch.__version__, "python": platform.python_version()}
@@ -387,14 +490,16 @@ def versions() -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"device: {report['device_name']} ({report['device']}), nproc {report['nproc']}, torch threads "
-             f"{report['threads']}, torch {report['versions']['torch']}, diffusers {report['versions']['diffusers']}, "
-             f"loadavg {report['loadavg_start']:.2f} → {report['loadavg_end']:.2f}, {report['date']}",
-             "",
-             "| phase | px | batch | dtype | oneword s/step | diffusers s/step | ratio (oneword speed / diffusers) "
-             "| oneword CPU-s/step | diffusers CPU-s/step | ratio by CPU-s | oneword peak Δ MiB "
-             "| diffusers peak Δ MiB | timed steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"device: {report['device_name']} ({report['device']}), nproc {report['nproc']}, torch threads "
+        f"{report['threads']}, torch {report['versions']['torch']}, diffusers {report['versions']['diffusers']}, "
+        f"loadavg {report['loadavg_start']:.2f} → {report['loadavg_end']:.2f}, {report['date']}",
+        "",
+        "| phase | px | batch | dtype | oneword s/step | diffusers s/step | ratio (oneword speed / diffusers) "
+        "| oneword CPU-s/step | diffusers CPU-s/step | ratio by CPU-s | oneword peak Δ MiB "
+        "| diffusers peak Δ MiB | timed steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def mib(x):
         return "n/a" if x is None else f"{x:,.0f}"
@@ -403,16 +508,20 @@ def markdown(report: dict) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
     for r in report["sampling"] + report["training"]:
-        lines.append(f"| {r['kind']} | {r['size']} | {r['batch']} | {r['dtype']} | {r['oneword_s_per_step']:.3f} | "
-                     f"{r['diffusers_s_per_step']:.3f} | {r['ratio']:.3f} | {r['oneword_cpu_s_per_step']:.3f} | "
-                     f"{r['diffusers_cpu_s_per_step']:.3f} | {num(r['cpu_ratio'])} | "
-                     f"{mib(r['oneword_peak_delta_mib'])} | {mib(r['diffusers_peak_delta_mib'])} | "
-                     f"{len(r['oneword_samples'])} |")
+        lines.append(
+            f"| {r['kind']} | {r['size']} | {r['batch']} | {r['dtype']} | {r['oneword_s_per_step']:.3f} | "
+            f"{r['diffusers_s_per_step']:.3f} | {r['ratio']:.3f} | {r['oneword_cpu_s_per_step']:.3f} | "
+            f"{r['diffusers_cpu_s_per_step']:.3f} | {num(r['cpu_ratio'])} | "
+            f"{mib(r['oneword_peak_delta_mib'])} | {mib(r['diffusers_peak_delta_mib'])} | "
+            f"{len(r['oneword_samples'])} |"
+        )
     if report["sampling"] or report["training"]:
         r = (report["sampling"] + report["training"])[-1]
         lines.append("")
-        lines.append(f"weights resident: oneword {r['oneword_weights_mib']:,.0f} MiB, diffusers "
-                     f"{r['diffusers_weights_mib']:,.0f} MiB (CPU: the same storage); memory = {r['memory']}")
+        lines.append(
+            f"weights resident: oneword {r['oneword_weights_mib']:,.0f} MiB, diffusers "
+            f"{r['diffusers_weights_mib']:,.0f} MiB (CPU: the same storage); memory = {r['memory']}"
+        )
     for note in report["notes"]:
         lines.append(f"- {note}")
     return "\n".join(lines)
@@ -453,12 +562,22 @@ def run(args: argparse.Namespace, out: Path, phase_dir: Path) -> dict:
                 train_configs.append((size, b))
     train_configs.sort(key=lambda c: (c[1] > 1, c[0], c[1]))
 
-    report = {"device": device.type, "device_name": torch.cuda.get_device_name(device) if cuda else
-              (platform.processor() or platform.machine()), "nproc": os.cpu_count(),
-              "threads": torch.get_num_threads(), "versions": versions(),
-              "date": dt.datetime.now().isoformat(timespec="seconds"), "config": args.config,
-              "quick": args.quick, "loadavg_start": os.getloadavg()[0], "sampling": [], "training": [],
-              "attention": None, "oneword": None, "notes": []}
+    report = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
+        "nproc": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "versions": versions(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "config": args.config,
+        "quick": args.quick,
+        "loadavg_start": os.getloadavg()[0],
+        "sampling": [],
+        "training": [],
+        "attention": None,
+        "oneword": None,
+        "notes": [],
+    }
     phases = Phases(report, out, phase_dir, args.deadline_s)
     t_start = time.perf_counter()
     if args.attention or (cuda and not tiny):  # first, before ldm.kernels is imported in compiled mode
@@ -468,8 +587,12 @@ def run(args: argparse.Namespace, out: Path, phase_dir: Path) -> dict:
                 name = f"attention-{dtype}-{'fwd-bwd' if backward else 'fwd'}"
                 report["attention"][name] = phases.run(name, lambda d=dtype, b=backward: bench_attention(b, d))
     if not args.skip_oneword:
-        report["oneword"] = phases.run("oneword", lambda: bench_oneword(
-            args.config, args.seed, device, sample_sizes[0], sample_steps if not cuda else 25, reps))
+        report["oneword"] = phases.run(
+            "oneword",
+            lambda: bench_oneword(
+                args.config, args.seed, device, sample_sizes[0], sample_steps if not cuda else 25, reps
+            ),
+        )
         if cuda:
             torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as tmp:
@@ -479,16 +602,23 @@ def run(args: argparse.Namespace, out: Path, phase_dir: Path) -> dict:
             report["rss_after_build_mib"] = C.rss_mib()
             if not args.skip_sample:
                 for size in sample_sizes:
-                    row = phases.run(f"sampling-{size}", lambda size=size: bench_sampling(
-                        s, size, device, DTYPES[sample_dtype], reps, sample_steps))
+                    row = phases.run(
+                        f"sampling-{size}",
+                        lambda size=size: bench_sampling(s, size, device, DTYPES[sample_dtype], reps, sample_steps),
+                    )
                     if row is not None:
                         report["sampling"].append(row)
             if not args.skip_train:
-                trainers = phases.run("trainers", lambda: {"oneword": OnewordTrainer(s, device),
-                                                           "diffusers": DiffusersTrainer(s, device)})
+                trainers = phases.run(
+                    "trainers", lambda: {"oneword": OnewordTrainer(s, device), "diffusers": DiffusersTrainer(s, device)}
+                )
                 for size, b in train_configs if trainers else ():
-                    row = phases.run(f"train-{size}-b{b}", lambda size=size, b=b: bench_training(
-                        s, trainers, size, b, device, train_precision, train_steps))
+                    row = phases.run(
+                        f"train-{size}-b{b}",
+                        lambda size=size, b=b: bench_training(
+                            s, trainers, size, b, device, train_precision, train_steps
+                        ),
+                    )
                     if row is not None:
                         report["training"].append(row)
     report["loadavg_end"] = os.getloadavg()[0]
@@ -519,8 +649,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out) if args.out else ROOT / "bench" / (
-        f"results-{torch.device(args.device).type}-{dt.date.today().isoformat()}.json")
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / (f"results-{torch.device(args.device).type}-{dt.date.today().isoformat()}.json")
+    )
     report = run(args, out, Path(args.phase_dir) if args.phase_dir else out.parent)
     write_json(report, out)
     print(markdown(report))

@@ -1,5 +1,6 @@
 """The two textual-inversion trainers `make bench` times on the same weights: oneword's own `train_step`, and
 diffusers' examples/textual_inversion step without accelerate."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -46,8 +47,17 @@ class OnewordTrainer:
         images = D.ConceptImages(CONCEPT, size)
         cache = D.LatentCache(m, images, None)  # in memory: filled once before training, as train() does
         self.config = TrainConfig(concept=str(CONCEPT), seed=SEED, batch=batch, precision=precision)
-        self.batches = Batches(m, self.words, images, cache, load_templates("object"), dual_templates("object"),
-                               self.config, cache.latent_shape, device)
+        self.batches = Batches(
+            m,
+            self.words,
+            images,
+            cache,
+            load_templates("object"),
+            dual_templates("object"),
+            self.config,
+            cache.latent_shape,
+            device,
+        )
         self.optimizer = torch.optim.AdamW([self.words.vectors], lr=BASE_LR * batch, weight_decay=1e-2)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.loss_fn = InversionLoss(m, self.words)
@@ -58,8 +68,9 @@ class OnewordTrainer:
         from inversion.distributed import Dist
         from inversion.train import train_step
 
-        value, _ = train_step(self.loss_fn, self.batches, self.optimizer, self.scaler, self.config, Dist(), self.k,
-                              1, self.autocast)
+        value, _ = train_step(
+            self.loss_fn, self.batches, self.optimizer, self.scaler, self.config, Dist(), self.k, 1, self.autocast
+        )
         self.k += 1
         return value
 
@@ -90,20 +101,28 @@ class DiffusersTrainer:
 
         s, cfg = self.s, self.s.config
         self.weight_dtype = DTYPES[precision]
-        place([s.text], device, torch.float32)                # trainable: fp32, forward under autocast
-        place([s.unet, s.vae], device, self.weight_dtype)     # frozen: weight_dtype
+        place([s.text], device, torch.float32)  # trainable: fp32, forward under autocast
+        place([s.unet, s.vae], device, self.weight_dtype)  # frozen: weight_dtype
         s.text.train()
         emb = s.text.get_input_embeddings()
         self.orig = emb.weight.data.clone()
         self.keep = torch.ones(len(s.tokenizer), dtype=torch.bool)
-        self.keep[min(self.placeholder): max(self.placeholder) + 1] = False
-        self.optimizer = torch.optim.AdamW(emb.parameters(), lr=BASE_LR * batch, betas=(0.9, 0.999),
-                                           weight_decay=1e-2, eps=1e-8)
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_start=cfg.linear_start,
-                                             beta_end=cfg.linear_end, beta_schedule="scaled_linear")
+        self.keep[min(self.placeholder) : max(self.placeholder) + 1] = False
+        self.optimizer = torch.optim.AdamW(
+            emb.parameters(), lr=BASE_LR * batch, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
+        )
+        self.noise_scheduler = DDPMScheduler(
+            num_train_timesteps=cfg.timesteps,
+            beta_start=cfg.linear_start,
+            beta_end=cfg.linear_end,
+            beta_schedule="scaled_linear",
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.autocast = (torch.autocast(device.type, dtype=self.weight_dtype)
-                         if self.weight_dtype != torch.float32 else nullcontext())
+        self.autocast = (
+            torch.autocast(device.type, dtype=self.weight_dtype)
+            if self.weight_dtype != torch.float32
+            else nullcontext()
+        )
         self.scale = cfg.scale_factor
         # the example's dataset (its DataLoader, not the step): PIL bicubic resize, flip, template, tokens
         images = D.ConceptImages(CONCEPT, size)
@@ -113,10 +132,12 @@ class DiffusersTrainer:
         for _ in range(16):
             idx = [int(torch.randint(len(images), (), generator=g)) for _ in range(batch)]
             flips = [bool(torch.rand((), generator=g) < 0.5) for _ in range(batch)]
-            prompts = [templates[int(torch.randint(len(templates), (), generator=g))].format(TOKEN)
-                       for _ in range(batch)]
-            ids = s.tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
-                              return_tensors="pt").input_ids
+            prompts = [
+                templates[int(torch.randint(len(templates), (), generator=g))].format(TOKEN) for _ in range(batch)
+            ]
+            ids = s.tokenizer(
+                prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+            ).input_ids
             self.batches.append((images.batch(idx, flips), ids))
         self.k, self.device = 0, device
 
@@ -128,8 +149,9 @@ class DiffusersTrainer:
         latents = s.vae.encode(pixels.to(dtype=self.weight_dtype)).latent_dist.sample().detach()
         latents = latents * self.scale
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=dev).long()
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=dev
+        ).long()
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.autocast:  # accelerate wraps only the prepared (text) model's forward
             hidden = s.text(ids)[0].to(dtype=self.weight_dtype)

@@ -1,6 +1,7 @@
 """The inputs of one training step: global sample k draws its image, flip, template, timestep, noise and latent
 from a generator of its own, seeded from (SEED, k), so any split of the samples over steps, accumulation and
 ranks draws the same inputs (see inversion/train.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -15,9 +16,18 @@ from ldm.tokenizer import fit_ids
 class Batches:
     """Builds the inputs of global samples k from their own generators (see the module docstring)."""
 
-    def __init__(self, model, words: LearnedWords, images: D.ConceptImages, cache: D.LatentCache | None,
-                 templates: tuple[str, ...], duals: tuple[str, ...], config: TrainConfig,
-                 latent_shape: tuple[int, ...], device: torch.device) -> None:
+    def __init__(
+        self,
+        model,
+        words: LearnedWords,
+        images: D.ConceptImages,
+        cache: D.LatentCache | None,
+        templates: tuple[str, ...],
+        duals: tuple[str, ...],
+        config: TrainConfig,
+        latent_shape: tuple[int, ...],
+        device: torch.device,
+    ) -> None:
         self.model, self.words, self.images, self.cache = model, words, images, cache
         self.templates, self.duals, self.config = templates, duals, config
         self.latent_shape, self.device = latent_shape, device
@@ -38,8 +48,11 @@ class Batches:
             return tok(prompts)
         out = torch.full((len(prompts), tok.context_length), tok.pad_id, dtype=torch.long)
         for r, p in enumerate(prompts):
-            ids = fit_ids([i for i in tok.encode(p) if i not in drop], tok.context_length - 2,
-                          {i: t for t, run in self.words.tokens.items() for i in run})
+            ids = fit_ids(
+                [i for i in tok.encode(p) if i not in drop],
+                tok.context_length - 2,
+                {i: t for t, run in self.words.tokens.items() for i in run},
+            )
             out[r, : len(ids) + 2] = torch.tensor([tok.bos_id, *ids, tok.eos_id])
         return out
 
@@ -68,5 +81,4 @@ class Batches:
             latents = z * self.model.config.scale_factor
         ids = self.tokenize(prompts, active)
         dev = self.device
-        return (ids.to(dev), latents.to(dev, torch.float32), torch.tensor(ts, device=dev),
-                torch.stack(noises).to(dev))
+        return (ids.to(dev), latents.to(dev, torch.float32), torch.tensor(ts, device=dev), torch.stack(noises).to(dev))

@@ -1,6 +1,7 @@
 """CLIP as the paper's evaluation and curation use it: OpenAI's ViT-B/32 through open_clip, its preprocessing,
 the prompt text it reads, and cosines between features.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,15 +19,18 @@ log = logging.getLogger(__name__)
 
 CLIP_ARCH = "ViT-B-32"
 CLIP_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "clip-vit-b-32.pt"
-CLIP_URL = ("https://openaipublic.azureedge.net/clip/models/"
-            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
+CLIP_URL = (
+    "https://openaipublic.azureedge.net/clip/models/"
+    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt"
+)
 CLIP_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-RANDOM = "random"                               # --clip-weights random: untrained CLIP, smoke runs only
+RANDOM = "random"  # --clip-weights random: untrained CLIP, smoke runs only
 
 
 # --- features and text ----------------------------------------------------------------------------------
+
 
 def unit_rows(x, name: str = "features") -> torch.Tensor:
     """(N, D) or (D,) features → (N, D) float64 rows of unit length; bad input is a one-line ValueError."""
@@ -42,8 +46,7 @@ def unit_rows(x, name: str = "features") -> torch.Tensor:
         raise ValueError(f"{name} holds NaN or infinite values")
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
-        raise ValueError(f"{name} has a zero vector (row {int((norms[:, 0] == 0).nonzero()[0])}); "
-                         "cosine is undefined")
+        raise ValueError(f"{name} has a zero vector (row {int((norms[:, 0] == 0).nonzero()[0])}); cosine is undefined")
     return x / norms
 
 
@@ -65,6 +68,7 @@ def clip_text(prompt: str, words: Sequence[str] = ()) -> str:
 
 # --- the model --------------------------------------------------------------------------------------------------
 
+
 def clip_preprocess(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
     """Generator output in [−1, 1] (B, 3, H, W) → CLIP input: [0, 1], bicubic short side → size, centre crop,
     CLIP mean/std (the official evaluator's tensor path: torchvision Resize on tensors, no antialias)."""
@@ -79,7 +83,7 @@ def clip_preprocess(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor
         x = F.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=False)
         h, w = x.shape[-2:]
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-        x = x[..., top:top + size, left:left + size]
+        x = x[..., top : top + size, left : left + size]
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -108,7 +112,7 @@ def read_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InversionError(f"CLIP weights {path} are not readable ({first}); re-download {CLIP_URL}") from None
     if not isinstance(sd, dict):
         raise InversionError(f"CLIP weights {path} hold no state dict; re-download {CLIP_URL}")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI archive scalars
         sd.pop(key, None)
     return sd
@@ -121,14 +125,17 @@ class CLIPScorer:
         self.model, self.tokenizer, self.device, self.weights = model.eval(), tokenizer, device, weights
 
     @classmethod
-    def load(cls, weights: str | Path | None = None, device: torch.device | str = "cpu",
-             arch: str = CLIP_ARCH) -> CLIPScorer:
+    def load(
+        cls, weights: str | Path | None = None, device: torch.device | str = "cpu", arch: str = CLIP_ARCH
+    ) -> CLIPScorer:
         """weights: a file, RANDOM (untrained, for smoke tests) or None (weights/clip-vit-b-32.pt)."""
         random = str(weights) == RANDOM
         path = None if random else Path(weights or CLIP_WEIGHTS)
         if path is not None and not path.is_file():
-            raise InversionError(f"CLIP {arch} weights not found at {path}; download OpenAI's ViT-B-32.pt from "
-                                 f"{CLIP_URL} to {CLIP_WEIGHTS} (or pass --clip-weights PATH)")
+            raise InversionError(
+                f"CLIP {arch} weights not found at {path}; download OpenAI's ViT-B-32.pt from "
+                f"{CLIP_URL} to {CLIP_WEIGHTS} (or pass --clip-weights PATH)"
+            )
         import open_clip
 
         if arch not in open_clip.list_models():
@@ -140,17 +147,21 @@ class CLIPScorer:
             missing, unexpected = model.load_state_dict(read_clip_state_dict(path), strict=False)
             if missing or unexpected:
                 names = ", ".join((missing or unexpected)[:3])
-                raise InversionError(f"CLIP weights {path} do not fit open_clip {arch} "
-                                     f"({'missing' if missing else 'unexpected'} {names}…); use OpenAI's "
-                                     f"ViT-B-32.pt from {CLIP_URL}")
+                raise InversionError(
+                    f"CLIP weights {path} do not fit open_clip {arch} "
+                    f"({'missing' if missing else 'unexpected'} {names}…); use OpenAI's "
+                    f"ViT-B-32.pt from {CLIP_URL}"
+                )
         device = torch.device(device)
         return cls(model.to(device), open_clip.get_tokenizer(arch), device, RANDOM if path is None else str(path))
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor, chunk: int = 32) -> torch.Tensor:
         """Images in [−1, 1] (B, 3, H, W) → (B, D) fp32 CLIP image embeddings."""
-        feats = [self.model.encode_image(clip_preprocess(images[i:i + chunk].to(self.device))).float()
-                 for i in range(0, images.shape[0], chunk)]
+        feats = [
+            self.model.encode_image(clip_preprocess(images[i : i + chunk].to(self.device))).float()
+            for i in range(0, images.shape[0], chunk)
+        ]
         return torch.cat(feats).cpu()
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ folder (`TrainConfig.from_run`, RESUME), or directly in Python (figures, the dem
 checked when it is made: a bad value is an InversionError naming the setting, the value and the limit. Limits
 that depend on the model (sizes, the text context) are checked by `resolve`, once the model is known.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,20 @@ BASE_LR = 5e-3
 STEPS = 6100
 SEED = 23
 SAVE_EVERY = 500
-PROGRESSIVE_EVERY = 2000          # official PROGRESSIVE_SCALE
-FAMILY_DEFAULTS = {"ldmbert": {"batch": 4, "size": 256}}   # the paper's LDM-1.4B config
-SD_DEFAULTS = {"batch": 2}                                 # v1-finetune.yaml; size: the model's own
+PROGRESSIVE_EVERY = 2000  # official PROGRESSIVE_SCALE
+FAMILY_DEFAULTS = {"ldmbert": {"batch": 4, "size": 256}}  # the paper's LDM-1.4B config
+SD_DEFAULTS = {"batch": 2}  # v1-finetune.yaml; size: the model's own
 PRECISIONS = tuple(DTYPES)
-RESUMABLE = ("steps", "max_steps", "save_every", "val_every", "device", "no_progress", "max_bad_steps",
-             "deterministic")                               # what RESUME may change
+RESUMABLE = (
+    "steps",
+    "max_steps",
+    "save_every",
+    "val_every",
+    "device",
+    "no_progress",
+    "max_bad_steps",
+    "deterministic",
+)  # what RESUME may change
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,12 @@ class TrainConfig:
     model: str | None = None
     ckpt: str | None = None
     steps: int = STEPS
-    auto: bool = False                     # STEPS=auto: stop by the rule, at most max_steps
+    auto: bool = False  # STEPS=auto: stop by the rule, at most max_steps
     max_steps: int = STEPS
     stop_every: int = stopping.EVERY
     stop_window: int = stopping.WINDOW
     stop_threshold: float = stopping.THRESHOLD
-    batch: int | None = None               # None: the model family's (SD 2, LDM 4)
+    batch: int | None = None  # None: the model family's (SD 2, LDM 4)
     accum: int = 1
     lr: float = BASE_LR
     no_scale_lr: bool = False
@@ -56,21 +65,21 @@ class TrainConfig:
     init: str = "sculpture"
     init_words: str | None = None
     random_init: bool = False
-    token: str | None = None               # None: <concept folder name>
+    token: str | None = None  # None: <concept folder name>
     vectors: int = 1
     progressive: int = 0
     per_image_tokens: bool = False
     reg_weight: float = 0.0
     templates: str = "object"
-    size: int | None = None                # None: the model's
+    size: int | None = None  # None: the model's
     center_crop: bool = False
     repeats: int = 100
     flip_p: float = 0.5
     seed: int = SEED
-    out: str | None = None                 # None: runs/<concept>-<time>
+    out: str | None = None  # None: runs/<concept>-<time>
     overwrite: bool = False
     save_every: int = SAVE_EVERY
-    val_every: int | None = None           # None: save_every
+    val_every: int | None = None  # None: save_every
     val_prompts: str = ""
     val_n: int = 2
     val_steps: int | None = None
@@ -127,37 +136,63 @@ class TrainConfig:
     def check(self) -> None:
         """Every limit that does not depend on the model; one line naming the setting."""
         init_words = [w.strip() for w in self.init_words.split(",")] if self.init_words else None
-        cli.check([
-            cli.at_least("--max-steps", self.max_steps), cli.at_least("STEPS", self.steps),
-            cli.at_least("--stop-every", self.stop_every), cli.at_least("--stop-window", self.stop_window, 2),
-            (0 < self.stop_threshold < 1, f"--stop-threshold {self.stop_threshold} must be between 0 and 1"),
-            cli.at_least("ACCUM", self.accum), cli.at_least("BATCH", self.batch), cli.at_least("VECTORS", self.vectors),
-            (self.lr > 0 and math.isfinite(self.lr), f"LR={self.lr} must be a positive number"),
-            cli.finite("--weight-decay", self.weight_decay, 0.0),
-            cli.at_least("SAVE_EVERY", self.save_every), cli.at_least("--val-every", self.val_every, 0),
-            cli.at_least("--val-n", self.val_n), cli.at_least("--val-steps", self.val_steps),
-            (self.progressive >= 0, f"--progressive {self.progressive} must be ≥ 0"),
-            (self.repeats >= 1, f"--repeats {self.repeats} must be at least 1"),
-            (0.0 <= self.flip_p <= 1.0, f"--flip-p {self.flip_p} must be in [0, 1]"),
-            (self.size is None or self.size >= 8, f"SIZE={self.size} is too small (at least 8)"),
-            (self.reg_weight >= 0 and math.isfinite(self.reg_weight), f"--reg-weight {self.reg_weight} must be ≥ 0"),
-            cli.at_least("--max-bad-steps", self.max_bad_steps), cli.seed_rule("SEED", self.seed),
-            (self.precision in PRECISIONS,
-             f"unknown PRECISION={self.precision!r}; choose one of {', '.join(PRECISIONS)}"),
-            (self.ckpt is None or Path(self.ckpt).exists(), f"CKPT={self.ckpt}: no such file or folder"),
-            (self.ckpt is not None or self.model is None or self.model in MODEL_CHOICES,
-             f"unknown MODEL={self.model!r}; choose one of {', '.join(MODEL_CHOICES)} or give CKPT=path"),
-            (bool(self.init.strip()), f"INIT={self.init!r} must be a word"),
-            (init_words is None or all(init_words), f"--init-words {self.init_words!r} has an empty word"),
-            (init_words is None or len(init_words) <= self.vectors,
-             f"--init-words gives {len(init_words or [])} words for VECTORS={self.vectors}; give at most one word per "
-             f"vector (or raise VECTORS to {len(init_words or [])})"),
-            (not Path(self.latent_cache).exists() or Path(self.latent_cache).is_dir(),
-             f"--latent-cache {self.latent_cache} is a file, not a folder"),
-            (not (self.random_init and self.init_words), "--random-init and --init-words exclude each other; give one"),
-            (self.token is None or (self.token.strip() and not any(c.isspace() for c in self.token)),
-             f"TOKEN={self.token!r} must be one word without spaces, e.g. '<my-concept>'"),
-        ], InversionError)
+        cli.check(
+            [
+                cli.at_least("--max-steps", self.max_steps),
+                cli.at_least("STEPS", self.steps),
+                cli.at_least("--stop-every", self.stop_every),
+                cli.at_least("--stop-window", self.stop_window, 2),
+                (0 < self.stop_threshold < 1, f"--stop-threshold {self.stop_threshold} must be between 0 and 1"),
+                cli.at_least("ACCUM", self.accum),
+                cli.at_least("BATCH", self.batch),
+                cli.at_least("VECTORS", self.vectors),
+                (self.lr > 0 and math.isfinite(self.lr), f"LR={self.lr} must be a positive number"),
+                cli.finite("--weight-decay", self.weight_decay, 0.0),
+                cli.at_least("SAVE_EVERY", self.save_every),
+                cli.at_least("--val-every", self.val_every, 0),
+                cli.at_least("--val-n", self.val_n),
+                cli.at_least("--val-steps", self.val_steps),
+                (self.progressive >= 0, f"--progressive {self.progressive} must be ≥ 0"),
+                (self.repeats >= 1, f"--repeats {self.repeats} must be at least 1"),
+                (0.0 <= self.flip_p <= 1.0, f"--flip-p {self.flip_p} must be in [0, 1]"),
+                (self.size is None or self.size >= 8, f"SIZE={self.size} is too small (at least 8)"),
+                (
+                    self.reg_weight >= 0 and math.isfinite(self.reg_weight),
+                    f"--reg-weight {self.reg_weight} must be ≥ 0",
+                ),
+                cli.at_least("--max-bad-steps", self.max_bad_steps),
+                cli.seed_rule("SEED", self.seed),
+                (
+                    self.precision in PRECISIONS,
+                    f"unknown PRECISION={self.precision!r}; choose one of {', '.join(PRECISIONS)}",
+                ),
+                (self.ckpt is None or Path(self.ckpt).exists(), f"CKPT={self.ckpt}: no such file or folder"),
+                (
+                    self.ckpt is not None or self.model is None or self.model in MODEL_CHOICES,
+                    f"unknown MODEL={self.model!r}; choose one of {', '.join(MODEL_CHOICES)} or give CKPT=path",
+                ),
+                (bool(self.init.strip()), f"INIT={self.init!r} must be a word"),
+                (init_words is None or all(init_words), f"--init-words {self.init_words!r} has an empty word"),
+                (
+                    init_words is None or len(init_words) <= self.vectors,
+                    f"--init-words gives {len(init_words or [])} words for VECTORS={self.vectors}; give at most "
+                    f"one word per vector (or raise VECTORS to {len(init_words or [])})",
+                ),
+                (
+                    not Path(self.latent_cache).exists() or Path(self.latent_cache).is_dir(),
+                    f"--latent-cache {self.latent_cache} is a file, not a folder",
+                ),
+                (
+                    not (self.random_init and self.init_words),
+                    "--random-init and --init-words exclude each other; give one",
+                ),
+                (
+                    self.token is None or (self.token.strip() and not any(c.isspace() for c in self.token)),
+                    f"TOKEN={self.token!r} must be one word without spaces, e.g. '<my-concept>'",
+                ),
+            ],
+            InversionError,
+        )
 
     def check_context(self, tokenizer, templates: tuple[str, ...], duals: tuple[str, ...]) -> None:
         """VECTORS (with per-image tokens) must fit the text context in every template and validation prompt."""
@@ -168,8 +203,10 @@ class TrainConfig:
             fits, what = fits_val, "VAL_PROMPTS"
         if self.vectors > fits:
             limit = f"the largest VECTORS that fits is {fits}" if fits >= 1 else f"no vector fits: shorten {what}"
-            raise InversionError(f"VECTORS={self.vectors} does not fit the {tokenizer.context_length}-token text "
-                                 f"context with {what}; {limit}")
+            raise InversionError(
+                f"VECTORS={self.vectors} does not fit the {tokenizer.context_length}-token text "
+                f"context with {what}; {limit}"
+            )
 
     # -- what the model decides -------------------------------------------------------------------------------
 
@@ -181,8 +218,11 @@ class TrainConfig:
             log.warning("PRECISION=fp16 is not supported on the CPU; using fp32")
             precision = "fp32"
         resolved = self.replace(
-            batch=self.batch or defaults["batch"], size=self.size or defaults.get("size", model.config.image_size),
-            token=self.token or f"<{concept.name}>", precision=precision)
+            batch=self.batch or defaults["batch"],
+            size=self.size or defaults.get("size", model.config.image_size),
+            token=self.token or f"<{concept.name}>",
+            precision=precision,
+        )
         cli.check([cli.multiple_rule("SIZE", resolved.size, model.latent_factor)], InversionError)
         return resolved
 
@@ -231,19 +271,28 @@ def parse_steps(value: str | int | None, max_steps: int) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; an option left out keeps TrainConfig's default (or, with RESUME, the run's value)."""
-    p = cli.ArgumentParser(prog="python -m inversion.train", description="Textual inversion: learn one new word.",
-                           argument_default=argparse.SUPPRESS)
+    p = cli.ArgumentParser(
+        prog="python -m inversion.train",
+        description="Textual inversion: learn one new word.",
+        argument_default=argparse.SUPPRESS,
+    )
     a = p.add_argument
     a("--concept", help="folder under experiments/concepts/ or a path (CONCEPT=)")
     a("--model", help="sd15 | sd21 | sd21-v | shapes | tiny (MODEL=, default sd15)")
     a("--ckpt", help="checkpoint file or diffusers folder, overrides --model (CKPT=)")
     a("--steps", help=f"optimiser steps, or 'auto' to stop by itself (STEPS=, default {STEPS})")
     a("--max-steps", type=int, help=f"cap of a STEPS=auto run (MAX_STEPS=, default {STEPS})")
-    a("--stop-every", type=int, help=f"STEPS=auto: evaluate the fixed-batch objective every N steps "
-                                     f"(default {stopping.EVERY})")
+    a(
+        "--stop-every",
+        type=int,
+        help=f"STEPS=auto: evaluate the fixed-batch objective every N steps (default {stopping.EVERY})",
+    )
     a("--stop-window", type=int, help=f"STEPS=auto: evaluations in the recent window (default {stopping.WINDOW})")
-    a("--stop-threshold", type=float,
-      help=f"STEPS=auto: stop when recent/overall variance < this (default {stopping.THRESHOLD})")
+    a(
+        "--stop-threshold",
+        type=float,
+        help=f"STEPS=auto: stop when recent/overall variance < this (default {stopping.THRESHOLD})",
+    )
     a("--batch", type=int, help="images per step per process (BATCH=; SD 2, LDM 4)")
     a("--accum", type=int, help="gradient accumulation micro-batches (ACCUM=, default 1)")
     a("--lr", type=float, help=f"base learning rate (LR=, default {BASE_LR})")
@@ -254,8 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--random-init", action="store_true", help="random init scaled to the token table's mean norm")
     a("--token", help="the new word (TOKEN=, default '<concept>')")
     a("--vectors", type=int, help="vectors per token (VECTORS=, default 1)")
-    a("--progressive", type=int, nargs="?", const=PROGRESSIVE_EVERY,
-      help=f"add a vector every N steps (paper ablation; bare flag: {PROGRESSIVE_EVERY})")
+    a(
+        "--progressive",
+        type=int,
+        nargs="?",
+        const=PROGRESSIVE_EVERY,
+        help=f"add a vector every N steps (paper ablation; bare flag: {PROGRESSIVE_EVERY})",
+    )
     a("--per-image-tokens", action="store_true", help="also learn one token per image (official option)")
     a("--reg-weight", type=float, help="embedding regularisation toward the init (official)")
     a("--templates", help="object | style | file.txt with '{}' (TEMPLATES=, default object)")
@@ -278,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-latent-cache", action="store_true", help="encode with the VAE every step (as the official code)")
     a("--device", help="auto | cpu | cuda | mps (DEVICE=)")
     a("--max-bad-steps", type=int, help="stop after this many NaN/inf steps in a row (default 25)")
-    a("--deterministic", action="store_true",
-      help="deterministic algorithms and reference kernels (see ldm/determinism.py for what each device promises)")
+    a(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms and reference kernels (see ldm/determinism.py for what each device promises)",
+    )
     a("--no-progress", action="store_true", help="no tqdm bar")
     return p

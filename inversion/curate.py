@@ -14,6 +14,7 @@ How `ldm/sample.py` uses it (`make sample PROMPT=… EMBEDDING=… BEST_OF=16 KE
     chosen = curate.select(images, args, words, device)   # [(index, score)], best first, KEEP long
     … save images[i] for i, _ in chosen (add f"Curated: {rank} {score:.4f}, best {KEEP} of {BEST_OF}") …
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,18 @@ log = logging.getLogger(__name__)
 
 RANKS = ("clip",)
 IMAGE_WEIGHT = 0.5
-CONCEPT_SIZE = 224                       # concept images are read at CLIP's input size
+CONCEPT_SIZE = 224  # concept images are read at CLIP's input size
 
 
 # --- pure scoring ------------------------------------------------------------------------------------------
 
-def clip_scores(sample_feats: torch.Tensor, concept_feats: torch.Tensor | None, text_feats: torch.Tensor | None,
-                image_weight: float = IMAGE_WEIGHT) -> torch.Tensor:
+
+def clip_scores(
+    sample_feats: torch.Tensor,
+    concept_feats: torch.Tensor | None,
+    text_feats: torch.Tensor | None,
+    image_weight: float = IMAGE_WEIGHT,
+) -> torch.Tensor:
     """(N,) scores: w·(mean cosine to the concept images) + (1−w)·(cosine to the text); a missing side drops out."""
     if concept_feats is None and text_feats is None:
         raise InversionError("RANK=clip needs concept images or a prompt to rank against")
@@ -61,8 +67,7 @@ def _as_images(images) -> torch.Tensor:
     return from_pil(list(images))
 
 
-def rank(candidates, concept_images, prompt: str | None, scorer, image_weight: float = IMAGE_WEIGHT
-         ) -> list[int]:
+def rank(candidates, concept_images, prompt: str | None, scorer, image_weight: float = IMAGE_WEIGHT) -> list[int]:
     """Candidate indices, best first, by CLIP closeness to the concept images and the prompt.
 
     candidates / concept_images: (B, 3, H, W) tensors in [−1, 1] or lists of PIL images (concept_images may
@@ -72,8 +77,9 @@ def rank(candidates, concept_images, prompt: str | None, scorer, image_weight: f
     return [i for i, _ in ranked(candidates, concept_images, prompt, scorer, image_weight)]
 
 
-def ranked(candidates, concept_images, prompt: str | None, scorer, image_weight: float = IMAGE_WEIGHT
-           ) -> list[tuple[int, float]]:
+def ranked(
+    candidates, concept_images, prompt: str | None, scorer, image_weight: float = IMAGE_WEIGHT
+) -> list[tuple[int, float]]:
     """(index, score) pairs, best first; ties keep the candidates' order."""
     cands = _as_images(candidates)
     if cands.shape[0] == 0:
@@ -89,17 +95,25 @@ def ranked(candidates, concept_images, prompt: str | None, scorer, image_weight:
 
 # --- the sample CLI's side ---------------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """--best-of, --keep, --rank, --concept, --clip-weights, --image-weight (BEST_OF= KEEP= RANK= …)."""
     a = p.add_argument
     a("--best-of", type=int, default=None, help="draw this many candidates and keep the best KEEP (BEST_OF=)")
     a("--keep", type=int, default=None, help="candidates kept with BEST_OF (KEEP=, default N)")
     a("--rank", default="clip", help=f"how BEST_OF ranks: {', '.join(RANKS)} (RANK=)")
-    a("--concept", default=None, help="concept folder(s) for RANK=clip, comma-separated "
-                                      "(default: the run folders of EMBEDDING=)")
+    a(
+        "--concept",
+        default=None,
+        help="concept folder(s) for RANK=clip, comma-separated (default: the run folders of EMBEDDING=)",
+    )
     a("--clip-weights", default=None, help="CLIP ViT-B/32 weights for RANK=clip ('random' for smoke runs)")
-    a("--image-weight", type=float, default=IMAGE_WEIGHT,
-      help=f"weight of concept-image closeness vs prompt closeness (default {IMAGE_WEIGHT})")
+    a(
+        "--image-weight",
+        type=float,
+        default=IMAGE_WEIGHT,
+        help=f"weight of concept-image closeness vs prompt closeness (default {IMAGE_WEIGHT})",
+    )
 
 
 def keep_count(args: argparse.Namespace) -> int:
@@ -158,8 +172,9 @@ def load_concept_images(folders: Sequence[Path], size: int = CONCEPT_SIZE) -> to
     return torch.cat(batches) if batches else None
 
 
-def select(images, args: argparse.Namespace, words: Sequence[str] = (), device: torch.device | str = "cpu",
-           scorer=None) -> list[tuple[int, float]]:
+def select(
+    images, args: argparse.Namespace, words: Sequence[str] = (), device: torch.device | str = "cpu", scorer=None
+) -> list[tuple[int, float]]:
     """The KEEP best of the sampled candidates as (index, score), best first (all of them, unscored, without
     BEST_OF). `words` are the learned tokens in the prompt; `scorer` defaults to CLIPScorer(--clip-weights)."""
     if not args.best_of:
@@ -169,16 +184,18 @@ def select(images, args: argparse.Namespace, words: Sequence[str] = (), device: 
     concept = load_concept_images(folders)
     text = clip_text(args.prompt, words)
     if concept is None:
-        log.warning("RANK=clip: no concept images (give CONCEPT= or an EMBEDDING= inside a training run); "
-                    "ranking by the prompt alone")
+        log.warning(
+            "RANK=clip: no concept images (give CONCEPT= or an EMBEDDING= inside a training run); "
+            "ranking by the prompt alone"
+        )
     if concept is None and not text:
-        raise InversionError("RANK=clip has nothing to rank against: the prompt holds only learned words and no "
-                             "concept images were found; give CONCEPT=folder")
+        raise InversionError(
+            "RANK=clip has nothing to rank against: the prompt holds only learned words and no "
+            "concept images were found; give CONCEPT=folder"
+        )
     if scorer is None:
         scorer = CLIPScorer.load(args.clip_weights, device)
     order = ranked(images, concept, text, scorer, args.image_weight)
     keep = keep_count(args)
-    log.info("RANK=clip kept %d of %d: %s", keep, len(order),
-             ", ".join(f"#{i} ({s:.4f})" for i, s in order[:keep]))
+    log.info("RANK=clip kept %d of %d: %s", keep, len(order), ", ".join(f"#{i} ({s:.4f})" for i, s in order[:keep]))
     return order[:keep]
-

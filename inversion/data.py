@@ -11,6 +11,7 @@ pixels to [−1, 1]. Latent cache: the VAE posterior q(z|x) = N(μ, σ²) of eac
 once and kept on disk, keyed by image sha256, size, crop, flip and a hash of the VAE weights; a training
 step draws z = μ + σ·n — the distribution the official code samples by encoding every step.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,8 +56,7 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
             continue
         (images if p.suffix.lower() in IMAGE_SUFFIXES else skipped).append(p)
     if skipped:
-        log.warning("skipping %d non-image file(s) in %s: %s", len(skipped), folder,
-                    ", ".join(p.name for p in skipped))
+        log.warning("skipping %d non-image file(s) in %s: %s", len(skipped), folder, ", ".join(p.name for p in skipped))
     if not images:
         raise InversionError(f"concept folder {folder} holds no images ({'/'.join(IMAGE_SUFFIXES)})")
     return images
@@ -92,8 +92,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > max_pixels():
-                    raise InversionError(f"{path}: {w}×{h} pixels is over the limit of {max_pixels() / 1e6:.0f} "
-                                         "megapixels (PIL's decompression-bomb guard); downscale it first")
+                    raise InversionError(
+                        f"{path}: {w}×{h} pixels is over the limit of {max_pixels() / 1e6:.0f} "
+                        "megapixels (PIL's decompression-bomb guard); downscale it first"
+                    )
                 if w < 1 or h < 1:
                     raise InversionError(f"{path}: the image is {w}×{h} pixels")
                 im.load()
@@ -109,12 +111,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InversionError(f"{path}: not a readable image ({reason}); remove or replace it") from None
     except Exception as e:  # decoders of hostile bytes raise many other classes (struct.error, IndexError, …)
-        raise InversionError(f"{path}: not a readable image ({type(e).__name__} while decoding); remove or "
-                             "replace it") from None
+        raise InversionError(
+            f"{path}: not a readable image ({type(e).__name__} while decoding); remove or replace it"
+        ) from None
 
 
-def preprocess(image: Image.Image, size: int, center_crop: bool = False, flip: bool = False,
-               name: str = "image") -> torch.Tensor:
+def preprocess(
+    image: Image.Image, size: int, center_crop: bool = False, flip: bool = False, name: str = "image"
+) -> torch.Tensor:
     """Official preprocessing: [centre crop], bicubic resize to size×size, [flip] → (3, size, size) in [−1, 1]."""
     w, h = image.size
     if center_crop:
@@ -171,8 +175,9 @@ class ConceptImages:
 class LatentCache:
     """Posterior moments (μ, σ) per (image, flip), computed once (and kept on disk); draws z = s·(μ + σ·n)."""
 
-    def __init__(self, model, images: ConceptImages, cache_dir: str | os.PathLike | None = DEFAULT_CACHE,
-                 batch_size: int = 4) -> None:
+    def __init__(
+        self, model, images: ConceptImages, cache_dir: str | os.PathLike | None = DEFAULT_CACHE, batch_size: int = 4
+    ) -> None:
         self.scale = float(model.config.scale_factor)
         self.vae_hash = module_hash(model.vae)[:16]
         n = len(images)
@@ -188,7 +193,7 @@ class LatentCache:
                 moments[(i, f)] = loaded
         self.encoded = len(todo)
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+            chunk = todo[start : start + batch_size]
             x = images.batch([i for i, _ in chunk], [f for _, f in chunk])
             with torch.no_grad():
                 post = model.posterior(x)
@@ -207,8 +212,11 @@ class LatentCache:
         if cache_dir is None:
             return None
         crop = "crop" if images.center_crop else "full"
-        return (Path(cache_dir) / self.vae_hash /
-                f"{images.hashes[i][:24]}-{images.size}-{crop}-{'flip' if flip else 'orig'}.safetensors")
+        return (
+            Path(cache_dir)
+            / self.vae_hash
+            / f"{images.hashes[i][:24]}-{images.size}-{crop}-{'flip' if flip else 'orig'}.safetensors"
+        )
 
     @staticmethod
     def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -245,8 +253,10 @@ class LatentCache:
 
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (NumPy SeedSequence hashing): independent streams per (seed, sample)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(
-        1, np.uint64)[0] & 0x7FFFFFFFFFFFFFFF)
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0]
+        & 0x7FFFFFFFFFFFFFFF
+    )
 
 
 @lru_cache(maxsize=4)

@@ -4,6 +4,7 @@
 device; one process without torchrun is a world of one. `GracefulStop` makes the first Ctrl-C finish the current
 step and save, and a second one quit at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,4 +82,4 @@ class GracefulStop:
         os.write(2, b"\nCtrl-C: finishing this step and saving (press Ctrl-C again to quit without saving)\n")
 
     def requested(self) -> bool:
-        return any_rank(self._flag, self.d)   # one rank's Ctrl-C stops them all, at the same step
+        return any_rank(self._flag, self.d)  # one rank's Ctrl-C stops them all, at the same step

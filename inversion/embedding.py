@@ -12,6 +12,7 @@ Files (all written atomically: temp file + fsync + os.replace):
                                            "name": tok, "step", "sd_checkpoint", "sd_checkpoint_name"}
 `load_embedding_file` reads those three plus kohya's {"emb_params": (n, w)}.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,13 +30,22 @@ from ldm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InversionError", "WIDTH_FAMILIES", "LearnedWords", "load_embedding_file", "check_width",
-           "save_embedding_files", "atomic_write", "file_stem", "official_dict", "diffusers_dict",
-           "a1111_dict"]
+__all__ = [
+    "InversionError",
+    "WIDTH_FAMILIES",
+    "LearnedWords",
+    "load_embedding_file",
+    "check_width",
+    "save_embedding_files",
+    "atomic_write",
+    "file_stem",
+    "official_dict",
+    "diffusers_dict",
+    "a1111_dict",
+]
 
-WIDTH_FAMILIES = {768: "SD1.x, CLIP ViT-L/14", 1024: "SD2.x, OpenCLIP ViT-H/14",
-                  1280: "LDM-1.4B BERT or SDXL clip_g"}
-A1111_TOKEN = {"*": 265}     # what AUTOMATIC1111 (and the official '*' placeholder) store
+WIDTH_FAMILIES = {768: "SD1.x, CLIP ViT-L/14", 1024: "SD2.x, OpenCLIP ViT-H/14", 1280: "LDM-1.4B BERT or SDXL clip_g"}
+A1111_TOKEN = {"*": 265}  # what AUTOMATIC1111 (and the official '*' placeholder) store
 PER_IMAGE_TOKEN = "{token}-img{index}"
 
 
@@ -56,11 +66,14 @@ def check_width(vectors: torch.Tensor, model, source: str = "embedding") -> None
     """One-line error when learned vectors do not fit the model's token width (768 SD1, 1024 SD2, 1280 LDM)."""
     have, want = int(vectors.shape[-1]), model if isinstance(model, int) else model_width(model)
     if have != want:
-        raise InversionError(f"{source} is {have} wide ({_family(have)}) but this model's text encoder is "
-                             f"{want} wide ({_family(want)}); use an embedding trained for this model family")
+        raise InversionError(
+            f"{source} is {have} wide ({_family(have)}) but this model's text encoder is "
+            f"{want} wide ({_family(want)}); use an embedding trained for this model family"
+        )
 
 
 # --- one-token words and init ------------------------------------------------------------------------------
+
 
 def word_id(tokenizer, word: str, what: str = "init word") -> int:
     """The single id of `word`; a word of several tokens is an error that suggests single-token pieces."""
@@ -72,8 +85,10 @@ def word_id(tokenizer, word: str, what: str = "init word") -> int:
     pieces = [tokenizer.decode([i]) for i in ids]
     singles = [p for p in dict.fromkeys(pieces) if p and len(tokenizer.encode(p)) == 1]
     hint = f"try one of {', '.join(repr(p) for p in singles)}" if singles else "try a simpler word"
-    raise InversionError(f"{what} {word!r} is {len(ids)} tokens ({' + '.join(pieces)}), it must be one token; "
-                         f"{hint}, or spread words over vectors with --init-words w1,w2")
+    raise InversionError(
+        f"{what} {word!r} is {len(ids)} tokens ({' + '.join(pieces)}), it must be one token; "
+        f"{hint}, or spread words over vectors with --init-words w1,w2"
+    )
 
 
 def check_placeholder(tokenizer, token: str) -> None:
@@ -82,8 +97,9 @@ def check_placeholder(tokenizer, token: str) -> None:
         raise InversionError(f"TOKEN={token!r} must be one word without spaces, e.g. '<my-concept>'")
     ids = tokenizer.encode(token)
     if len(ids) == 1 and ids[0] < tokenizer.vocab_size:
-        raise InversionError(f"TOKEN={token!r} is already a vocabulary word; pick a new string such as "
-                             f"'<{token.strip('<>')}>'")
+        raise InversionError(
+            f"TOKEN={token!r} is already a vocabulary word; pick a new string such as '<{token.strip('<>')}>'"
+        )
     if token in getattr(tokenizer, "placeholders", {}):
         raise InversionError(f"TOKEN={token!r} is already a learned word in this model; pick another")
 
@@ -94,8 +110,9 @@ def table_mean_norm(model) -> float:
     return float(table.float().norm(dim=1).mean())
 
 
-def init_vectors(model, num_vectors: int, init_words: list[str] | None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def init_vectors(
+    model, num_vectors: int, init_words: list[str] | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(num_vectors, width) fp32 start: init word(s) spread over the vectors, else N(0, I) scaled to the mean norm."""
     table = model.text_encoder.token_embedding.weight.detach()
     width = table.shape[1]
@@ -112,8 +129,15 @@ def init_vectors(model, num_vectors: int, init_words: list[str] | None,
 class LearnedWords(nn.Module):
     """Placeholder tokens and their rows: one fp32 parameter (rows, width), row j ↔ id vocab_size + j."""
 
-    def __init__(self, model, token: str, num_vectors: int = 1, init_words: list[str] | None = None,
-                 per_image: int = 0, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        token: str,
+        num_vectors: int = 1,
+        init_words: list[str] | None = None,
+        per_image: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         tok = model.tokenizer
         check_placeholder(tok, token)
@@ -135,12 +159,12 @@ class LearnedWords(nn.Module):
         if ids != list(range(vocab, vocab + len(ids))):
             raise RuntimeError(f"placeholder ids {ids} are not consecutive from {vocab}")
         init = torch.cat(rows).to(model.text_encoder.token_embedding.weight.device)
-        self.vectors = nn.Parameter(init.clone())           # fp32 whatever the model's dtype
+        self.vectors = nn.Parameter(init.clone())  # fp32 whatever the model's dtype
         self.register_buffer("initial", init.clone(), persistent=False)
 
     def rows_of(self, token: str) -> torch.Tensor:
         ids = self.tokens[token]
-        return self.vectors[ids[0] - self.first_id: ids[-1] + 1 - self.first_id]
+        return self.vectors[ids[0] - self.first_id : ids[-1] + 1 - self.first_id]
 
     def reg_loss(self) -> torch.Tensor:
         """Official embedding_to_coarse_loss: mean of (v − v₀)(v − v₀)ᵀ for the initialised word."""
@@ -158,6 +182,7 @@ class LearnedWords(nn.Module):
 
 # --- file formats ------------------------------------------------------------------------------------------
 
+
 def file_stem(token: str) -> str:
     """A file-system-safe name for a token: '<cat toy>' → 'cat-toy'."""
     stem = re.sub(r"[^0-9A-Za-z._-]+", "-", token).strip("-.")
@@ -166,8 +191,10 @@ def file_stem(token: str) -> str:
 
 def official_dict(words: dict[str, torch.Tensor], ids: dict[str, list[int]]) -> dict:
     """The official EmbeddingManager.save layout (plain dicts so it loads with weights_only=True)."""
-    return {"string_to_token": {t: torch.tensor(ids[t][0]) for t in words},
-            "string_to_param": {t: v.contiguous() for t, v in words.items()}}
+    return {
+        "string_to_token": {t: torch.tensor(ids[t][0]) for t in words},
+        "string_to_param": {t: v.contiguous() for t, v in words.items()},
+    }
 
 
 def diffusers_dict(token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -175,12 +202,18 @@ def diffusers_dict(token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]
     return {token: vectors.contiguous()}
 
 
-def a1111_dict(token: str, vectors: torch.Tensor, step: int, checkpoint_hash: str | None,
-               checkpoint_name: str | None) -> dict:
+def a1111_dict(
+    token: str, vectors: torch.Tensor, step: int, checkpoint_hash: str | None, checkpoint_name: str | None
+) -> dict:
     """AUTOMATIC1111's Embedding.save layout; `name` carries our token so diffusers loads it under it."""
-    return {"string_to_token": dict(A1111_TOKEN), "string_to_param": {"*": vectors.contiguous()},
-            "name": token, "step": step, "sd_checkpoint": checkpoint_hash,
-            "sd_checkpoint_name": checkpoint_name}
+    return {
+        "string_to_token": dict(A1111_TOKEN),
+        "string_to_param": {"*": vectors.contiguous()},
+        "name": token,
+        "step": step,
+        "sd_checkpoint": checkpoint_hash,
+        "sd_checkpoint_name": checkpoint_name,
+    }
 
 
 def _replace(src: str, dst: Path) -> None:
@@ -222,17 +255,23 @@ def save_torch(obj, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     return atomic_write(path, lambda f: f.write(data))
 
 
-def save_embedding_files(folder: str | os.PathLike, words: LearnedWords, step: int,
-                         checkpoint_hash: str | None = None, checkpoint_name: str | None = None,
-                         suffix: str = "") -> list[Path]:
+def save_embedding_files(
+    folder: str | os.PathLike,
+    words: LearnedWords,
+    step: int,
+    checkpoint_hash: str | None = None,
+    checkpoint_name: str | None = None,
+    suffix: str = "",
+) -> list[Path]:
     """Write the official, diffusers and A1111 files of `words` into `folder` (names + suffix)."""
     folder = Path(folder)
     all_words = words.words()
@@ -240,12 +279,14 @@ def save_embedding_files(folder: str | os.PathLike, words: LearnedWords, step: i
     return [
         save_torch(official_dict(all_words, words.tokens), folder / f"embeddings{suffix}.pt"),
         save_safetensors(diffusers_dict(words.token, main), folder / f"learned_embeds{suffix}.safetensors"),
-        save_torch(a1111_dict(words.token, main, step, checkpoint_hash, checkpoint_name),
-                   folder / f"{file_stem(words.token)}{suffix}.pt"),
+        save_torch(
+            a1111_dict(words.token, main, step, checkpoint_hash, checkpoint_name),
+            folder / f"{file_stem(words.token)}{suffix}.pt",
+        ),
     ]
 
 
-MAX_VECTORS = 75   # a word must leave room for BOS/EOS in a 77-token prompt
+MAX_VECTORS = 75  # a word must leave room for BOS/EOS in a 77-token prompt
 
 
 def _as_rows(name: str, value, path: Path) -> torch.Tensor:
@@ -253,20 +294,27 @@ def _as_rows(name: str, value, path: Path) -> torch.Tensor:
     if isinstance(value, nn.Parameter):
         value = value.data
     if not isinstance(value, torch.Tensor) or value.ndim not in (1, 2) or not value.is_floating_point():
-        what = (f"a {value.ndim}-D {str(value.dtype).removeprefix('torch.')} tensor"
-                if isinstance(value, torch.Tensor) else f"a {type(value).__name__}")
+        what = (
+            f"a {value.ndim}-D {str(value.dtype).removeprefix('torch.')} tensor"
+            if isinstance(value, torch.Tensor)
+            else f"a {type(value).__name__}"
+        )
         raise InversionError(f"{path}: entry {str(name)[:80]!r} is {what}, not a (vectors, width) float tensor")
     rows = value.detach().reshape(-1, value.shape[-1]) if value.shape[-1] else value.detach().reshape(0, 0)
     if rows.numel() == 0:
         raise InversionError(f"{path}: entry {str(name)[:80]!r} is empty (shape {tuple(value.shape)})")
     if rows.shape[0] > MAX_VECTORS:
-        raise InversionError(f"{path}: entry {str(name)[:80]!r} has {rows.shape[0]} vectors; a word can have at "
-                             f"most {MAX_VECTORS} (is it a whole token table rather than an embedding?)")
+        raise InversionError(
+            f"{path}: entry {str(name)[:80]!r} has {rows.shape[0]} vectors; a word can have at "
+            f"most {MAX_VECTORS} (is it a whole token table rather than an embedding?)"
+        )
     rows = rows.float().cpu().clone()
     if not bool(torch.isfinite(rows).all()):
         bad = int((~torch.isfinite(rows)).sum())
-        raise InversionError(f"{path}: entry {str(name)[:80]!r} holds {bad} NaN/inf value(s); the training that "
-                             "wrote it diverged — use an earlier file from its steps/ folder")
+        raise InversionError(
+            f"{path}: entry {str(name)[:80]!r} holds {bad} NaN/inf value(s); the training that "
+            "wrote it diverged — use an earlier file from its steps/ folder"
+        )
     return rows
 
 
@@ -276,8 +324,9 @@ def _word_name(name, path: Path) -> str:
         raise InversionError(f"{path}: a word name is a {type(name).__name__}, not a string")
     name = str(name)
     if not name or any(c.isspace() for c in name) or len(name) > 200:
-        raise InversionError(f"{path}: word name {name[:80]!r} must be one non-empty word without spaces; "
-                             "give TOKEN= to name it")
+        raise InversionError(
+            f"{path}: word name {name[:80]!r} must be one non-empty word without spaces; give TOKEN= to name it"
+        )
     return name
 
 
@@ -320,15 +369,15 @@ def _words_of(data, path: Path, token: str | None) -> dict[str, torch.Tensor]:
         params = getattr(params, "_parameters", params)
         if not isinstance(params, dict) or not params:
             raise InversionError(f"{path}: string_to_param is a {type(params).__name__}, not a dict of tensors")
-        if "name" in data and set(params) == {"*"}:           # AUTOMATIC1111
+        if "name" in data and set(params) == {"*"}:  # AUTOMATIC1111
             name = token or _word_name(data["name"], path)
             return {name: _as_rows("*", params["*"], path)}
         return {_name(k): _as_rows(k, v, path) for k, v in params.items()}  # official EmbeddingManager
-    if "emb_params" in data:                                 # kohya sd-scripts
+    if "emb_params" in data:  # kohya sd-scripts
         return {token or _word_name(path.stem, path): _as_rows("emb_params", data["emb_params"], path)}
     if "clip_l" in data or "clip_g" in data:
         raise InversionError(f"{path} is an SDXL embedding (clip_l/clip_g); this tool runs SD1/SD2/LDM models")
-    words: dict[str, torch.Tensor] = {}                       # diffusers, maybe tok, tok_1, … in one file
+    words: dict[str, torch.Tensor] = {}  # diffusers, maybe tok, tok_1, … in one file
     for key in sorted(data, key=lambda k: (len(str(k)), str(k))):
         name = _name(key)
         m = re.fullmatch(r"(.+)_(\d+)", name)
@@ -363,7 +412,8 @@ def load_embedding_file(path: str | os.PathLike, token: str | None = None) -> di
         raise InversionError(f"{path}: words of different widths {sorted(widths)}")
     if token is not None:
         if len(words) != 1:
-            raise InversionError(f"{path} holds {len(words)} words ({', '.join(repr(w) for w in list(words)[:5])}); "
-                                 "TOKEN= needs one")
+            raise InversionError(
+                f"{path} holds {len(words)} words ({', '.join(repr(w) for w in list(words)[:5])}); TOKEN= needs one"
+            )
         words = {token: next(iter(words.values()))}
     return words

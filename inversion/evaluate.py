@@ -16,6 +16,7 @@ which this module follows (the two differ only by the norm of the mean sample em
 
 Writes RUN/eval.json (or --out) and prints one summary line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,12 @@ N_SAMPLES = 64
 STEPS = 50
 ETA = 0.0
 GUIDANCE = 5.0
-BATCH = 8                                       # official samples_per_batch
+BATCH = 8  # official samples_per_batch
 SEED = 23
 
 
 # --- metrics (pure) ----------------------------------------------------------------------------------------
+
 
 def image_similarity(feats_a, feats_b) -> float:
     """Mean cosine over every (a, b) pair: the paper's reconstruction score (training images vs samples)."""
@@ -62,12 +64,15 @@ def text_similarity(text_feats, image_feats) -> float:
     return float(cosine(text_feats, image_feats, "text features", "image features").mean())
 
 
-def paper_scores(train_feats, recon_feats, edit_text_feats: Sequence, edit_image_feats: Sequence
-                 ) -> tuple[float, float]:
+def paper_scores(
+    train_feats, recon_feats, edit_text_feats: Sequence, edit_image_feats: Sequence
+) -> tuple[float, float]:
     """(image similarity on the reconstruction samples, text similarity averaged over editing prompts)."""
     if len(edit_text_feats) != len(edit_image_feats) or not edit_text_feats:
-        raise ValueError(f"give one text feature and one sample set per editing prompt "
-                         f"({len(edit_text_feats)} texts, {len(edit_image_feats)} sample sets)")
+        raise ValueError(
+            f"give one text feature and one sample set per editing prompt "
+            f"({len(edit_text_feats)} texts, {len(edit_image_feats)} sample sets)"
+        )
     texts = [text_similarity(t, i) for t, i in zip(edit_text_feats, edit_image_feats)]
     return image_similarity(train_feats, recon_feats), sum(texts) / len(texts)
 
@@ -87,26 +92,57 @@ def parse_prompts(spec: str | Sequence[str] | None) -> list[str]:
 
 # --- a training run -----------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def generate(model, prompt: str, n: int = N_SAMPLES, steps: int = STEPS, scale: float = GUIDANCE,
-             eta: float = ETA, size: int = 256, seed: int = SEED, batch: int = BATCH,
-             progress: bool = False) -> torch.Tensor:
+def generate(
+    model,
+    prompt: str,
+    n: int = N_SAMPLES,
+    steps: int = STEPS,
+    scale: float = GUIDANCE,
+    eta: float = ETA,
+    size: int = 256,
+    seed: int = SEED,
+    batch: int = BATCH,
+    progress: bool = False,
+) -> torch.Tensor:
     """n DDIM samples of one prompt, decoded and clamped to [−1, 1] (B, 3, size, size) on the CPU; sample i
     uses seed + i whatever the batch size."""
     out = []
     for start in range(0, n, batch):
         b = min(batch, n - start)
-        latents = model.sample_latents([prompt] * b, steps=steps, scale=scale, eta=eta, sampler="ddim",
-                                       seed=seed + start, height=size, width=size, progress=progress)
+        latents = model.sample_latents(
+            [prompt] * b,
+            steps=steps,
+            scale=scale,
+            eta=eta,
+            sampler="ddim",
+            seed=seed + start,
+            height=size,
+            width=size,
+            progress=progress,
+        )
         out.append(model.decode_latents(latents).float().clamp(-1.0, 1.0).cpu())
     return torch.cat(out)
 
 
-def evaluate(model, scorer: CLIPScorer, train_images: torch.Tensor, token: str,
-             prompts: Sequence[str] = EDITING_PROMPTS, reconstruction: str = RECONSTRUCTION_PROMPT,
-             n: int = N_SAMPLES, steps: int = STEPS, scale: float = GUIDANCE, eta: float = ETA,
-             size: int = 256, seed: int = SEED, batch: int = BATCH, samples_dir: Path | None = None,
-             progress: bool = True) -> dict:
+def evaluate(
+    model,
+    scorer: CLIPScorer,
+    train_images: torch.Tensor,
+    token: str,
+    prompts: Sequence[str] = EDITING_PROMPTS,
+    reconstruction: str = RECONSTRUCTION_PROMPT,
+    n: int = N_SAMPLES,
+    steps: int = STEPS,
+    scale: float = GUIDANCE,
+    eta: float = ETA,
+    size: int = 256,
+    seed: int = SEED,
+    batch: int = BATCH,
+    samples_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Sample every prompt (S* → token) and score it; returns the metrics and a per-prompt breakdown."""
     from tqdm.auto import tqdm
 
@@ -119,14 +155,22 @@ def evaluate(model, scorer: CLIPScorer, train_images: torch.Tensor, token: str,
             save_grid(samples, samples_dir / f"{len(rows):02d}-{_slug(prompt)}.png")
         feats = scorer.image_features(samples)
         text = clip_text(prompt, [token])
-        rows.append({"prompt": prompt, "text": text, "editing": prompt in prompts,
-                     "image_similarity": image_similarity(train_feats, feats),
-                     "text_similarity": text_similarity(scorer.text_features([text]), feats)})
+        rows.append(
+            {
+                "prompt": prompt,
+                "text": text,
+                "editing": prompt in prompts,
+                "image_similarity": image_similarity(train_feats, feats),
+                "text_similarity": text_similarity(scorer.text_features([text]), feats),
+            }
+        )
     edits = [r for r in rows if r["editing"]]
     recon = next(r for r in rows if r["prompt"] == reconstruction)
-    return {"image_similarity": recon["image_similarity"],
-            "text_similarity": sum(r["text_similarity"] for r in edits) / len(edits),
-            "prompts": rows}
+    return {
+        "image_similarity": recon["image_similarity"],
+        "text_similarity": sum(r["text_similarity"] for r in edits) / len(edits),
+        "prompts": rows,
+    }
 
 
 def _slug(prompt: str) -> str:
@@ -145,13 +189,17 @@ def save_grid(samples: torch.Tensor, path: Path, columns: int = 8) -> Path:
 
 # --- CLI ---------------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m inversion.evaluate", description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--run", required=True, help="training run directory (RUN=)")
     a("--prompts", default=None, help="';'-separated editing prompts with S* (PROMPTS=; default the paper's)")
-    a("--reconstruction", default=RECONSTRUCTION_PROMPT,
-      help=f"prompt whose samples give the image similarity (default {RECONSTRUCTION_PROMPT!r})")
+    a(
+        "--reconstruction",
+        default=RECONSTRUCTION_PROMPT,
+        help=f"prompt whose samples give the image similarity (default {RECONSTRUCTION_PROMPT!r})",
+    )
     a("--n", type=int, default=N_SAMPLES, help=f"samples per prompt (N=, default {N_SAMPLES})")
     a("--steps", type=int, default=STEPS, help=f"DDIM steps (STEPS=, default {STEPS})")
     a("--scale", type=float, default=GUIDANCE, help=f"guidance scale (SCALE=, default {GUIDANCE})")
@@ -159,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--size", type=int, default=None, help="sample and training-image size in px (default the model's: LDM 256)")
     a("--batch", type=int, default=BATCH, help=f"samples per sampler call (default {BATCH})")
     a("--seed", type=int, default=SEED, help=f"sample i uses seed + i (SEED=, default {SEED})")
-    a("--clip-weights", default=None, help=f"CLIP weights file (CLIP=, default {CLIP_WEIGHTS}); "
-                                           f"'{RANDOM}' = untrained, smoke runs only")
+    a(
+        "--clip-weights",
+        default=None,
+        help=f"CLIP weights file (CLIP=, default {CLIP_WEIGHTS}); '{RANDOM}' = untrained, smoke runs only",
+    )
     a("--clip-arch", default=CLIP_ARCH, help=f"open_clip architecture (default {CLIP_ARCH}, the paper's)")
     a("--model", default=None, help="override the run's MODEL (default: from RUN/args.json)")
     a("--ckpt", default=None, help="override the run's CKPT")
@@ -177,16 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
-    cli.check([
-        cli.at_least("N", args.n), cli.at_least("STEPS", args.steps), cli.at_least("--batch", args.batch),
-        cli.finite("SCALE", args.scale), cli.finite("--eta", args.eta, 0.0), cli.seed_rule("SEED", args.seed),
-        cli.at_least("--size", args.size, 8),
-        (args.dtype in cli.DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(cli.DTYPES)}"),
-        (args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
-         f"unknown MODEL={args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give CKPT=path"),
-        (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
-        (args.embedding is None or Path(args.embedding).is_file(), f"--embedding {args.embedding}: no such file"),
-    ], InversionError)
+    cli.check(
+        [
+            cli.at_least("N", args.n),
+            cli.at_least("STEPS", args.steps),
+            cli.at_least("--batch", args.batch),
+            cli.finite("SCALE", args.scale),
+            cli.finite("--eta", args.eta, 0.0),
+            cli.seed_rule("SEED", args.seed),
+            cli.at_least("--size", args.size, 8),
+            (args.dtype in cli.DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(cli.DTYPES)}"),
+            (
+                args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
+                f"unknown MODEL={args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give CKPT=path",
+            ),
+            (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
+            (args.embedding is None or Path(args.embedding).is_file(), f"--embedding {args.embedding}: no such file"),
+        ],
+        InversionError,
+    )
     if args.concept:
         D.resolve_concept(args.concept)
     if MARKER not in args.reconstruction:
@@ -232,36 +292,67 @@ def main(argv: list[str] | None = None, scorer: CLIPScorer | None = None, model=
     if scorer is None:
         scorer = CLIPScorer.load(args.clip_weights, device, args.clip_arch)  # fail fast, before the big model
     if model is None:
-        model = models.load(args.model or info.get("model"), args.ckpt or info.get("ckpt"), device,
-                         dtype)
+        model = models.load(args.model or info.get("model"), args.ckpt or info.get("ckpt"), device, dtype)
     model.eval()
     for word, vectors in words.items():  # per-image tokens too, so every id of the file is defined
         model.add_embedding(word, vectors)
     size = args.size or model.config.image_size
-    cli.check([cli.multiple_rule("--size", size, model.latent_factor), cli.steps_rule("STEPS", args.steps, model)],
-              InversionError)
+    cli.check(
+        [cli.multiple_rule("--size", size, model.latent_factor), cli.steps_rule("STEPS", args.steps, model)],
+        InversionError,
+    )
     images = D.ConceptImages(D.resolve_concept(concept), size)
     train_images = images.batch(list(range(len(images))), [False] * len(images))  # official: flip_p 0
 
     started = time.time()
-    result = evaluate(model, scorer, train_images, token, prompts, args.reconstruction, args.n, args.steps,
-                      args.scale, args.eta, size, args.seed, args.batch,
-                      samples if args.save_samples else None, progress=not args.no_progress)
+    result = evaluate(
+        model,
+        scorer,
+        train_images,
+        token,
+        prompts,
+        args.reconstruction,
+        args.n,
+        args.steps,
+        args.scale,
+        args.eta,
+        size,
+        args.seed,
+        args.batch,
+        samples if args.save_samples else None,
+        progress=not args.no_progress,
+    )
     report = {
-        "run": str(run), "token": token, "embedding": str(emb_path), "model": model.config.name,
-        "concept": str(concept), "training_images": len(images),
-        "image_similarity": result["image_similarity"], "text_similarity": result["text_similarity"],
-        "protocol": {"samples_per_prompt": args.n, "sampler": "ddim", "steps": args.steps, "eta": args.eta,
-                     "guidance": args.scale, "size": size, "seed": args.seed,
-                     "reconstruction_prompt": args.reconstruction, "editing_prompts": prompts,
-                     "clip": {"arch": args.clip_arch, "weights": scorer.weights}},
-        "prompts": result["prompts"], "seconds": round(time.time() - started, 1),
+        "run": str(run),
+        "token": token,
+        "embedding": str(emb_path),
+        "model": model.config.name,
+        "concept": str(concept),
+        "training_images": len(images),
+        "image_similarity": result["image_similarity"],
+        "text_similarity": result["text_similarity"],
+        "protocol": {
+            "samples_per_prompt": args.n,
+            "sampler": "ddim",
+            "steps": args.steps,
+            "eta": args.eta,
+            "guidance": args.scale,
+            "size": size,
+            "seed": args.seed,
+            "reconstruction_prompt": args.reconstruction,
+            "editing_prompts": prompts,
+            "clip": {"arch": args.clip_arch, "weights": scorer.weights},
+        },
+        "prompts": result["prompts"],
+        "seconds": round(time.time() - started, 1),
     }
     atomic_write(out, lambda f: f.write(json.dumps(report, indent=2).encode()))
     note = " [RANDOM CLIP: smoke run]" if scorer.weights == RANDOM else ""
-    print(f"{token}: image similarity {report['image_similarity']:.4f} ({args.reconstruction!r}), "
-          f"text similarity {report['text_similarity']:.4f} (mean of {len(prompts)} editing prompts), "
-          f"{args.n} samples/prompt{note} → {out}")
+    print(
+        f"{token}: image similarity {report['image_similarity']:.4f} ({args.reconstruction!r}), "
+        f"text similarity {report['text_similarity']:.4f} (mean of {len(prompts)} editing prompts), "
+        f"{args.n} samples/prompt{note} → {out}"
+    )
     return 0
 
 

@@ -1,5 +1,6 @@
 """The MODEL= names (sd15, sd21, sd21-v, ldm-1.4b, shapes, tiny) resolved to checkpoints through weights/, loaded,
 and identified for the files that record which model they belong to (A1111's `sd_checkpoint`, PNG metadata)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,7 @@ from ldm.cli import UsageError
 from weights.download import WEIGHTS_DIR, DownloadError, local_path, manifest
 
 MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "tiny")
-SHIPPED = {"shapes": "make pretrain-shapes"}          # models this repository builds itself, and how
+SHIPPED = {"shapes": "make pretrain-shapes"}  # models this repository builds itself, and how
 
 
 def model_path(model: str) -> Path:
@@ -25,16 +26,23 @@ def model_path(model: str) -> Path:
         raise UsageError(f"{e}; or use MODEL=shapes / MODEL=tiny, or CKPT=path") from None
 
 
-def load(model: str | None, ckpt: str | None, device: torch.device, dtype: torch.dtype,
-         prediction: str | None = None, allow_pickle: bool = False):
+def load(
+    model: str | None,
+    ckpt: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    prediction: str | None = None,
+    allow_pickle: bool = False,
+):
     """A LatentDiffusion from MODEL (a known name) or CKPT (a path); missing weights say how to get them."""
     known = list(manifest().values())
     if ckpt:
         path = Path(ckpt)
         if not path.exists():
             raise UsageError(f"CKPT={ckpt}: no such file or folder")
-        return ldm.load_model(path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle,
-                              known_files=known)
+        return ldm.load_model(
+            path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle, known_files=known
+        )
     model = model or "sd15"
     if model not in MODEL_CHOICES:
         raise UsageError(f"unknown MODEL={model!r}; choose one of {', '.join(MODEL_CHOICES)} or give CKPT=path")
@@ -44,12 +52,15 @@ def load(model: str | None, ckpt: str | None, device: torch.device, dtype: torch
     if not path.exists():
         if model in SHIPPED:
             raise UsageError(f"{path} is missing; run `{SHIPPED[model]}` to rebuild it")
-        raise UsageError(f"no weights for MODEL={model} at {path}; download them with `make weights MODEL={model}`, "
-                         "or try the offline `make demo` (MODEL=shapes)")
+        raise UsageError(
+            f"no weights for MODEL={model} at {path}; download them with `make weights MODEL={model}`, "
+            "or try the offline `make demo` (MODEL=shapes)"
+        )
     if prediction is None and model == "sd21-v":
         prediction = "v"
-    return ldm.load_model(path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle,
-                          known_files=known)
+    return ldm.load_model(
+        path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle, known_files=known
+    )
 
 
 def model_hash(model: str | None, ckpt: str | None) -> tuple[str, str]:

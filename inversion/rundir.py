@@ -13,6 +13,7 @@
 Every file is written atomically (temp file + rename, see `atomic_write`); a kill leaves the previous version,
 and the temp files of an interrupted save are removed when the run resumes.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,10 +42,11 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_FILES = ("embeddings.pt", "learned_embeds.safetensors")
 STATE_KEYS = {"vectors", "optimizer", "scaler", "step", "skipped", "bad_in_row", "rng"}
-LossRow = tuple[int, float, float, int]          # step, loss, lr, skipped so far
+LossRow = tuple[int, float, float, int]  # step, loss, lr, skipped so far
 
 
 # --- RNG state (plain tensors and numbers, so state.pt loads with weights_only) ------------------------------
+
 
 def rng_state() -> dict:
     """Every global RNG as plain tensors and numbers, so state.pt loads with weights_only (no pickled code)."""
@@ -67,8 +69,12 @@ def set_rng_state(state: dict) -> None:
 
 
 # what older state.pt files hold besides tensors: NumPy's RNG key array (rebuilt as data, no code runs)
-_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                  (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct]
+_NUMPY_GLOBALS = [
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct,
+]
 
 
 def load_state(path: Path) -> dict:
@@ -85,6 +91,7 @@ def load_state(path: Path) -> dict:
 
 
 # --- the loss log ----------------------------------------------------------------------------------------------
+
 
 def write_loss_csv(path: Path, rows: list[LossRow]) -> None:
     def write(f):
@@ -121,7 +128,7 @@ def plot_loss(rows: list[LossRow], path: Path, title: str) -> None:
     if len(loss) >= 10:
         w = max(5, len(loss) // 50)
         smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], smooth, lw=1.5, label=f"mean of {w}")
+        ax.plot(steps[w - 1 :], smooth, lw=1.5, label=f"mean of {w}")
     ax.set_xlabel("step")
     ax.set_ylabel("MSE")
     ax.set_title(title)
@@ -132,6 +139,7 @@ def plot_loss(rows: list[LossRow], path: Path, title: str) -> None:
 
 
 # --- the folder ------------------------------------------------------------------------------------------------
+
 
 class RunDir:
     """One training run's folder: creation, the files of a save, the loss log, validation grids, reading back."""
@@ -155,8 +163,10 @@ class RunDir:
         """The run's folder (default runs/<concept>-<time>): new and empty unless RESUME or --overwrite."""
         path = Path(out) if out else Path("runs") / f"{concept.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not resume and path.is_dir() and any(path.iterdir()) and not overwrite:
-            raise InversionError(f"OUT={path} already holds files; choose another OUT, pass --overwrite, "
-                                 f"or continue it with RESUME={path}")
+            raise InversionError(
+                f"OUT={path} already holds files; choose another OUT, pass --overwrite, "
+                f"or continue it with RESUME={path}"
+            )
         cli.check_writable(path)
         if resume:
             cls(path).remove_stale_temp_files()
@@ -181,8 +191,10 @@ class RunDir:
         for name in EMBEDDING_FILES:
             if (self.path / name).is_file():
                 return self.path / name
-        raise InversionError(f"RUN={self.path} holds no learned embedding ({' or '.join(EMBEDDING_FILES)}); "
-                             f"train one first with `make train CONCEPT=… OUT={self.path}`")
+        raise InversionError(
+            f"RUN={self.path} holds no learned embedding ({' or '.join(EMBEDDING_FILES)}); "
+            f"train one first with `make train CONCEPT=… OUT={self.path}`"
+        )
 
     # -- writing ---------------------------------------------------------------------------------------------
 
@@ -208,13 +220,24 @@ class RunDir:
         write_loss_csv(self.loss_path, rows)
         return open(self.loss_path, "a", buffering=1)
 
-    def validation_grid(self, model, words: LearnedWords, prompts: list[str], n: int, steps: int, size: int,
-                        seed: int, step: int) -> Path:
+    def validation_grid(
+        self, model, words: LearnedWords, prompts: list[str], n: int, steps: int, size: int, seed: int, step: int
+    ) -> Path:
         """Rows of n samples for each prompt (S* = the word) with the current vectors: samples/val-step<N>.png."""
         model.extra_embeddings = words.vectors.detach().to(model.dtype)
         try:
-            rows = [model.sample([p.replace("S*", words.token)] * n, steps=steps, scale=model.config.guidance,
-                                 seed=seed, height=size, width=size, progress=False) for p in prompts]
+            rows = [
+                model.sample(
+                    [p.replace("S*", words.token)] * n,
+                    steps=steps,
+                    scale=model.config.guidance,
+                    seed=seed,
+                    height=size,
+                    width=size,
+                    progress=False,
+                )
+                for p in prompts
+            ]
         finally:
             model.extra_embeddings = None
         grid = image_grid([im for row in rows for im in row], cols=n)

@@ -11,6 +11,7 @@ published criterion to its history: stop when the variance of the last `window` 
 `threshold` × the variance of every value so far. Its state travels in `state.pt`, so RESUME continues the rule
 where it was.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,29 +20,33 @@ import torch
 
 from inversion import data as D
 
-TIMESTEPS = 4            # stratified timesteps per image in the fixed batch
-EVERY = 50               # optimiser steps between two evaluations
-WINDOW = 5               # evaluations in the "recent" window
-THRESHOLD = 0.1          # recent variance / overall variance below this stops the run
-MIN_EVALUATIONS = 8      # never stop before this many evaluations (the first is at step 0)
-EVAL_SEED = 0xE7A1       # mixed with SEED: the fixed noise of the objective
+TIMESTEPS = 4  # stratified timesteps per image in the fixed batch
+EVERY = 50  # optimiser steps between two evaluations
+WINDOW = 5  # evaluations in the "recent" window
+THRESHOLD = 0.1  # recent variance / overall variance below this stops the run
+MIN_EVALUATIONS = 8  # never stop before this many evaluations (the first is at step 0)
+EVAL_SEED = 0xE7A1  # mixed with SEED: the fixed noise of the objective
 
 
 class DeterministicObjective:
     """ε-MSE of the current vectors on one fixed batch (images × stratified timesteps), no gradients."""
 
-    def __init__(self, loss_fn, batches, latents: torch.Tensor, seed: int, batch: int = 8,
-                 timesteps: int = TIMESTEPS) -> None:
+    def __init__(
+        self, loss_fn, batches, latents: torch.Tensor, seed: int, batch: int = 8, timesteps: int = TIMESTEPS
+    ) -> None:
         self.loss_fn, self.batches, self.batch = loss_fn, batches, batch
         n = latents.shape[0]
         T = loss_fn.model.schedule.num_timesteps
         g = torch.Generator().manual_seed(D.mix_seed(seed, EVAL_SEED))
         templates = batches.templates
-        self.latents = latents.repeat_interleave(timesteps, 0)                             # (n·m, C, h, w)
+        self.latents = latents.repeat_interleave(timesteps, 0)  # (n·m, C, h, w)
         self.t = torch.tensor([int((j + 0.5) * T / timesteps) for _ in range(n) for j in range(timesteps)])
         self.noise = torch.randn(self.latents.shape, generator=g)
-        self.prompts = [templates[(i * timesteps + j) % len(templates)].format(loss_fn.words.token)
-                        for i in range(n) for j in range(timesteps)]
+        self.prompts = [
+            templates[(i * timesteps + j) % len(templates)].format(loss_fn.words.token)
+            for i in range(n)
+            for j in range(timesteps)
+        ]
 
     @torch.no_grad()
     def __call__(self, active: int) -> float:
@@ -71,10 +76,12 @@ class StopRule:
             return None
         values = torch.tensor([v for _, v in self.history], dtype=torch.float64)
         overall = float(values.var())
-        recent = float(values[-self.window:].var())
+        recent = float(values[-self.window :].var())
         if overall > 0 and recent < self.threshold * overall:
-            return (f"the fixed-batch objective settled: variance of its last {self.window} values "
-                    f"{recent:.3g} < {self.threshold:g} × its overall variance {overall:.3g}")
+            return (
+                f"the fixed-batch objective settled: variance of its last {self.window} values "
+                f"{recent:.3g} < {self.threshold:g} × its overall variance {overall:.3g}"
+            )
         return None
 
     def state_dict(self) -> dict:

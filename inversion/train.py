@@ -21,6 +21,7 @@ bit-identically. NaN/inf steps are skipped and counted; MAX_BAD_STEPS in a row s
 STEPS=auto stops when the fixed-batch objective settles (inversion/stopping.py). --deterministic: see
 ldm/determinism.py for what it guarantees on each device.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,27 +55,29 @@ log = logging.getLogger("inversion.train")
 
 # --- the loss ----------------------------------------------------------------------------------------------
 
+
 class InversionLoss(nn.Module):
     """ε-MSE of the frozen UNet given a context from the frozen text tower with the learned rows spliced in."""
 
     def __init__(self, model, words: LearnedWords, reg_weight: float = 0.0) -> None:
         super().__init__()
-        self.words = words               # the only submodule: DDP syncs just the learned rows
-        self._frozen = [model]            # hidden from nn.Module so DDP neither broadcasts nor wraps it
+        self.words = words  # the only submodule: DDP syncs just the learned rows
+        self._frozen = [model]  # hidden from nn.Module so DDP neither broadcasts nor wraps it
         self.reg_weight = reg_weight
 
     @property
     def model(self):
         return self._frozen[0]
 
-    def forward(self, ids: torch.Tensor, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, ids: torch.Tensor, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
         context = m.text_encoder(m.token_embeddings(ids, extra=self.words.vectors))
         x_t = m.schedule.q_sample(latents, t, noise)
         out = m.unet(x_t, t, context)
         target = m.schedule.prediction.target(latents, noise, t)
-        dtype = torch.promote_types(out.dtype, torch.float32)   # fp32 at least (fp64 in gradient checks)
+        dtype = torch.promote_types(out.dtype, torch.float32)  # fp32 at least (fp64 in gradient checks)
         mse = F.mse_loss(out.to(dtype), target.to(dtype))
         loss = mse + self.reg_weight * self.words.reg_loss() if self.reg_weight > 0 else mse
         return loss, mse.detach()
@@ -82,8 +85,18 @@ class InversionLoss(nn.Module):
 
 # --- one optimiser step ------------------------------------------------------------------------------------
 
-def train_step(runner: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               config: TrainConfig, d: Dist, step: int, active: int, autocast) -> tuple[float, bool]:
+
+def train_step(
+    runner: nn.Module,
+    batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    d: Dist,
+    step: int,
+    active: int,
+    autocast,
+) -> tuple[float, bool]:
     """One optimiser step over ACCUM micro-batches on every rank → (mean ε-MSE, whether the update was applied:
     a NaN/inf loss or gradient skips it and leaves the vectors as they were)."""
     words = batches.words
@@ -113,6 +126,7 @@ def train_step(runner: nn.Module, batches: Batches, optimizer: torch.optim.Optim
 
 
 # --- setting a run up --------------------------------------------------------------------------------------
+
 
 def fixed_latents(model, images: D.ConceptImages, cache: D.LatentCache | None) -> torch.Tensor:
     """Every concept image, unflipped, at its posterior mean (scaled): the latents of the fixed batch."""
@@ -193,22 +207,32 @@ class Session:
     def save(self, step: int) -> None:
         """The embedding files and the RESUME state (rank 0 only)."""
         if self.d.main:
-            state = {"vectors": self.words.vectors.detach().cpu().clone(), "optimizer": self.optimizer.state_dict(),
-                     "scaler": self.scaler.state_dict(), "step": step, "skipped": self.skipped,
-                     "bad_in_row": self.bad_in_row, "rng": rng_state(), "token_ids": self.words.tokens,
-                     **({"stop_rule": self.rule.state_dict()} if self.rule else {})}
+            state = {
+                "vectors": self.words.vectors.detach().cpu().clone(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "step": step,
+                "skipped": self.skipped,
+                "bad_in_row": self.bad_in_row,
+                "rng": rng_state(),
+                "token_ids": self.words.tokens,
+                **({"stop_rule": self.rule.state_dict()} if self.rule else {}),
+            }
             self.out.save(self.words, step, state, self.checkpoint)
 
     def restore(self) -> None:
         """RESUME: vectors, optimiser, scaler, counters, every RNG and the stop rule from state.pt."""
         if not self.out.state_path.is_file():
-            log.warning("RESUME=%s: no state.pt yet (stopped before its first save); starting from step 0",
-                        self.out.path)
+            log.warning(
+                "RESUME=%s: no state.pt yet (stopped before its first save); starting from step 0", self.out.path
+            )
             return
         st = load_state(self.out.state_path)
         if tuple(st["vectors"].shape) != tuple(self.words.vectors.shape):
-            raise InversionError(f"RESUME={self.out.path}: state.pt holds vectors {tuple(st['vectors'].shape)} but "
-                                 f"this run needs {tuple(self.words.vectors.shape)}; was args.json edited?")
+            raise InversionError(
+                f"RESUME={self.out.path}: state.pt holds vectors {tuple(st['vectors'].shape)} but "
+                f"this run needs {tuple(self.words.vectors.shape)}; was args.json edited?"
+            )
         with torch.no_grad():
             self.words.vectors.copy_(st["vectors"].to(self.words.vectors.device))
         self.optimizer.load_state_dict(st["optimizer"])
@@ -238,6 +262,7 @@ class Session:
 
 # --- setting a run up --------------------------------------------------------------------------------------
 
+
 def setup(config: TrainConfig, model=None) -> Session:
     """The run folder, the frozen model, the learned words, optimiser, batches and stop rule, as `config` says."""
     d, device = init_distributed(config.device)
@@ -261,14 +286,24 @@ def setup(config: TrainConfig, model=None) -> Session:
     freeze(model, config)
     config.check_context(model.tokenizer, templates, duals)
     if config.progressive and (config.vectors - 1) * config.progressive >= config.steps:
-        log.warning("--progressive %d adds vector %d at step %d, not before STEPS=%d: the last vectors never train",
-                    config.progressive, config.vectors, (config.vectors - 1) * config.progressive, config.steps)
+        log.warning(
+            "--progressive %d adds vector %d at step %d, not before STEPS=%d: the last vectors never train",
+            config.progressive,
+            config.vectors,
+            (config.vectors - 1) * config.progressive,
+            config.steps,
+        )
     images = D.ConceptImages(concept, config.size, config.center_crop)
     if config.per_image_tokens and len(images) > 64:
         raise InversionError(f"--per-image-tokens with {len(images)} images; use at most 64")
-    words = LearnedWords(model, config.token, config.vectors, config.init_word_list(),
-                         per_image=len(images) if config.per_image_tokens else 0,
-                         generator=torch.Generator().manual_seed(D.mix_seed(config.seed, 0x1417))).to(device)
+    words = LearnedWords(
+        model,
+        config.token,
+        config.vectors,
+        config.init_word_list(),
+        per_image=len(images) if config.per_image_tokens else 0,
+        generator=torch.Generator().manual_seed(D.mix_seed(config.seed, 0x1417)),
+    ).to(device)
     lr = config.scaled_lr(d.world)
     loss_fn = InversionLoss(model, words, config.reg_weight)
     runner: nn.Module = loss_fn
@@ -276,43 +311,89 @@ def setup(config: TrainConfig, model=None) -> Session:
         runner = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
     cache = latent_cache(config, model, images, d)
     vf = model.config.vae_factor
-    latent_shape = cache.latent_shape if cache else (model.config.unet["in_channels"], config.size // vf,
-                                                     config.size // vf)
+    latent_shape = (
+        cache.latent_shape if cache else (model.config.unet["in_channels"], config.size // vf, config.size // vf)
+    )
     batches = Batches(model, words, images, cache, templates, duals, config, latent_shape, device)
-    autocast = (torch.autocast(device.type, dtype=DTYPES[config.precision])
-                if config.precision != "fp32" else nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=DTYPES[config.precision]) if config.precision != "fp32" else nullcontext()
+    )
     optimizer = torch.optim.AdamW([words.vectors], lr=lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    s = Session(config, d, out, model, words, optimizer, scaler, runner, batches, lr, autocast,
-                checkpoint_identity(config) if d.main else (None, None))
+    s = Session(
+        config,
+        d,
+        out,
+        model,
+        words,
+        optimizer,
+        scaler,
+        runner,
+        batches,
+        lr,
+        autocast,
+        checkpoint_identity(config) if d.main else (None, None),
+    )
     if config.auto:
         s.rule = stopping.StopRule(config.stop_window, config.stop_threshold)
-        s.objective = stopping.DeterministicObjective(loss_fn, batches, fixed_latents(model, images, cache),
-                                                      config.seed, batch=config.batch)
+        s.objective = stopping.DeterministicObjective(
+            loss_fn, batches, fixed_latents(model, images, cache), config.seed, batch=config.batch
+        )
     if config.resume:
         s.restore()
     if d.main:
-        out.write_json("args.json", {"options": config.options(), "lr": lr, "world_size": d.world,
-                                     "model": model.config.name, "token_ids": words.tokens,
-                                     "width": int(words.vectors.shape[1]), "images": [p.name for p in images.paths],
-                                     "latent_cache": cache is not None})
-        log.info("learning rate %.3e (%s)", lr, "as given" if config.no_scale_lr else
-                 f"base {config.lr:.3e} × batch {config.batch} × accumulation {config.accum} × {d.world} process(es)")
-        log.info("training %s (%d vectors) on %d images of %s, %d px, batch %d × accum %d × %d, %s → %s",
-                 config.token, config.vectors, len(images), concept, config.size, config.batch, config.accum,
-                 d.world, f"at most {config.steps} steps (auto)" if config.auto else f"{config.steps} steps", out.path)
+        out.write_json(
+            "args.json",
+            {
+                "options": config.options(),
+                "lr": lr,
+                "world_size": d.world,
+                "model": model.config.name,
+                "token_ids": words.tokens,
+                "width": int(words.vectors.shape[1]),
+                "images": [p.name for p in images.paths],
+                "latent_cache": cache is not None,
+            },
+        )
+        log.info(
+            "learning rate %.3e (%s)",
+            lr,
+            "as given"
+            if config.no_scale_lr
+            else f"base {config.lr:.3e} × batch {config.batch} × accumulation {config.accum} × {d.world} process(es)",
+        )
+        log.info(
+            "training %s (%d vectors) on %d images of %s, %d px, batch %d × accum %d × %d, %s → %s",
+            config.token,
+            config.vectors,
+            len(images),
+            concept,
+            config.size,
+            config.batch,
+            config.accum,
+            d.world,
+            f"at most {config.steps} steps (auto)" if config.auto else f"{config.steps} steps",
+            out.path,
+        )
     return s
 
 
 # --- the loop ----------------------------------------------------------------------------------------------
+
 
 def run(config: TrainConfig, model=None) -> Result:
     """Run (or resume) textual inversion as `config` says."""
     s = setup(config, model)
     config, d, out = s.config, s.d, s.out
     loss_log = out.open_loss_log(s.rows) if d.main else None
-    bar = tqdm(total=config.steps, initial=s.start, desc=f"learning {config.token}", unit="step",
-               dynamic_ncols=True, disable=not d.main or config.no_progress)
+    bar = tqdm(
+        total=config.steps,
+        initial=s.start,
+        desc=f"learning {config.token}",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not d.main or config.no_progress,
+    )
     result = Result(out, config, s.start)
     with GracefulStop(d) as stop:
         try:
@@ -320,8 +401,9 @@ def run(config: TrainConfig, model=None) -> Result:
                 s.settled(0, s.active(0))
             for step in range(s.start, config.steps):
                 active = s.active(step)
-                value, applied = train_step(s.runner, s.batches, s.optimizer, s.scaler, config, d, step, active,
-                                            s.autocast)
+                value, applied = train_step(
+                    s.runner, s.batches, s.optimizer, s.scaler, config, d, step, active, s.autocast
+                )
                 s.skipped, s.bad_in_row = s.skipped + (not applied), 0 if applied else s.bad_in_row + 1
                 done = result.step = step + 1
                 s.rows.append((done, value, s.lr, s.skipped))
@@ -331,9 +413,11 @@ def run(config: TrainConfig, model=None) -> Result:
                 bar.set_postfix(loss=f"{value:.4f}", skipped=s.skipped, refresh=False)
                 if s.bad_in_row >= config.max_bad_steps:  # skipped steps left the vectors as they were: keep them
                     s.save(done)
-                    raise InversionError(f"{s.bad_in_row} steps in a row gave NaN/inf loss or gradients (last at "
-                                         f"step {done}; the vectors from before them are saved in {out.path}); "
-                                         "lower LR, use PRECISION=bf16 or fp32, or check the checkpoint")
+                    raise InversionError(
+                        f"{s.bad_in_row} steps in a row gave NaN/inf loss or gradients (last at "
+                        f"step {done}; the vectors from before them are saved in {out.path}); "
+                        "lower LR, use PRECISION=bf16 or fp32, or check the checkpoint"
+                    )
                 result.stop_reason = s.settled(done, active)
                 last = done == config.steps or result.stop_reason is not None
                 saved = done % config.save_every == 0 or last
@@ -341,15 +425,28 @@ def run(config: TrainConfig, model=None) -> Result:
                     s.save(done)
                     every = config.validation_every
                     if d.main and every and (done % every == 0 or last):
-                        out.validation_grid(s.model, s.words, config.validation_prompts, config.val_n,
-                                            config.val_steps or s.model.config.steps, config.size, config.seed, done)
+                        out.validation_grid(
+                            s.model,
+                            s.words,
+                            config.validation_prompts,
+                            config.val_n,
+                            config.val_steps or s.model.config.steps,
+                            config.size,
+                            config.seed,
+                            done,
+                        )
                     barrier(d)
                 if stop.requested() and done < config.steps:  # Ctrl-C: this step is complete, keep it and leave
                     if not saved:
                         s.save(done)
                     result.interrupted = True
-                    log.warning("interrupted at step %d of %d: saved %s; continue with RESUME=%s", done,
-                                config.steps, out / "learned_embeds.safetensors", out.path)
+                    log.warning(
+                        "interrupted at step %d of %d: saved %s; continue with RESUME=%s",
+                        done,
+                        config.steps,
+                        out / "learned_embeds.safetensors",
+                        out.path,
+                    )
                     break
                 if result.stop_reason is not None:
                     break
@@ -370,15 +467,23 @@ def finish(s: Session, result: Result) -> None:
         s.save(s.start)
     if rule is not None and not result.interrupted:
         result.stop_reason = result.stop_reason or f"reached --max-steps {config.max_steps} first"
-        out.write_json("stop.json", {"stopped_at": result.step, "reason": result.stop_reason,
-                                     "max_steps": config.max_steps,
-                                     "rule": {"every": config.stop_every, "window": rule.window,
-                                              "threshold": rule.threshold},
-                                     "objective": [{"step": t, "value": v} for t, v in rule.history]})
+        out.write_json(
+            "stop.json",
+            {
+                "stopped_at": result.step,
+                "reason": result.stop_reason,
+                "max_steps": config.max_steps,
+                "rule": {"every": config.stop_every, "window": rule.window, "threshold": rule.threshold},
+                "objective": [{"step": t, "value": v} for t, v in rule.history],
+            },
+        )
         log.info("STEPS=auto stopped at step %d: %s", result.step, result.stop_reason)
     if s.rows:
-        plot_loss(s.rows, out / "loss.png", f"{config.token}: {config.steps} steps, batch "
-                  f"{config.batch}×{config.accum}×{s.d.world}")
+        plot_loss(
+            s.rows,
+            out / "loss.png",
+            f"{config.token}: {config.steps} steps, batch {config.batch}×{config.accum}×{s.d.world}",
+        )
     if s.skipped:
         log.warning("%d step(s) skipped for NaN/inf loss or gradients", s.skipped)
 
@@ -397,8 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         last = f", loss {rows[-1][1]:.4f}" if rows else ""
         files = result.run / "learned_embeds.safetensors"
         if result.interrupted:
-            print(f"stopped by Ctrl-C at step {result.step} of {config.steps}{last}; saved {files}; "
-                  f"continue with RESUME={result.run.path}")
+            print(
+                f"stopped by Ctrl-C at step {result.step} of {config.steps}{last}; saved {files}; "
+                f"continue with RESUME={result.run.path}"
+            )
         else:
             why = f" (STEPS=auto stopped at step {result.step}: {result.stop_reason})" if result.stop_reason else ""
             print(f"learned {result.config.token} in {time.time() - started:.0f} s{last}: {files}{why}")

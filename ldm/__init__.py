@@ -1,4 +1,5 @@
 """Hand-written latent diffusion: UNet, VAE, text towers, samplers and checkpoint loading."""
+
 from __future__ import annotations
 
 from typing import Any

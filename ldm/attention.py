@@ -1,4 +1,5 @@
 """The one attention entry point: softmax(QKᵀ/√d)V with a reference path and fast backends."""
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,7 @@ def current_backend() -> str:
     return name
 
 
-def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
-                   ) -> torch.Tensor:
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """Reference: QKᵀ and softmax in fp32 (also under autocast), (B, H, Nq, D) x (B, H, Nk, D) -> (B, H, Nq, D)."""
     scale = q.shape[-1] ** -0.5
     with torch.autocast(q.device.type, enabled=False):
@@ -53,8 +53,9 @@ def _triton_kernels():
     return tk
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
-              causal: bool = False) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None, causal: bool = False
+) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017); q (B, H, Nq, D), k/v (B, H, Nk, D).
 
     Non-causal unless `causal=True` (the CLIP text towers' mask). "triton" runs the Triton kernels wherever they
@@ -71,8 +72,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
         if tk is not None and name == "triton":
             if tk.supports(q, k, v, causal=causal, explicit=True):
                 return tk.flash_attention(q, k, v, causal=causal)
-            log.debug("triton attention does not support %s/%s/%s causal=%s; using sdpa",
-                      tuple(q.shape), tuple(k.shape), q.dtype, causal)
+            log.debug(
+                "triton attention does not support %s/%s/%s causal=%s; using sdpa",
+                tuple(q.shape),
+                tuple(k.shape),
+                q.dtype,
+                causal,
+            )
         elif tk is not None and tk.supports(q, k, v, causal=causal, explicit=True):
             from ldm.kernels import routing
 

@@ -5,6 +5,7 @@ Keys are `cond_stage_model.transformer.*` of txt2img-f8-large minus the prefix: 
 `norm`. The checkpoint's `to_logits` (the unused language-model head, 1280×30522) is not held: a load_state_dict
 pre-hook drops `to_logits.*`, so a strict load of the original keys works without allocating it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,7 @@ from ldm.attention import attention
 
 __all__ = ["LDMBertTextModel", "UNUSED_KEYS"]
 
-FF_MULT = 4                      # x-transformers FeedForward default: inner = 4 × width
+FF_MULT = 4  # x-transformers FeedForward default: inner = 4 × width
 UNUSED_KEYS = ("to_logits.weight", "to_logits.bias")
 
 
@@ -52,8 +53,9 @@ class FeedForward(nn.Module):
     def __init__(self, width: int, mult: int = FF_MULT) -> None:
         super().__init__()
         inner = width * mult
-        self.net = nn.Sequential(nn.Sequential(nn.Linear(width, inner), nn.GELU()), nn.Identity(),
-                                 nn.Linear(inner, width))
+        self.net = nn.Sequential(
+            nn.Sequential(nn.Linear(width, inner), nn.GELU()), nn.Identity(), nn.Linear(inner, width)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -85,8 +87,15 @@ def _drop_unused(module: nn.Module, state_dict: dict, prefix: str, *args) -> Non
 class LDMBertTextModel(nn.Module):
     """Token ids (B, N) or token embeddings (B, N, width) → final-norm hidden states (B, N, width), the context."""
 
-    def __init__(self, vocab_size: int = 30522, width: int = 1280, layers: int = 32, heads: int = 8,
-                 dim_head: int = 64, max_seq_len: int = 77) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        width: int = 1280,
+        layers: int = 32,
+        heads: int = 8,
+        dim_head: int = 64,
+        max_seq_len: int = 77,
+    ) -> None:
         super().__init__()
         self.token_emb = nn.Embedding(vocab_size, width)
         self.pos_emb = AbsolutePositionalEmbedding(width, max_seq_len)
@@ -129,4 +138,3 @@ class LDMBertTextModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.norm(self.attn_layers(self.embed(tokens)))
-

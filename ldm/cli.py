@@ -1,4 +1,5 @@
 """What the command-line tools share: checked settings, a device and a dtype, writable folders, one-line errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,10 @@ def seed_rule(name: str, value: int | None) -> tuple[bool, str]:
 def multiple_rule(name: str, value: int | None, factor: int) -> tuple[bool, str]:
     """Image sides must be positive multiples of the model's latent factor (no silent rounding)."""
     nearest = max(factor, round((value or 0) / factor) * factor)
-    return (value is None or (value > 0 and value % factor == 0),
-            f"{name}={value} must be a positive multiple of {factor} (this model's latent factor); try {nearest}")
+    return (
+        value is None or (value > 0 and value % factor == 0),
+        f"{name}={value} must be a positive multiple of {factor} (this model's latent factor); try {nearest}",
+    )
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -20,6 +20,7 @@ What it guarantees, given the same code, torch version, seed, options and thread
         practice but nothing enforces it, and a warning says so.
 Distributed training (DDP) adds an all-reduce whose order is fixed per world size: same world size, same result.
 """
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ The maps work on key names only and return recipes {original key: (op, diffusers
 apply them lazily, one tensor at a time: "copy"; "conv1x1" (a Linear (C, C) weight as a 1×1 conv); "cat"
 (q, k, v rows into one packed in_proj).
 """
+
 from __future__ import annotations
 
 import re
@@ -19,15 +20,40 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-             "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # second row: diffusers < 0.14
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_VAE_ATTN = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "proj_attn": "proj_out",
+}  # second row: diffusers < 0.14
 _VAE_TOP = {"conv_norm_out": "norm_out"}
-_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                   "self_attn.out_proj": "attn.out_proj"}
+_OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
 
 
 class KeyMapError(KeyError):
@@ -38,7 +64,7 @@ def _sub(name: str, table: dict[str, str]) -> str:
     """Replace the leading dotted component(s) of `name` that `table` names."""
     for old, new in table.items():
         if name == old or name.startswith(old + "."):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
@@ -52,7 +78,7 @@ def unet_to_original(sd: Iterable[str]) -> dict[str, Recipe]:
     """UNet2DConditionModel keys → `model.diffusion_model.*` (CompVis openaimodel indexing)."""
     sd = list(sd)
     nrb = _count(sd, r"down_blocks\.0\.resnets\.(\d+)\.")
-    per = nrb + 1                                          # input/output blocks per resolution level
+    per = nrb + 1  # input/output blocks per resolution level
     up_with_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     out: dict[str, Recipe] = {}
     for key in sd:
@@ -116,8 +142,11 @@ def vae_to_original(sd: Iterable[str]) -> dict[str, Recipe]:
 
 def _hf_text_keys(sd: Iterable[str]) -> dict[str, str]:
     """transformers CLIPTextModel keys with the `text_model.` level (the file may lack it) → the file's key."""
-    return {key if key.startswith("text_model.") else "text_model." + key: key
-            for key in sd if not key.endswith("position_ids")}
+    return {
+        key if key.startswith("text_model.") else "text_model." + key: key
+        for key in sd
+        if not key.endswith("position_ids")
+    }
 
 
 def clip_to_original(sd: Iterable[str]) -> dict[str, Recipe]:
@@ -133,7 +162,7 @@ def openclip_from_hf(sd: Iterable[str]) -> dict[str, Recipe]:
     out: dict[str, Recipe] = {}
     qkv: dict[str, dict[str, str]] = {}
     for key, file_key in _hf_text_keys(sd).items():
-        rest = key[len("text_model."):]
+        rest = key[len("text_model.") :]
         if rest == "embeddings.token_embedding.weight":
             name = "token_embedding.weight"
         elif rest == "embeddings.position_embedding.weight":

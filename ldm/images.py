@@ -1,4 +1,5 @@
 """Images in and out of the model: PIL ↔ [-1, 1] tensors, grids, and the masks of localized editing."""
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,9 @@ def as_uint8(images: ImageInput) -> np.ndarray:
     return np.stack([np.asarray(im.convert("RGB")) for im in images])
 
 
-def mask_tensor(mask: Image.Image | Sequence[Image.Image] | torch.Tensor | np.ndarray, height: int, width: int,
-                dilate: int = 0) -> torch.Tensor:
+def mask_tensor(
+    mask: Image.Image | Sequence[Image.Image] | torch.Tensor | np.ndarray, height: int, width: int, dilate: int = 0
+) -> torch.Tensor:
     """A user's mask → binary (B, 1, H, W) float32, 1 = edit: luminance > 0.5, resized to H×W, dilated `dilate` px."""
     if isinstance(mask, Image.Image):
         mask = [mask]
@@ -71,11 +73,15 @@ def mask_tensor(mask: Image.Image | Sequence[Image.Image] | torch.Tensor | np.nd
             raise ValueError(f"a mask tensor must be (H, W), (B, H, W) or (B, 1|3, H, W), got {tuple(mask.shape)}")
         m = m.mean(1, keepdim=True)
     else:
-        m = torch.stack([torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)[None]
-                         for im in mask])
+        m = torch.stack([torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)[None] for im in mask])
     if m.shape[-2:] != (height, width):
-        log.warning("the mask is %d×%d and the image %d×%d: the mask is resized to the image", m.shape[-1],
-                    m.shape[-2], width, height)
+        log.warning(
+            "the mask is %d×%d and the image %d×%d: the mask is resized to the image",
+            m.shape[-1],
+            m.shape[-2],
+            width,
+            height,
+        )
         m = F.interpolate(m, size=(height, width), mode="nearest")
     m = (m > 0.5).float()
     if dilate < 0:

@@ -1,4 +1,5 @@
 """Shared primitives of the LDM networks: fp32 GroupNorm (+ fused SiLU), sinusoidal timestep embedding, zero init."""
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@ mask is a ValueError (nothing to edit); a full mask is plain image-to-image. The
 cell that holds at least one masked pixel; after decoding, every pixel outside the (dilated) pixel mask is the
 input pixel, bit for bit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,8 +53,9 @@ def build_text_encoder(text: dict) -> nn.Module:
     raise ValueError(f"unknown text tower kind {kind!r}")
 
 
-def build_modules(config: ModelConfig, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> tuple[nn.Module, nn.Module, nn.Module]:
+def build_modules(
+    config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, nn.Module, nn.Module]:
     """UNet, VAE and text tower of `config` (on the meta device they allocate nothing)."""
     with torch.device(device or "cpu"):
         unet = UNetModel(**config.unet)
@@ -77,8 +79,9 @@ def build_tokenizer(config: ModelConfig):
 class LatentDiffusion(nn.Module):
     """A text-to-image latent diffusion model: UNet, VAE, text tower, tokenizer and noise schedule."""
 
-    def __init__(self, config: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
-                 tokenizer, schedule) -> None:
+    def __init__(
+        self, config: ModelConfig, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, schedule
+    ) -> None:
         super().__init__()
         self.config = config
         self.unet = unet
@@ -111,8 +114,9 @@ class LatentDiffusion(nn.Module):
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                      sample: bool = True) -> torch.Tensor:
+    def encode_images(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> torch.Tensor:
         """Images in [-1, 1] → scaled latents (scale_factor · z)."""
         post = self.posterior(images)
         z = post.sample(generator=generator) if sample else post.mean
@@ -139,8 +143,7 @@ class LatentDiffusion(nn.Module):
         new = extra.to(device=table.device, dtype=embeds.dtype)[(ids - vocab).clamp(min=0)]
         return torch.where(is_new.unsqueeze(-1), new, embeds)
 
-    def encode_prompts(self, prompts: str | Sequence[str], extra: torch.Tensor | None = None
-                       ) -> torch.Tensor:
+    def encode_prompts(self, prompts: str | Sequence[str], extra: torch.Tensor | None = None) -> torch.Tensor:
         """Prompts → the (B, 77, width) context the UNet cross-attends to."""
         ids = self.tokenizer([prompts] if isinstance(prompts, str) else list(prompts)).to(self.device)
         extra = self.extra_embeddings if extra is None else extra
@@ -152,22 +155,21 @@ class LatentDiffusion(nn.Module):
         """Register a learned word (n, width) so prompts containing `token` use it."""
         width = self.text_encoder.token_embedding.weight.shape[1]
         if vectors.ndim != 2 or vectors.shape[1] != width:
-            raise ValueError(f"embedding for {token!r} has shape {tuple(vectors.shape)}; "
-                             f"this model needs (n, {width})")
+            raise ValueError(f"embedding for {token!r} has shape {tuple(vectors.shape)}; this model needs (n, {width})")
         ids = self.tokenizer.add_placeholder(token, vectors.shape[0])
         have = 0 if self.extra_embeddings is None else self.extra_embeddings.shape[0]
         first = self.text_encoder.token_embedding.weight.shape[0] + have
         if ids != list(range(first, first + len(ids))):
             raise RuntimeError(f"placeholder ids {ids} are not the next free rows (expected from {first})")
         rows = vectors.detach().to(self.device, self.dtype)
-        self.extra_embeddings = rows if self.extra_embeddings is None else torch.cat(
-            [self.extra_embeddings, rows])
+        self.extra_embeddings = rows if self.extra_embeddings is None else torch.cat([self.extra_embeddings, rows])
         return ids
 
     # -- sampling -----------------------------------------------------------------------------------------
 
-    def guided_model_fn(self, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float
-                        ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def guided_model_fn(
+        self, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Classifier-free guidance: out = out_u + s·(out_c − out_u), both branches in one UNet call."""
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -186,11 +188,11 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"steps must be positive, got {steps}")
         f = self.latent_factor
         if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {f} for this model, "
-                             f"got {height}×{width}")
+            raise ValueError(f"height and width must be positive multiples of {f} for this model, got {height}×{width}")
 
-    def _guided(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, scale: float
-                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _guided(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, scale: float
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The guided model function of prompts and their negative prompts (empty by default)."""
         negative_prompts = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
         if len(negative_prompts) != len(prompts):
@@ -200,11 +202,21 @@ class LatentDiffusion(nn.Module):
         return self.guided_model_fn(cond, uncond, scale)
 
     @torch.no_grad()
-    def sample_latents(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
-                       steps: int = 50, scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim",
-                       seed: int = 0, height: int = 512, width: int = 512,
-                       callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                       progress: bool = True, cuda_graph: bool = False) -> torch.Tensor:
+    def sample_latents(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        steps: int = 50,
+        scale: float = 7.5,
+        eta: float = 0.0,
+        sampler: str = "ddim",
+        seed: int = 0,
+        height: int = 512,
+        width: int = 512,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress: bool = True,
+        cuda_graph: bool = False,
+    ) -> torch.Tensor:
         """Sample scaled latents for a batch of prompts; row i is seeded with seed + i.
 
         `cuda_graph` captures the guided UNet step once and replays it (CUDA only; eager elsewhere)."""
@@ -214,11 +226,13 @@ class LatentDiffusion(nn.Module):
         vf = self.config.vae_factor
         shape = (1, self.config.unet["out_channels"], height // vf, width // vf)
         generators = [torch.Generator(self.device).manual_seed(seed + i) for i in range(len(prompts))]
-        x_T = torch.cat([torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
-                         for g in generators])
-        bar = tqdm(total=len(samplers.timesteps(steps, self.schedule.num_timesteps))
-                   if sampler in ("ddim", "plms") else steps,
-                   desc=f"{sampler} sampling", disable=not progress, leave=False)
+        x_T = torch.cat([torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) for g in generators])
+        bar = tqdm(
+            total=len(samplers.timesteps(steps, self.schedule.num_timesteps)) if sampler in ("ddim", "plms") else steps,
+            desc=f"{sampler} sampling",
+            disable=not progress,
+            leave=False,
+        )
 
         def on_step(i: int, t: int, x: torch.Tensor) -> None:
             bar.update(1)
@@ -229,24 +243,36 @@ class LatentDiffusion(nn.Module):
             t0 = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
             model_fn = CudaGraphStep(model_fn, x_T, t0)
         try:
-            return samplers.SAMPLERS[sampler](model_fn, x_T, self.schedule, steps, eta=eta, generator=generators,
-                                              callback=on_step)
+            return samplers.SAMPLERS[sampler](
+                model_fn, x_T, self.schedule, steps, eta=eta, generator=generators, callback=on_step
+            )
         finally:
             bar.close()
 
     @torch.no_grad()
-    def sample(self, prompts: str | Sequence[str], negative_prompts: Sequence[str] | None = None,
-               steps: int = 50, scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim",
-               seed: int | None = None, height: int = 512, width: int = 512,
-               callback: Callable[[int, int, torch.Tensor], None] | None = None,
-               progress: bool = True, cuda_graph: bool = False) -> list[Image.Image]:
+    def sample(
+        self,
+        prompts: str | Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        steps: int = 50,
+        scale: float = 7.5,
+        eta: float = 0.0,
+        sampler: str = "ddim",
+        seed: int | None = None,
+        height: int = 512,
+        width: int = 512,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress: bool = True,
+        cuda_graph: bool = False,
+    ) -> list[Image.Image]:
         """Text → PIL images; image k of a batch equals image 0 of a single run seeded seed + k."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        latents = self.sample_latents(prompts, negative_prompts, steps, scale, eta, sampler, seed, height,
-                                      width, callback, progress, cuda_graph)
+        latents = self.sample_latents(
+            prompts, negative_prompts, steps, scale, eta, sampler, seed, height, width, callback, progress, cuda_graph
+        )
         return to_pil(self._decode_checked(latents, seed))
 
     def _decode_checked(self, latents: torch.Tensor, seed: int) -> torch.Tensor:
@@ -254,21 +280,37 @@ class LatentDiffusion(nn.Module):
         images = torch.cat([self.decode_latents(z[None]) for z in latents])
         bad = [i for i in range(len(images)) if not bool(torch.isfinite(images[i]).all())]
         if bad:  # fp16 overflow (often the SD 2.x VAE) shows as black images: say so instead of failing quietly
-            log.warning("NaN/inf in %d of %d sample(s) (seeds %s) with %s; their pixels are clamped, expect black "
-                        "pixels — use DTYPE=bf16 or fp32", len(bad), len(images),
-                        ", ".join(str(seed + i) for i in bad), str(self.dtype).removeprefix("torch."))
+            log.warning(
+                "NaN/inf in %d of %d sample(s) (seeds %s) with %s; their pixels are clamped, expect black "
+                "pixels — use DTYPE=bf16 or fp32",
+                len(bad),
+                len(images),
+                ", ".join(str(seed + i) for i in bad),
+                str(self.dtype).removeprefix("torch."),
+            )
             images = torch.nan_to_num(images.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
         return images
 
     # -- editing ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def edit_latents(self, latents: torch.Tensor | None, prompts: Sequence[str],
-                     negative_prompts: Sequence[str] | None = None, *, noise: torch.Tensor, strength: float = 0.75,
-                     steps: int = 50, scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim",
-                     mask: torch.Tensor | None = None, generator: torch.Generator | Sequence[torch.Generator] | None
-                     = None, callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                     progress: bool = True) -> torch.Tensor:
+    def edit_latents(
+        self,
+        latents: torch.Tensor | None,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        *,
+        noise: torch.Tensor,
+        strength: float = 0.75,
+        steps: int = 50,
+        scale: float = 7.5,
+        eta: float = 0.0,
+        sampler: str = "ddim",
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
         """SDEdit (Meng et al. 2022) from scaled input latents, noised with `noise`; with a latent mask
         (1 = edit, (B|1, 1, h, w)) Blended Latent Diffusion (Avrahami et al. 2023, Alg. 1).
 
@@ -288,8 +330,11 @@ class LatentDiffusion(nn.Module):
         else:
             t_enc = int(strength * steps)
             if t_enc == 0:
-                log.warning("strength %g × %d steps < 1: no denoising step runs, the output is the input "
-                            "re-encoded", strength, steps)
+                log.warning(
+                    "strength %g × %d steps < 1: no denoising step runs, the output is the input re-encoded",
+                    strength,
+                    steps,
+                )
             if sampler == "ddim":
                 # As img2img.py: DDIMSampler.stochastic_encode(z, t_enc) noises to the DDIM subsequence's index
                 # t_enc (ascending, ᾱ of timestep ts_asc[t_enc]), then decode(z, c, t_start=t_enc) runs
@@ -314,7 +359,7 @@ class LatentDiffusion(nn.Module):
                     background = latents
                 else:
                     fresh = samplers.noise_like(latents, generator)
-                    background = alpha_bar ** 0.5 * latents + (1.0 - alpha_bar) ** 0.5 * fresh
+                    background = alpha_bar**0.5 * latents + (1.0 - alpha_bar) ** 0.5 * fresh
                 return edit * x + keep * background.to(x.dtype)
 
         bar = tqdm(total=n - start, desc=f"{sampler} editing", disable=not progress, leave=False)
@@ -325,18 +370,39 @@ class LatentDiffusion(nn.Module):
                 callback(i, t, x)
 
         try:
-            return samplers.SAMPLERS[sampler](self._guided(list(prompts), negative_prompts, scale), x, self.schedule,
-                                              steps, eta=eta, generator=generator, callback=on_step, start=start,
-                                              hook=hook)
+            return samplers.SAMPLERS[sampler](
+                self._guided(list(prompts), negative_prompts, scale),
+                x,
+                self.schedule,
+                steps,
+                eta=eta,
+                generator=generator,
+                callback=on_step,
+                start=start,
+                hook=hook,
+            )
         finally:
             bar.close()
 
     @torch.no_grad()
-    def edit(self, images: ImageInput, prompts: str | Sequence[str], *, mask=None, strength: float = 0.75,
-             steps: int = 50, scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim",
-             negative_prompts: Sequence[str] | None = None, seed: int | None = None, mask_dilate: int = 0,
-             mask_blur: int = 0, callback: Callable[[int, int, torch.Tensor], None] | None = None,
-             progress: bool = True) -> list[Image.Image]:
+    def edit(
+        self,
+        images: ImageInput,
+        prompts: str | Sequence[str],
+        *,
+        mask=None,
+        strength: float = 0.75,
+        steps: int = 50,
+        scale: float = 7.5,
+        eta: float = 0.0,
+        sampler: str = "ddim",
+        negative_prompts: Sequence[str] | None = None,
+        seed: int | None = None,
+        mask_dilate: int = 0,
+        mask_blur: int = 0,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress: bool = True,
+    ) -> list[Image.Image]:
         """Edit images with a prompt: SDEdit image-to-image, or with `mask` (white = edit) Blended Latent
         Diffusion followed by a pixel blend (feathered `mask_blur` px inside the mask) that keeps every pixel
         outside the mask. One image with many prompts (or one prompt with many images) is repeated; row i is
@@ -360,8 +426,10 @@ class LatentDiffusion(nn.Module):
             pixel_mask = pixel_mask.expand(batch, -1, -1, -1)
             empty = [i for i in range(batch) if not bool(pixel_mask[i].any())]
             if empty:
-                raise ValueError("the mask is empty (no white pixel): nothing to edit"
-                                 + (f" (image {empty[0]})" if batch > 1 else ""))
+                raise ValueError(
+                    "the mask is empty (no white pixel): nothing to edit"
+                    + (f" (image {empty[0]})" if batch > 1 else "")
+                )
             if bool(pixel_mask.all()):
                 log.info("the mask covers the whole image: plain image-to-image")
                 pixel_mask = None
@@ -370,21 +438,41 @@ class LatentDiffusion(nn.Module):
         generators = [torch.Generator(self.device).manual_seed(seed + i) for i in range(batch)]
         vf = self.config.vae_factor
         shape = (1, self.config.unet["out_channels"], height // vf, width // vf)
-        noise = torch.cat([torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
-                           for g in generators])
+        noise = torch.cat(
+            [torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) for g in generators]
+        )
         latents = latent_mask = None
         if strength < 1.0 or pixel_mask is not None:
             pixels = torch.from_numpy(original).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             post = self.posterior(pixels)  # a posterior draw per row from its own generator, as img2img.py samples
-            latents = torch.cat([
-                post.mean[i:i + 1].float() + post.std[i:i + 1].float() * torch.randn(
-                    shape, generator=g, device=self.device, dtype=torch.float32)
-                for i, g in enumerate(generators)]) * self.config.scale_factor
+            latents = (
+                torch.cat(
+                    [
+                        post.mean[i : i + 1].float()
+                        + post.std[i : i + 1].float()
+                        * torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
+                        for i, g in enumerate(generators)
+                    ]
+                )
+                * self.config.scale_factor
+            )
         if pixel_mask is not None:
             latent_mask = F.max_pool2d(pixel_mask, vf)  # a latent cell is edited if any of its pixels is
-        out = self.edit_latents(latents, prompts, negative_prompts, noise=noise, strength=strength, steps=steps,
-                                scale=scale, eta=eta, sampler=sampler, mask=latent_mask, generator=generators,
-                                callback=callback, progress=progress)
+        out = self.edit_latents(
+            latents,
+            prompts,
+            negative_prompts,
+            noise=noise,
+            strength=strength,
+            steps=steps,
+            scale=scale,
+            eta=eta,
+            sampler=sampler,
+            mask=latent_mask,
+            generator=generators,
+            callback=callback,
+            progress=progress,
+        )
         edited = np.stack([np.asarray(im) for im in to_pil(self._decode_checked(out, seed))])
         if pixel_mask is not None:
             edited = blend_pixels(edited, original, feather(pixel_mask, mask_blur))
@@ -410,6 +498,5 @@ def tiny_model(seed: int = 0) -> LatentDiffusion:
         torch.manual_seed(seed)
         unet, vae, text_encoder = build_modules(config)
         _randomise_zero_weights(unet, torch.Generator().manual_seed(seed))
-    model = LatentDiffusion(config, unet, vae, text_encoder, build_tokenizer(config),
-                            Schedule.from_config(config))
+    model = LatentDiffusion(config, unet, vae, text_encoder, build_tokenizer(config), Schedule.from_config(config))
     return model.eval().requires_grad_(False)

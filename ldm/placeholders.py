@@ -1,4 +1,5 @@
 """Placeholder tokens (Gal et al. 2022) shared by the CLIP BPE and BERT WordPiece tokenizers."""
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,12 @@ def fit_ids(ids: list[int], room: int, placeholder_of: dict[int, str]) -> list[i
     if len(ids) <= room:
         return ids
     cut = room
-    while (cut > 0 and ids[cut] in placeholder_of and ids[cut - 1] == ids[cut] - 1
-           and placeholder_of.get(ids[cut - 1]) == placeholder_of[ids[cut]]):
+    while (
+        cut > 0
+        and ids[cut] in placeholder_of
+        and ids[cut - 1] == ids[cut] - 1
+        and placeholder_of.get(ids[cut - 1]) == placeholder_of[ids[cut]]
+    ):
         cut -= 1
     return ids[:cut]
 
@@ -28,12 +33,13 @@ class PlaceholderTokenizer:
     placeholders → ids), `_plain_piece` (readable text of one vocabulary id) and `decode`.
     """
 
-    unk_id: int | None = None   # an id `_encode_plain` gives unknown words; a placeholder may encode to it
+    unk_id: int | None = None  # an id `_encode_plain` gives unknown words; a placeholder may encode to it
     stops_at_pad: bool = False  # whether decoding stops at pad_id as well as at eos_id
     _decoder: list[str]
 
-    def __init__(self, context_length: int, bos_id: int, eos_id: int, pad_id: int,
-                 specials: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, context_length: int, bos_id: int, eos_id: int, pad_id: int, specials: dict[str, int] | None = None
+    ) -> None:
         self.context_length = context_length
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self._specials = dict(specials or {})  # written verbatim in a prompt, they keep their ids
@@ -80,14 +86,17 @@ class PlaceholderTokenizer:
         if token in self._placeholders:
             raise ValueError(f"placeholder {token!r} is already registered with ids {self._placeholders[token]}")
         if token in self._specials:
-            raise ValueError(f"placeholder {token!r} is a special token of this vocabulary; "
-                             f"pick another such as '<my-concept>'")
+            raise ValueError(
+                f"placeholder {token!r} is a special token of this vocabulary; pick another such as '<my-concept>'"
+            )
         if not isinstance(num_vectors, int) or num_vectors < 1:
             raise ValueError(f"num_vectors must be a positive integer, got {num_vectors!r}")
         existing = self._encode_plain(token)
         if len(existing) == 1 and existing[0] != self.unk_id:
-            raise ValueError(f"placeholder {token!r} is already the vocabulary word {self._piece(existing[0])!r} "
-                             f"(id {existing[0]}); pick a string that is not, e.g. '<{token}>'")
+            raise ValueError(
+                f"placeholder {token!r} is already the vocabulary word {self._piece(existing[0])!r} "
+                f"(id {existing[0]}); pick a string that is not, e.g. '<{token}>'"
+            )
         ids = list(range(len(self), len(self) + num_vectors))
         self._placeholders[token] = ids
         self._placeholder_of.update(dict.fromkeys(ids, token))
@@ -132,12 +141,13 @@ class PlaceholderTokenizer:
             ids = self.encode(prompt)
             if len(ids) > room:
                 kept = fit_ids(ids, room, self._placeholder_of)
-                dropped.append(f"{self.decode(ids[len(kept):])!r} from prompt {row}")
+                dropped.append(f"{self.decode(ids[len(kept) :])!r} from prompt {row}")
                 ids = kept
-            out[row, :len(ids) + 2] = torch.tensor([self.bos_id, *ids, self.eos_id])
+            out[row, : len(ids) + 2] = torch.tensor([self.bos_id, *ids, self.eos_id])
         if dropped:  # logged under the subclass's module (ldm.tokenizer, ldm.wordpiece)
             logging.getLogger(type(self).__module__).warning(
-                "prompt longer than %d tokens was truncated; dropped %s", self.context_length, "; ".join(dropped))
+                "prompt longer than %d tokens was truncated; dropped %s", self.context_length, "; ".join(dropped)
+            )
         return out
 
     # --- decoding ----------------------------------------------------------------------------------------

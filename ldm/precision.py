@@ -5,6 +5,7 @@ statistics (`ldm.layers.GroupNorm32`, fused kernel or reference), GEGLU (`ldm.ke
 attention softmax with QKᵀ (`ldm.attention`, every backend) are computed in fp32 and cast back, which is what
 SD 2.1 needs to run in fp16 without overflowing. `check_precision_policy` asserts it on a built model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,7 @@ __all__ = ["DTYPES", "CudaGraphStep", "check_precision_policy", "maybe_compile",
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}   # DTYPE= / PRECISION= names
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # DTYPE= / PRECISION= names
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -68,18 +69,29 @@ class CudaGraphStep:
     needs gradients, run `model_fn` eagerly. CPU or other devices: every call is plain `model_fn(x, t)`.
     """
 
-    def __init__(self, model_fn: ModelFn, example_x: torch.Tensor, example_t: torch.Tensor, *,
-                 warmup: int = 2, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        example_x: torch.Tensor,
+        example_t: torch.Tensor,
+        *,
+        warmup: int = 2,
+        enabled: bool = True,
+    ) -> None:
         self.model_fn = model_fn
         self.graph: torch.cuda.CUDAGraph | None = None
         self.replays = 0
         if not enabled or example_x.device.type != "cuda":
-            log.debug("CudaGraphStep: %s; calling model_fn eagerly",
-                      "disabled" if not enabled else f"device {example_x.device.type} has no CUDA graphs")
+            log.debug(
+                "CudaGraphStep: %s; calling model_fn eagerly",
+                "disabled" if not enabled else f"device {example_x.device.type} has no CUDA graphs",
+            )
             return
         if not isinstance(example_t, torch.Tensor) or example_t.device != example_x.device:
-            raise ValueError("CudaGraphStep needs example_t as a tensor on the same device as example_x "
-                             "(a Python number would be frozen into the graph)")
+            raise ValueError(
+                "CudaGraphStep needs example_t as a tensor on the same device as example_x "
+                "(a Python number would be frozen into the graph)"
+            )
         self.static_x = example_x.detach().clone()
         self.static_t = example_t.detach().clone()
         with torch.no_grad():
@@ -104,9 +116,13 @@ class CudaGraphStep:
         if self.graph is None:
             return self.model_fn(x, t)
         if not (isinstance(t, torch.Tensor) and _same(x, self.static_x) and _same(t, self.static_t)) or (
-                torch.is_grad_enabled() and x.requires_grad):
-            log.debug("CudaGraphStep: x %s / t %s differ from the captured inputs; running eagerly",
-                      tuple(x.shape), tuple(t.shape) if isinstance(t, torch.Tensor) else t)
+            torch.is_grad_enabled() and x.requires_grad
+        ):
+            log.debug(
+                "CudaGraphStep: x %s / t %s differ from the captured inputs; running eagerly",
+                tuple(x.shape),
+                tuple(t.shape) if isinstance(t, torch.Tensor) else t,
+            )
             return self.model_fn(x, t)
         self.static_x.copy_(x)
         self.static_t.copy_(t)
@@ -121,5 +137,4 @@ def check_precision_policy(model: nn.Module) -> list[str]:
     Device-independent: every norm must be `ldm.layers.GroupNorm32` (fused kernel or fp32 reference), whatever
     the weights' dtype.
     """
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm32)]
+    return [name for name, m in model.named_modules() if isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm32)]

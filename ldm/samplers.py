@@ -10,6 +10,7 @@ latents entering step `start`, at timestep `sampler_timesteps(...)[start]`), and
 after every step and returns the x to continue with, where `alpha_bar` is ᾱ of the noise level x is at after the
 step (1.0 for clean). `i` counts from 0 over the steps run; `callback` sees the hook's x.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,17 @@ from torch import Tensor
 
 from ldm.schedule import Schedule
 
-__all__ = ["ddim", "plms", "ddpm", "dpmpp_2m", "timesteps", "dpm_timesteps", "sampler_timesteps", "noise_like",
-           "SAMPLERS"]
+__all__ = [
+    "ddim",
+    "plms",
+    "ddpm",
+    "dpmpp_2m",
+    "timesteps",
+    "dpm_timesteps",
+    "sampler_timesteps",
+    "noise_like",
+    "SAMPLERS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +60,13 @@ def timesteps(steps: int, num_timesteps: int = 1000, offset: int = 1) -> list[in
     _check_steps(steps, num_timesteps)
     ts = [t + offset for t in range(0, num_timesteps, num_timesteps // steps)]
     if ts[-1] >= num_timesteps:
-        log.warning("steps=%d: the CompVis 'uniform' rule reaches t=%d >= %d; dropping it (%d steps remain)",
-                    steps, ts[-1], num_timesteps, len(ts) - 1)
+        log.warning(
+            "steps=%d: the CompVis 'uniform' rule reaches t=%d >= %d; dropping it (%d steps remain)",
+            steps,
+            ts[-1],
+            num_timesteps,
+            len(ts) - 1,
+        )
         ts = [t for t in ts if t < num_timesteps]
     return ts
 

@@ -1,4 +1,5 @@
 """Noise schedule of DDPM (Ho et al. 2020): betas, cumulative alphas, q_sample and eps/v/x0 conversions."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """CLIP text towers (Radford et al. 2021) as Stable Diffusion consumes them: HF layout (SD1), OpenCLIP (SD2)."""
+
 from __future__ import annotations
 
 import torch
@@ -114,8 +115,9 @@ class CLIPTextTransformer(nn.Module):
 class CLIPTextModel(nn.Module):
     """SD1's text encoder, CLIP ViT-L/14 text tower; output = final_layer_norm(last layer), (B, 77, width)."""
 
-    def __init__(self, vocab_size: int = 49408, width: int = 768, layers: int = 12, heads: int = 12,
-                 context_length: int = 77) -> None:
+    def __init__(
+        self, vocab_size: int = 49408, width: int = 768, layers: int = 12, heads: int = 12, context_length: int = 77
+    ) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
@@ -129,12 +131,17 @@ class CLIPTextModel(nn.Module):
         emb = self.text_model.embeddings
         nn.init.normal_(emb.token_embedding.weight, std=0.02)
         nn.init.normal_(emb.position_embedding.weight, std=0.01)
-        attn_std = self.width ** -0.5
+        attn_std = self.width**-0.5
         proj_std = attn_std * (2 * self.layers) ** -0.5
         for layer in self.text_model.encoder.layers:
-            for lin, std in ((layer.self_attn.q_proj, attn_std), (layer.self_attn.k_proj, attn_std),
-                             (layer.self_attn.v_proj, attn_std), (layer.self_attn.out_proj, proj_std),
-                             (layer.mlp.fc1, (2 * self.width) ** -0.5), (layer.mlp.fc2, proj_std)):
+            for lin, std in (
+                (layer.self_attn.q_proj, attn_std),
+                (layer.self_attn.k_proj, attn_std),
+                (layer.self_attn.v_proj, attn_std),
+                (layer.self_attn.out_proj, proj_std),
+                (layer.mlp.fc1, (2 * self.width) ** -0.5),
+                (layer.mlp.fc2, proj_std),
+            ):
                 nn.init.normal_(lin.weight, std=std)
                 nn.init.zeros_(lin.bias)
 
@@ -165,8 +172,9 @@ class OpenCLIPAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_split_heads(t, self.heads)
-                   for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        q, k, v = (
+            _split_heads(t, self.heads) for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        )
         return self.out_proj(_merge_heads(attention(q, k, v, causal=True)))
 
 
@@ -208,8 +216,15 @@ class OpenCLIPTextModel(nn.Module):
 
     OUTPUTS = ("penultimate", "last")
 
-    def __init__(self, vocab_size: int = 49408, width: int = 1024, layers: int = 24, heads: int = 16,
-                 context_length: int = 77, output: str = "penultimate") -> None:
+    def __init__(
+        self,
+        vocab_size: int = 49408,
+        width: int = 1024,
+        layers: int = 24,
+        heads: int = 16,
+        context_length: int = 77,
+        output: str = "penultimate",
+    ) -> None:
         super().__init__()
         if output not in self.OUTPUTS:
             raise ValueError(f"output={output!r}; choose one of {', '.join(self.OUTPUTS)}")
@@ -230,7 +245,7 @@ class OpenCLIPTextModel(nn.Module):
         """OpenCLIP's initialisation; a no-op on the meta device."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        attn_std = self.width ** -0.5
+        attn_std = self.width**-0.5
         proj_std = attn_std * (2 * self.layers) ** -0.5
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)

@@ -1,4 +1,5 @@
 """CLIP's byte-level BPE tokenizer (Radford et al. 2021; Sennrich et al. 2016) with placeholder tokens."""
+
 from __future__ import annotations
 
 import functools
@@ -23,15 +24,14 @@ except ImportError:  # ftfy only repairs mojibake; CLIP still works without it
 __all__ = ["Tokenizer", "BOS_ID", "EOS_ID", "VOCAB_SIZE", "default_bpe_path", "fit_ids"]
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-NUM_MERGES = 49152 - 256 - 2          # 48,894 merge lines after the header
+NUM_MERGES = 49152 - 256 - 2  # 48,894 merge lines after the header
 VOCAB_SIZE = 256 + 256 + NUM_MERGES + 2  # 49,408
-BOS_ID = 49406                         # <|startoftext|>
-EOS_ID = 49407                         # <|endoftext|>
-PAD_ID = {"sd1": EOS_ID, "sd2": 0}     # SD1 (transformers) pads with EOS; SD2 (open_clip) with 0
+BOS_ID = 49406  # <|startoftext|>
+EOS_ID = 49407  # <|endoftext|>
+PAD_ID = {"sd1": EOS_ID, "sd2": 0}  # SD1 (transformers) pads with EOS; SD2 (open_clip) with 0
 END_OF_WORD = "</w>"
 # CLIP's pre-tokenizer: English contractions, letter runs, single digits, runs of other symbols.
-PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                            regex.IGNORECASE)
+PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
 
 def default_bpe_path() -> Path:
@@ -64,7 +64,7 @@ def _load_bpe(path: str) -> tuple[dict[str, int], list[str], dict[tuple[str, str
     """(token → id, id → token, merge pair → rank) from CLIP's gzipped merges file."""
     with gzip.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
         raise ValueError(f"{path} is not CLIP's BPE merges file (expected {NUM_MERGES} pairs after a header)")
     chars = list(bytes_to_unicode().values())
@@ -96,8 +96,7 @@ class Tokenizer(PlaceholderTokenizer):
 
     KINDS = tuple(PAD_ID)
 
-    def __init__(self, kind: str = "sd1", context_length: int = 77, bpe_path: str | os.PathLike | None = None
-                 ) -> None:
+    def __init__(self, kind: str = "sd1", context_length: int = 77, bpe_path: str | os.PathLike | None = None) -> None:
         if kind not in PAD_ID:
             raise ValueError(f"tokenizer kind {kind!r}; choose one of {', '.join(self.KINDS)}")
         if context_length < 2:
@@ -150,8 +149,7 @@ class Tokenizer(PlaceholderTokenizer):
     def _join_bytes(self, symbols: str) -> str:
         """Byte-level symbols → UTF-8 text, one space per end-of-word marker."""
         parts = symbols.split(END_OF_WORD)
-        return " ".join(bytes(self._byte_decoder[c] for c in p).decode("utf-8", errors="replace")
-                        for p in parts)
+        return " ".join(bytes(self._byte_decoder[c] for c in p).decode("utf-8", errors="replace") for p in parts)
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         """Ids → text: BOS skipped, stops at the first EOS (padding after it), placeholders by name."""

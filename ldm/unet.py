@@ -1,4 +1,5 @@
 """The LDM denoising UNet (Rombach et al. 2022) with the original `model.diffusion_model.*` key names."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,17 @@ from ldm.kernels.geglu import geglu
 from ldm.layers import GroupNorm32, NormSiLUSequential, normalization, timestep_embedding, zero_module
 
 __all__ = [
-    "BasicTransformerBlock", "CrossAttention", "Downsample", "FeedForward", "GEGLU", "ResBlock",
-    "SpatialTransformer", "TimestepEmbedSequential", "UNetModel", "Upsample", "timestep_embedding",
+    "BasicTransformerBlock",
+    "CrossAttention",
+    "Downsample",
+    "FeedForward",
+    "GEGLU",
+    "ResBlock",
+    "SpatialTransformer",
+    "TimestepEmbedSequential",
+    "UNetModel",
+    "Upsample",
+    "timestep_embedding",
 ]
 
 log = logging.getLogger(__name__)
@@ -33,19 +43,28 @@ def _maybe_checkpoint(enabled: bool, fn, *args: torch.Tensor | None) -> torch.Te
 class ResBlock(nn.Module):
     """Residual block with an additive timestep embedding (Ho et al. 2020, as in the LDM UNet)."""
 
-    def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0,
-                 out_channels: int | None = None, use_checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float = 0.0,
+        out_channels: int | None = None,
+        use_checkpoint: bool = False,
+    ) -> None:
         super().__init__()
         out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
         self.in_layers = NormSiLUSequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = NormSiLUSequential(
-            normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
-        self.skip_connection = (nn.Identity() if out_channels == channels
-                                else nn.Conv2d(channels, out_channels, 1))
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return _maybe_checkpoint(self.use_checkpoint, self._forward, x, emb)
@@ -93,8 +112,9 @@ class Upsample(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head (cross-)attention, Vaswani et al. 2017; self-attention when `context` is None."""
 
-    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8,
-                 dim_head: int = 64, dropout: float = 0.0) -> None:
+    def __init__(
+        self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         inner_dim = heads * dim_head
         context_dim = context_dim or query_dim
@@ -143,9 +163,16 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LN block: self-attention, cross-attention on the context, GEGLU feed-forward, each residual."""
 
-    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0,
-                 context_dim: int | None = None, disable_self_attn: bool = False,
-                 use_checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        d_head: int,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        disable_self_attn: bool = False,
+        use_checkpoint: bool = False,
+    ) -> None:
         super().__init__()
         self.disable_self_attn = disable_self_attn
         self.use_checkpoint = use_checkpoint
@@ -168,9 +195,18 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer over the H*W positions of a feature map, conditioned on `context` (LDM §3.3)."""
 
-    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
-                 context_dim: int | None = None, disable_self_attn: bool = False, use_linear: bool = False,
-                 use_checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        n_heads: int,
+        d_head: int,
+        depth: int = 1,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        disable_self_attn: bool = False,
+        use_linear: bool = False,
+        use_checkpoint: bool = False,
+    ) -> None:
         super().__init__()
         inner_dim = n_heads * d_head
         self.use_linear = use_linear
@@ -182,9 +218,9 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(in_channels, inner_dim, 1)
             self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, 1))
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim, disable_self_attn,
-                                  use_checkpoint)
-            for _ in range(depth))
+            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim, disable_self_attn, use_checkpoint)
+            for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -208,8 +244,7 @@ class SpatialTransformer(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence that hands the timestep embedding to ResBlocks and the context to transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -226,8 +261,9 @@ def _per_level(name: str, value, levels: int, kind: type) -> list:
         return [value] * levels
     if isinstance(value, Sequence) and len(value) == levels and all(isinstance(v, kind) for v in value):
         return list(value)
-    raise ValueError(f"{name}={value!r}: expected one {kind.__name__} or a list of {levels} (one per "
-                     f"channel_mult level)")
+    raise ValueError(
+        f"{name}={value!r}: expected one {kind.__name__} or a list of {levels} (one per channel_mult level)"
+    )
 
 
 def _reject(name: str, value, allowed) -> None:
@@ -238,17 +274,37 @@ def _reject(name: str, value, allowed) -> None:
 class UNetModel(nn.Module):
     """The LDM/Stable Diffusion UNet; takes `unet_config.params` of the original yaml verbatim."""
 
-    def __init__(self, in_channels: int, model_channels: int, out_channels: int, num_res_blocks,
-                 attention_resolutions: Sequence[int], dropout: float = 0.0,
-                 channel_mult: Sequence[int] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
-                 num_classes=None, use_checkpoint: bool = False, use_fp16: bool = False,
-                 num_heads: int = -1, num_head_channels: int = -1, num_heads_upsample: int = -1,
-                 use_scale_shift_norm: bool = False, resblock_updown: bool = False,
-                 use_new_attention_order: bool = False, use_spatial_transformer: bool = False,
-                 transformer_depth: int = 1, context_dim: int | None = None, n_embed=None,
-                 legacy: bool = True, disable_self_attentions: Sequence[bool] | None = None,
-                 num_attention_blocks: Sequence[int] | None = None, disable_middle_self_attn: bool = False,
-                 use_linear_in_transformer: bool = False, image_size: int | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        num_classes=None,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        num_heads: int = -1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        use_spatial_transformer: bool = False,
+        transformer_depth: int = 1,
+        context_dim: int | None = None,
+        n_embed=None,
+        legacy: bool = True,
+        disable_self_attentions: Sequence[bool] | None = None,
+        num_attention_blocks: Sequence[int] | None = None,
+        disable_middle_self_attn: bool = False,
+        use_linear_in_transformer: bool = False,
+        image_size: int | None = None,
+    ) -> None:
         super().__init__()
         # image_size, use_fp16 and (with spatial transformers) num_heads_upsample and
         # use_new_attention_order do not change what the original builds.
@@ -269,18 +325,17 @@ class UNetModel(nn.Module):
             raise ValueError(f"channel_mult={channel_mult!r}: expected a list of positive ints")
         for m in [1, *channel_mult]:
             if (model_channels * m) % 32:
-                raise ValueError(f"model_channels={model_channels} x channel_mult {m} is not a multiple of "
-                                 "32 (GroupNorm groups)")
+                raise ValueError(
+                    f"model_channels={model_channels} x channel_mult {m} is not a multiple of 32 (GroupNorm groups)"
+                )
         levels = len(channel_mult)
         res_blocks = _per_level("num_res_blocks", num_res_blocks, levels, int)
         if num_attention_blocks is not None:
             num_attention_blocks = _per_level("num_attention_blocks", list(num_attention_blocks), levels, int)
             if any(a > r for a, r in zip(num_attention_blocks, res_blocks)):
-                raise ValueError(f"num_attention_blocks={num_attention_blocks} exceeds num_res_blocks="
-                                 f"{res_blocks}")
+                raise ValueError(f"num_attention_blocks={num_attention_blocks} exceeds num_res_blocks={res_blocks}")
         if disable_self_attentions is not None:
-            disable_self_attentions = _per_level(
-                "disable_self_attentions", list(disable_self_attentions), levels, bool)
+            disable_self_attentions = _per_level("disable_self_attentions", list(disable_self_attentions), levels, bool)
         if dropout and not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: expected a probability in [0, 1)")
 
@@ -298,24 +353,29 @@ class UNetModel(nn.Module):
             if legacy:
                 d = ch // n
             if n < 1 or d < 1:
-                raise ValueError(f"width {ch} with num_heads={num_heads}, num_head_channels="
-                                 f"{num_head_channels} gives {n} heads of {d} channels")
+                raise ValueError(
+                    f"width {ch} with num_heads={num_heads}, num_head_channels="
+                    f"{num_head_channels} gives {n} heads of {d} channels"
+                )
             return n, d
 
         def transformer(ch: int, disable_sa: bool) -> SpatialTransformer:
             n, d = heads(ch)
-            return SpatialTransformer(ch, n, d, transformer_depth, dropout, context_dim, disable_sa,
-                                      use_linear_in_transformer, use_checkpoint)
+            return SpatialTransformer(
+                ch, n, d, transformer_depth, dropout, context_dim, disable_sa, use_linear_in_transformer, use_checkpoint
+            )
 
         def resblock(ch: int, out_ch: int) -> ResBlock:
             return ResBlock(ch, time_embed_dim, dropout, out_ch, use_checkpoint)
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        )
         chans = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -323,8 +383,7 @@ class UNetModel(nn.Module):
             for nr in range(res_blocks[level]):
                 layers: list[nn.Module] = [resblock(ch, model_channels * mult)]
                 ch = model_channels * mult
-                if ds in attention_resolutions and (
-                        num_attention_blocks is None or nr < num_attention_blocks[level]):
+                if ds in attention_resolutions and (num_attention_blocks is None or nr < num_attention_blocks[level]):
                     layers.append(transformer(ch, disable_sa))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
@@ -334,7 +393,8 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            resblock(ch, ch), transformer(ch, disable_middle_self_attn), resblock(ch, ch))
+            resblock(ch, ch), transformer(ch, disable_middle_self_attn), resblock(ch, ch)
+        )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -342,8 +402,7 @@ class UNetModel(nn.Module):
             for i in range(res_blocks[level] + 1):
                 layers = [resblock(ch + chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
-                if ds in attention_resolutions and (
-                        num_attention_blocks is None or i < num_attention_blocks[level]):
+                if ds in attention_resolutions and (num_attention_blocks is None or i < num_attention_blocks[level]):
                     layers.append(transformer(ch, disable_sa))
                 if level and i == res_blocks[level]:
                     layers.append(Upsample(ch, conv_resample))
@@ -351,7 +410,8 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = NormSiLUSequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -363,18 +423,19 @@ class UNetModel(nn.Module):
             if isinstance(m, (ResBlock, BasicTransformerBlock)):
                 m.use_checkpoint = enabled
 
-    def _timesteps(self, timesteps: torch.Tensor | float | int, batch: int, device: torch.device
-                   ) -> torch.Tensor:
+    def _timesteps(self, timesteps: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
         t = torch.as_tensor(timesteps, device=device)
         if t.numel() == 1:
             return t.reshape(1).expand(batch)
         if t.shape != (batch,):
-            raise ValueError(f"timesteps of shape {tuple(t.shape)} for a batch of {batch}: expected ({batch},)"
-                             " or a scalar")
+            raise ValueError(
+                f"timesteps of shape {tuple(t.shape)} for a batch of {batch}: expected ({batch},) or a scalar"
+            )
         return t
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float | int,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor | float | int, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict the noise (or v) for latents x (B, C, H, W) at timesteps (B,) given context (B, L, D)."""
         dtype = self.dtype
         t = self._timesteps(timesteps, x.shape[0], x.device)

@@ -1,4 +1,5 @@
 """AutoencoderKL: the KL-regularised first stage of Latent Diffusion (Rombach et al. 2022, §3)."""
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,9 @@ def Normalize(channels: int) -> GroupNorm32:
 class ResnetBlock(nn.Module):
     """Pre-activation residual block without time embedding: GN+SiLU (fused), conv, GN+SiLU, dropout, conv."""
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, conv_shortcut: bool = False,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int | None = None, conv_shortcut: bool = False, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         out_channels = out_channels or in_channels
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -123,8 +125,9 @@ def _attn_type(attn_type: str, use_linear_attn: bool) -> str:
     return attn_type
 
 
-def _level(block_in: int, block_out: int, num_blocks: int, with_attn: bool, attn_type: str,
-           dropout: float) -> nn.Module:
+def _level(
+    block_in: int, block_out: int, num_blocks: int, with_attn: bool, attn_type: str, dropout: float
+) -> nn.Module:
     """One resolution of the original's down/up stack: `block` ResnetBlocks, each followed by `attn` if any."""
     block, attn = nn.ModuleList(), nn.ModuleList()
     for _ in range(num_blocks):
@@ -157,10 +160,23 @@ def _mid(block_in: int, attn_type: str, dropout: float) -> nn.Module:
 class Encoder(nn.Module):
     """Image (B, in_channels, H, W) → moments (B, 2·z_channels, H/f, W/f), f = 2^(len(ch_mult)−1)."""
 
-    def __init__(self, *, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
-                 attn_resolutions: Sequence[int] = (), dropout: float = 0.0, resamp_with_conv: bool = True,
-                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 use_linear_attn: bool = False, attn_type: str = "vanilla", **ignored: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int] = (1, 2, 4, 8),
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int] = (),
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        double_z: bool = True,
+        use_linear_attn: bool = False,
+        attn_type: str = "vanilla",
+        **ignored: Any,
+    ) -> None:
         super().__init__()
         attn_type = _attn_type(attn_type, use_linear_attn)
         self.ch = ch
@@ -174,8 +190,9 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         for i_level in range(self.num_resolutions):
             block_in = ch * ch_mult[i_level]
-            down = _level(ch * in_ch_mult[i_level], block_in, num_res_blocks, curr_res in attn_resolutions,
-                          attn_type, dropout)
+            down = _level(
+                ch * in_ch_mult[i_level], block_in, num_res_blocks, curr_res in attn_resolutions, attn_type, dropout
+            )
             if i_level != self.num_resolutions - 1:
                 down.downsample = Downsample(block_in, resamp_with_conv)
                 curr_res //= 2
@@ -197,10 +214,24 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent (B, z_channels, h, w) → image (B, out_ch, h·f, w·f); `up` is stored reversed (up[-1] first)."""
 
-    def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
-                 attn_resolutions: Sequence[int] = (), dropout: float = 0.0, resamp_with_conv: bool = True,
-                 resolution: int, z_channels: int, give_pre_end: bool = False, tanh_out: bool = False,
-                 use_linear_attn: bool = False, attn_type: str = "vanilla", **ignored: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: Sequence[int] = (1, 2, 4, 8),
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int] = (),
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        resolution: int,
+        z_channels: int,
+        give_pre_end: bool = False,
+        tanh_out: bool = False,
+        use_linear_attn: bool = False,
+        attn_type: str = "vanilla",
+        **ignored: Any,
+    ) -> None:
         super().__init__()
         attn_type = _attn_type(attn_type, use_linear_attn)
         self.ch = ch
@@ -275,8 +306,10 @@ class DiagonalGaussian:
         dims = [1, 2, 3]
         if other is None:
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
-        return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var
-                               - 1.0 - self.logvar + other.logvar, dim=dims)
+        return 0.5 * torch.sum(
+            (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
+            dim=dims,
+        )
 
     def nll(self, sample: torch.Tensor, dims: Sequence[int] = (1, 2, 3)) -> torch.Tensor:
         """Negative log-likelihood of `sample`, summed over `dims`."""
@@ -316,8 +349,9 @@ class AutoencoderKL(nn.Module):
         """Unscaled z (B, embed_dim, h, w) → image (B, 3, h·f, w·f), roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Reconstruction and posterior, as the original's training step uses them."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()

@@ -8,6 +8,7 @@ and isolates every punctuation character; WordPiece is greedy longest-match-firs
 a word longer than 100 characters or with an unmatched remainder becomes [UNK]. The special tokens
 ([PAD] [UNK] [CLS] [SEP] [MASK]) written verbatim in a prompt are kept as their ids, as the HF tokenizer does.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,16 +30,26 @@ MAX_CHARS_PER_WORD = 100
 UNK, CLS, SEP, PAD, MASK = "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
 # CJK Unified Ideographs and their extensions/compatibility blocks (BERT's _is_chinese_char ranges)
-CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-              (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+CJK_RANGES = (
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)
 
 
 def default_vocab_path() -> Path:
     """$ONEWORD_BERT_VOCAB, else weights/bert-base-uncased-vocab.txt; a missing file says how to get it."""
     path = Path(os.environ.get("ONEWORD_BERT_VOCAB") or WEIGHTS_DIR / VOCAB_FILE)
     if not path.is_file():
-        raise FileNotFoundError(f"no BERT vocabulary at {path}; `make weights MODEL=ldm-1.4b` downloads it "
-                                f"(or fetch {VOCAB_URL} there, or set ONEWORD_BERT_VOCAB=path)")
+        raise FileNotFoundError(
+            f"no BERT vocabulary at {path}; `make weights MODEL=ldm-1.4b` downloads it "
+            f"(or fetch {VOCAB_URL} there, or set ONEWORD_BERT_VOCAB=path)"
+        )
     return path
 
 
@@ -102,8 +113,13 @@ class WordPieceTokenizer(PlaceholderTokenizer):
     kind = "bert"
     stops_at_pad = True
 
-    def __init__(self, vocab_path: str | os.PathLike | None = None, context_length: int = 77,
-                 lowercase: bool = True, max_chars_per_word: int = MAX_CHARS_PER_WORD) -> None:
+    def __init__(
+        self,
+        vocab_path: str | os.PathLike | None = None,
+        context_length: int = 77,
+        lowercase: bool = True,
+        max_chars_per_word: int = MAX_CHARS_PER_WORD,
+    ) -> None:
         if context_length < 2:
             raise ValueError(f"context_length {context_length} leaves no room for [CLS] and [SEP]")
         path = Path(vocab_path) if vocab_path is not None else default_vocab_path()
@@ -117,8 +133,11 @@ class WordPieceTokenizer(PlaceholderTokenizer):
         missing = [t for t in (UNK, CLS, SEP, PAD) if t not in self._encoder]
         if missing:
             raise ValueError(f"{path} is not a BERT vocabulary: it has no {', '.join(missing)}")
-        super().__init__(context_length, *(self._encoder[t] for t in (CLS, SEP, PAD)),
-                         specials={t: self._encoder[t] for t in SPECIAL_TOKENS if t in self._encoder})
+        super().__init__(
+            context_length,
+            *(self._encoder[t] for t in (CLS, SEP, PAD)),
+            specials={t: self._encoder[t] for t in SPECIAL_TOKENS if t in self._encoder},
+        )
         self.lowercase, self.max_chars_per_word = lowercase, max_chars_per_word
         self.unk_id = self._encoder[UNK]
 
@@ -160,7 +179,7 @@ class WordPieceTokenizer(PlaceholderTokenizer):
     def _plain_piece(self, i: int) -> str:
         """Readable text of one vocabulary id (a continuation piece without its "##")."""
         piece = self._decoder[i]
-        return piece[len(CONTINUATION):] if piece.startswith(CONTINUATION) else piece
+        return piece[len(CONTINUATION) :] if piece.startswith(CONTINUATION) else piece
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         """Ids → text: [CLS] skipped, stops at [SEP] or [PAD], "##" pieces glued, placeholders by name."""

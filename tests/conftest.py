@@ -1,4 +1,5 @@
 """Shared pytest setup."""
+
 import os
 
 import pytest

@@ -1,5 +1,6 @@
 """Shared test helpers: original-layout state dicts (real, meta or pattern-filled), diffusers folders made
 by diffusers' own converters (an independent check of the key layout), and tiny `inversion.train` runs."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ def pattern(index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     return t
 
 
-def full_size_state_dict(config: ModelConfig, dtype: torch.dtype = torch.float16
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def full_size_state_dict(
+    config: ModelConfig, dtype: torch.dtype = torch.float16
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Every key of the real single-file checkpoint, pattern-filled; also {key: pattern index}."""
     shapes = meta_state_dict(config)
     index = {k: i for i, k in enumerate(shapes)}
@@ -54,13 +56,20 @@ def full_size_state_dict(config: ModelConfig, dtype: torch.dtype = torch.float16
 
 def original_config(config: ModelConfig) -> dict:
     """The yaml layout (model.params.*_config.params) diffusers' converters read."""
-    return {"model": {"params": {"unet_config": {"params": dict(config.unet)},
-                                 "first_stage_config": {"params": dict(config.vae)},
-                                 "scale_factor": config.scale_factor}}}
+    return {
+        "model": {
+            "params": {
+                "unet_config": {"params": dict(config.unet)},
+                "first_stage_config": {"params": dict(config.vae)},
+                "scale_factor": config.scale_factor,
+            }
+        }
+    }
 
 
-def write_diffusers_folder(sd: dict[str, torch.Tensor], config: ModelConfig, folder: Path,
-                           drop_text_prefix: bool = False) -> Path:
+def write_diffusers_folder(
+    sd: dict[str, torch.Tensor], config: ModelConfig, folder: Path, drop_text_prefix: bool = False
+) -> Path:
     """Convert a single-file state dict with diffusers' converters and save it as a diffusers folder."""
     from diffusers.loaders import single_file_utils as sfu
 
@@ -79,16 +88,26 @@ def write_diffusers_folder(sd: dict[str, torch.Tensor], config: ModelConfig, fol
         act, layers = "quick_gelu", config.text["layers"]
     if drop_text_prefix:  # transformers 5.x CLIPTextModel.state_dict() has no `text_model.` level
         text = {k.removeprefix("text_model."): v for k, v in text.items()}
-    text_cfg = {"hidden_act": act, "hidden_size": width, "num_attention_heads": config.text["heads"],
-                "num_hidden_layers": layers, "vocab_size": config.text["vocab_size"]}
-    sched = {"prediction_type": "v_prediction" if config.parameterization == "v" else "epsilon",
-             "beta_schedule": "scaled_linear", "beta_start": config.linear_start, "beta_end": config.linear_end,
-             "num_train_timesteps": config.timesteps}
+    text_cfg = {
+        "hidden_act": act,
+        "hidden_size": width,
+        "num_attention_heads": config.text["heads"],
+        "num_hidden_layers": layers,
+        "vocab_size": config.text["vocab_size"],
+    }
+    sched = {
+        "prediction_type": "v_prediction" if config.parameterization == "v" else "epsilon",
+        "beta_schedule": "scaled_linear",
+        "beta_start": config.linear_start,
+        "beta_end": config.linear_end,
+        "num_train_timesteps": config.timesteps,
+    }
     for sub, weights, file, cfg, name in (
-            ("unet", unet, "diffusion_pytorch_model", unet_cfg, "config.json"),
-            ("vae", vae, "diffusion_pytorch_model", vae_cfg, "config.json"),
-            ("text_encoder", text, "model", text_cfg, "config.json"),
-            ("scheduler", None, None, sched, "scheduler_config.json")):
+        ("unet", unet, "diffusion_pytorch_model", unet_cfg, "config.json"),
+        ("vae", vae, "diffusion_pytorch_model", vae_cfg, "config.json"),
+        ("text_encoder", text, "model", text_cfg, "config.json"),
+        ("scheduler", None, None, sched, "scheduler_config.json"),
+    ):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         (folder / sub / name).write_text(json.dumps(cfg))
         if weights is not None:
@@ -99,9 +118,30 @@ def write_diffusers_folder(sd: dict[str, torch.Tensor], config: ModelConfig, fol
 
 def train_argv(tmp_path: Path, *extra: str, out: str = "run", steps: int = 3, save_every: int = 3) -> list[str]:
     """`inversion.train` arguments for a tiny 32-px run into tmp_path/out (latents cached in tmp_path/cache)."""
-    return ["--concept", "cat", "--model", "tiny", "--size", "32", "--batch", "1", "--steps", str(steps),
-            "--save-every", str(save_every), "--val-every", "0", "--init", "cat", "--out", str(tmp_path / out),
-            "--latent-cache", str(tmp_path / "cache"), "--no-progress", *extra]
+    return [
+        "--concept",
+        "cat",
+        "--model",
+        "tiny",
+        "--size",
+        "32",
+        "--batch",
+        "1",
+        "--steps",
+        str(steps),
+        "--save-every",
+        str(save_every),
+        "--val-every",
+        "0",
+        "--init",
+        "cat",
+        "--out",
+        str(tmp_path / out),
+        "--latent-cache",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def subprocess_env() -> dict:

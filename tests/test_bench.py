@@ -1,4 +1,5 @@
 """Smoke test of the `make bench` harness on the tiny config: same weights in both libraries, JSON fields."""
+
 from __future__ import annotations
 
 import json
@@ -59,19 +60,64 @@ def test_rss_peak_sees_an_allocation():
 
 def test_tiny_run_writes_json_with_every_field(tmp_path):
     out = tmp_path / "r.json"
-    assert R.main(["--config", "tiny", "--device", "cpu", "--quick", "--reps", "1", "--sample-steps", "2",
-                   "--train-steps", "1", "--batches", "1", "--size", "32", "--threads", "1",
-                   "--out", str(out)]) == 0
+    assert (
+        R.main(
+            [
+                "--config",
+                "tiny",
+                "--device",
+                "cpu",
+                "--quick",
+                "--reps",
+                "1",
+                "--sample-steps",
+                "2",
+                "--train-steps",
+                "1",
+                "--batches",
+                "1",
+                "--size",
+                "32",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
-    for key in ("device", "device_name", "nproc", "threads", "versions", "date", "loadavg_start", "loadavg_end",
-                "sampling", "training", "attention", "notes"):
+    for key in (
+        "device",
+        "device_name",
+        "nproc",
+        "threads",
+        "versions",
+        "date",
+        "loadavg_start",
+        "loadavg_end",
+        "sampling",
+        "training",
+        "attention",
+        "notes",
+    ):
         assert key in report
     assert report["device"] == "cpu" and report["threads"] == 1
     assert {"torch", "diffusers", "transformers"} <= set(report["versions"])
     (sample,), (train,) = report["sampling"], report["training"]
     for row in (sample, train):
-        for key in ("size", "batch", "dtype", "oneword_s_per_step", "diffusers_s_per_step", "ratio",
-                    "oneword_peak_delta_mib", "diffusers_peak_delta_mib", "oneword_samples", "diffusers_samples"):
+        for key in (
+            "size",
+            "batch",
+            "dtype",
+            "oneword_s_per_step",
+            "diffusers_s_per_step",
+            "ratio",
+            "oneword_peak_delta_mib",
+            "diffusers_peak_delta_mib",
+            "oneword_samples",
+            "diffusers_samples",
+        ):
             assert key in row
         assert row["oneword_s_per_step"] > 0 and row["diffusers_s_per_step"] > 0
         assert row["ratio"] == pytest.approx(row["diffusers_s_per_step"] / row["oneword_s_per_step"])
@@ -88,9 +134,11 @@ def _fake_wheel(folder: Path, dist: str) -> Path:
     """A minimal valid pure-Python wheel of distribution `dist` (module `dist`)."""
     path = folder / f"{dist}-0.1-py3-none-any.whl"
     info = f"{dist}-0.1.dist-info"
-    files = {f"{dist}/__init__.py": "VALUE = 42\n",
-             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n",
-             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files = {
+        f"{dist}/__init__.py": "VALUE = 42\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
     with zipfile.ZipFile(path, "w") as z:
         for name, text in files.items():
@@ -106,7 +154,7 @@ def test_gpu_sh_without_venv_falls_back_to_python3_and_stops_at_preflight(tmp_pa
         (repo / name).symlink_to(ROOT / name)
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    (fake_bin / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (fake_bin / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
     (fake_bin / "python3").chmod(0o755)
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -115,8 +163,9 @@ def test_gpu_sh_without_venv_falls_back_to_python3_and_stops_at_preflight(tmp_pa
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "OUT", "TRITON_INTERPRET", "PYTHONPATH")}
     env.update(PATH=f"{fake_bin}:{env['PATH']}", WHEELS=str(wheels))
-    proc = subprocess.run(["bash", str(repo / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(repo / "bench" / "gpu.sh"), str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
     log_text = (out / "gpu.log").read_text()
     assert proc.returncode == 1, log_text
     assert "python=python3" in log_text and "preflight failed" in log_text
@@ -147,8 +196,25 @@ def test_phases_write_json_as_they_finish_and_a_failing_phase_costs_only_itself(
 
     monkeypatch.setattr(R, "build", no_diffusers)
     out = tmp_path / "r.json"
-    args = ["--config", "tiny", "--device", "cpu", "--quick", "--reps", "1", "--sample-steps", "2", "--size", "32",
-            "--threads", "1", "--out", str(out), "--phase-dir", str(tmp_path / "phases")]
+    args = [
+        "--config",
+        "tiny",
+        "--device",
+        "cpu",
+        "--quick",
+        "--reps",
+        "1",
+        "--sample-steps",
+        "2",
+        "--size",
+        "32",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--phase-dir",
+        str(tmp_path / "phases"),
+    ]
     assert R.main(args) == 0
     build = json.loads((tmp_path / "phases" / "phase-build.json").read_text())
     assert build["status"] == "failed" and "No module named 'diffusers'" in build["error"]
@@ -193,10 +259,21 @@ def test_routes_from_a_forward_and_a_backward_report():
     from ldm.kernels import routing
 
     def report(backward, triton_ms):
-        rows = [dict(head_dim=d, kind=kind, backend=b, ms=(triton_ms[d] if b == "triton" else 1.0))
-                for d in (40, 80) for kind in ("self", "cross") for b in ("math", "sdpa", "triton")]
-        return {"device": "H200", "arch": "sm_90", "dtype": "fp16", "backward": backward, "date": "2026-12-01",
-                "timings_meaningful": True, "results": rows}
+        rows = [
+            dict(head_dim=d, kind=kind, backend=b, ms=(triton_ms[d] if b == "triton" else 1.0))
+            for d in (40, 80)
+            for kind in ("self", "cross")
+            for b in ("math", "sdpa", "triton")
+        ]
+        return {
+            "device": "H200",
+            "arch": "sm_90",
+            "dtype": "fp16",
+            "backward": backward,
+            "date": "2026-12-01",
+            "timings_meaningful": True,
+            "results": rows,
+        }
 
     lines = A.routes(report(False, {40: 0.5, 80: float("nan")}), report(True, {40: 0.9, 80: 0.5}))
     assert len(lines) == 1  # head dim 80 has a failed row: no route

@@ -1,4 +1,5 @@
 """LDMBertTextModel: original key layout, parity with diffusers' LDMBertModel through its own converter."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -39,15 +40,27 @@ def _diffusers_twin(model: LDMBertTextModel, seed: int = 1):
     from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_bert_checkpoint
 
     c = SMALL
-    config = LDMBertConfig(vocab_size=c["vocab_size"], max_position_embeddings=c["max_seq_len"],
-                           encoder_layers=c["layers"], encoder_ffn_dim=4 * c["width"],
-                           encoder_attention_heads=c["heads"], head_dim=c["dim_head"], d_model=c["width"])
+    config = LDMBertConfig(
+        vocab_size=c["vocab_size"],
+        max_position_embeddings=c["max_seq_len"],
+        encoder_layers=c["layers"],
+        encoder_ffn_dim=4 * c["width"],
+        encoder_attention_heads=c["heads"],
+        head_dim=c["dim_head"],
+        d_model=c["width"],
+    )
     to_logits = nn.Linear(c["width"], c["vocab_size"])
     _randomise(to_logits, seed)
     # the converter reads `checkpoint.transformer.<original attribute path>`: give it our modules under those paths
-    original = SimpleNamespace(transformer=SimpleNamespace(
-        token_emb=model.token_emb, pos_emb=model.pos_emb, norm=model.norm, attn_layers=model.attn_layers,
-        to_logits=to_logits))
+    original = SimpleNamespace(
+        transformer=SimpleNamespace(
+            token_emb=model.token_emb,
+            pos_emb=model.pos_emb,
+            norm=model.norm,
+            attn_layers=model.attn_layers,
+            to_logits=to_logits,
+        )
+    )
     return convert_ldm_bert_checkpoint(original, config).eval()
 
 

@@ -1,4 +1,5 @@
 """ldm.checkpoint: round trips through every format, variant detection, and one-line errors for bad input."""
+
 from __future__ import annotations
 
 import pickle
@@ -31,9 +32,14 @@ def tiny_openclip() -> configs.ModelConfig:
     """A tiny SD2-layout config: open_clip text tower (penultimate), linear proj_in, fixed head width."""
     cfg = configs.tiny()
     unet = {k: v for k, v in cfg.unet.items() if k != "num_heads"}
-    return cfg.with_(name="tiny-sd2", unet={**unet, "num_head_channels": 8, "use_linear_in_transformer": True},
-                     text=dict(kind="openclip", vocab_size=49408, width=32, layers=3, heads=4,
-                               context_length=77, output="penultimate"), tokenizer="sd2")
+    return cfg.with_(
+        name="tiny-sd2",
+        unet={**unet, "num_head_channels": 8, "use_linear_in_transformer": True},
+        text=dict(
+            kind="openclip", vocab_size=49408, width=32, layers=3, heads=4, context_length=77, output="penultimate"
+        ),
+        tokenizer="sd2",
+    )
 
 
 def random_model(config: configs.ModelConfig, seed: int = 0):
@@ -119,13 +125,18 @@ def test_read_state_dict_is_lazy(tmp_path, tiny_sd):
 
 
 def test_ckpt_round_trip_with_known_extras(tmp_path, tiny, tiny_sd):
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     alphas = torch.cumprod(1 - betas, 0).float() * 0.999  # distinguishable from the recomputed schedule
-    extras = {"betas": betas.float(), "alphas_cumprod": alphas, "lvlb_weights": torch.ones(1000),
-              "model_ema.decay": torch.tensor(0.999), "model_ema.num_updates": torch.tensor(5),
-              "model_ema.input_blocks00weight": torch.zeros(1),
-              "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
-              "cond_stage_model.logit_scale": torch.tensor(4.6)}
+    extras = {
+        "betas": betas.float(),
+        "alphas_cumprod": alphas,
+        "lvlb_weights": torch.ones(1000),
+        "model_ema.decay": torch.tensor(0.999),
+        "model_ema.num_updates": torch.tensor(5),
+        "model_ema.input_blocks00weight": torch.zeros(1),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+        "cond_stage_model.logit_scale": torch.tensor(4.6),
+    }
     torch.save({"state_dict": {**tiny_sd, **extras}, "global_step": 470000, "epoch": 3}, tmp_path / "t.ckpt")
     loaded = load_model(tmp_path / "t.ckpt")
     assert loaded.config == tiny.config
@@ -171,8 +182,9 @@ def test_sd2_layout_single_file_and_diffusers_23_layers(tmp_path):
     assert_same_outputs(load_model(tmp_path / "sd2.safetensors"), model)
 
     last = f"cond_stage_model.model.transformer.resblocks.{cfg.text['layers'] - 1}."
-    folder = write_diffusers_folder({k: v for k, v in sd.items() if not k.startswith(last)}, cfg,
-                                    tmp_path / "sd2-diffusers")
+    folder = write_diffusers_folder(
+        {k: v for k, v in sd.items() if not k.startswith(last)}, cfg, tmp_path / "sd2-diffusers"
+    )
     loaded = load_model(folder)
     assert loaded.config.text["layers"] == cfg.text["layers"] - 1 and loaded.config.text["output"] == "last"
     shape_keys = ("model_channels", "channel_mult", "num_head_channels", "use_linear_in_transformer")
@@ -206,8 +218,11 @@ def test_lightning_leftovers_load_without_lightning(tmp_path, tiny, tiny_sd):
 
     ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = name, "ModelCheckpoint"
     fake.ModelCheckpoint = ModelCheckpoint
-    parents = {"pytorch_lightning": types.ModuleType("pytorch_lightning"),
-               "pytorch_lightning.callbacks": types.ModuleType("pytorch_lightning.callbacks"), name: fake}
+    parents = {
+        "pytorch_lightning": types.ModuleType("pytorch_lightning"),
+        "pytorch_lightning.callbacks": types.ModuleType("pytorch_lightning.callbacks"),
+        name: fake,
+    }
     assert not any(n in sys.modules for n in parents)
     sys.modules.update(parents)
     try:
@@ -260,14 +275,18 @@ def test_diffusers_key_map_full_size(make):
 def test_diffusers_qkv_order_and_conv_reshape():
     from ldm import diffusers_keys as dk
 
-    hf = {f"text_model.encoder.layers.0.self_attn.{n}_proj.weight": pattern(i, (4, 4), torch.float32)
-          for i, n in enumerate("qkv")}
+    hf = {
+        f"text_model.encoder.layers.0.self_attn.{n}_proj.weight": pattern(i, (4, 4), torch.float32)
+        for i, n in enumerate("qkv")
+    }
     back = dk.convert(dk.openclip_from_hf(hf), hf)
     packed = back["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
-    assert torch.equal(packed, torch.cat([hf[f"text_model.encoder.layers.0.self_attn.{n}_proj.weight"]
-                                          for n in "qkv"]))
-    vae = {"decoder.mid_block.attentions.0.to_q.weight": torch.ones(8, 8), "decoder.up_blocks.0.resnets.0.norm1.weight":
-           torch.ones(8), "decoder.up_blocks.1.resnets.0.norm1.weight": torch.ones(8)}
+    assert torch.equal(packed, torch.cat([hf[f"text_model.encoder.layers.0.self_attn.{n}_proj.weight"] for n in "qkv"]))
+    vae = {
+        "decoder.mid_block.attentions.0.to_q.weight": torch.ones(8, 8),
+        "decoder.up_blocks.0.resnets.0.norm1.weight": torch.ones(8),
+        "decoder.up_blocks.1.resnets.0.norm1.weight": torch.ones(8),
+    }
     back = dk.convert(dk.vae_to_original(vae), vae)
     assert back["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (8, 8, 1, 1)
     assert "first_stage_model.decoder.up.1.block.0.norm1.weight" in back  # up_blocks.0 runs first = up.1
@@ -342,8 +361,11 @@ def test_missing_misshaped_and_unexpected_keys_are_named(tmp_path, tiny, tiny_sd
     key = "model.diffusion_model.out.2.weight"
     marker = {CONFIG_KEY: config_to_tensor(tiny.config)}
     save_file({k: v for k, v in tiny_sd.items() if k != key}, str(tmp_path / "a.safetensors"))
-    one_line_error(load_model, tmp_path / "a.safetensors",
-                   match=rf"a\.safetensors has no key {key} — is this a Stable Diffusion checkpoint\?")
+    one_line_error(
+        load_model,
+        tmp_path / "a.safetensors",
+        match=rf"a\.safetensors has no key {key} — is this a Stable Diffusion checkpoint\?",
+    )
     save_file({**{k: v for k, v in tiny_sd.items() if k != key}, **marker}, str(tmp_path / "b.safetensors"))
     one_line_error(load_model, tmp_path / "b.safetensors", match=rf"has no key {key} — is this a tiny checkpoint")
     bad = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
@@ -361,19 +383,24 @@ def _telltale(tiny_sd: dict, **changes) -> dict:
     return {**tiny_sd, **changes}
 
 
-@pytest.mark.parametrize("case, match", [
-    ("sdxl_conditioner", "Stable Diffusion XL.*not supported"),
-    ("sdxl_label_emb", "Stable Diffusion XL.*not supported"),
-    ("inpainting", "inpainting model.*not supported"),
-    ("vae_only", "only a VAE"),
-    ("bare_vae", "only a VAE"),
-    ("no_text", "no text encoder"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("sdxl_conditioner", "Stable Diffusion XL.*not supported"),
+        ("sdxl_label_emb", "Stable Diffusion XL.*not supported"),
+        ("inpainting", "inpainting model.*not supported"),
+        ("vae_only", "only a VAE"),
+        ("bare_vae", "only a VAE"),
+        ("no_text", "no text encoder"),
+    ],
+)
 def test_unsupported_variants_say_so(tmp_path, tiny_sd, case, match):
     u = "model.diffusion_model."
     if case == "sdxl_conditioner":
-        sd = {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 2),
-              u + "input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)}
+        sd = {
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 2),
+            u + "input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3),
+        }
     elif case == "sdxl_label_emb":
         sd = _telltale(tiny_sd, **{u + "label_emb.0.0.weight": torch.zeros(8, 4)})
     elif case == "inpainting":
@@ -404,8 +431,10 @@ def test_prediction_from_manifest_name_size_or_hash(tmp_path):
     path = tmp_path / "renamed.safetensors"
     save_file(original_state_dict(model.unet, model.vae, model.text_encoder, cfg), str(path))
     size, digest = path.stat().st_size, wd.sha256_of(path)
-    entries = {"base": {"file": "base.safetensors", "size": size, "sha256": "0" * 64, "family": "sd2"},
-               "v": {"file": "v.safetensors", "size": size, "sha256": digest, "prediction": "v"}}
+    entries = {
+        "base": {"file": "base.safetensors", "size": size, "sha256": "0" * 64, "family": "sd2"},
+        "v": {"file": "v.safetensors", "size": size, "sha256": digest, "prediction": "v"},
+    }
     known = list(entries.values())
     assert load_model(path, known_files=known).config.parameterization == "v"  # same size as both: hashed
     entries["v"]["sha256"] = "f" * 64

@@ -1,4 +1,5 @@
 """LDM-1.4B (the paper's model) through load_model: detection from shapes, strict load, WordPiece tokenizer."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,9 +25,11 @@ def vocab(tmp_path, monkeypatch):
 def small_ldm() -> configs.ModelConfig:
     tiny = configs.tiny()
     return configs.ldm_1p4b().with_(
-        name="ldm-small", unet=tiny.unet | {"context_dim": 64}, vae=tiny.vae,
-        text=dict(kind="ldmbert", vocab_size=len(WORDS) + 5, width=64, layers=2, heads=1, dim_head=64,
-                  max_seq_len=77))
+        name="ldm-small",
+        unet=tiny.unet | {"context_dim": 64},
+        vae=tiny.vae,
+        text=dict(kind="ldmbert", vocab_size=len(WORDS) + 5, width=64, layers=2, heads=1, dim_head=64, max_seq_len=77),
+    )
 
 
 def test_full_size_ldm_1p4b_is_detected_from_shapes():

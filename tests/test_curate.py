@@ -1,4 +1,5 @@
 """inversion.curate: BEST_OF/KEEP/RANK=clip ranking with a fake scorer whose features we control."""
+
 import argparse
 import json
 
@@ -52,9 +53,11 @@ def test_combined_score_is_the_weighted_sum():
     scorer = FakeScorer(TABLE, {"p": [0.0, 1.0]})
     pairs = curate.ranked(coded(0, 1, 2), coded(10, 11), "p", scorer, image_weight=0.25)
     # image term: mean cos to (1,0) and (.8,.6); text term: cos to (0,1)
-    expect = {0: 0.25 * (1 + 0.8) / 2 + 0.75 * 0.0,
-              1: 0.25 * (0 + 0.6) / 2 + 0.75 * 1.0,
-              2: 0.25 * (2 ** -0.5 + 1.4 / 2 ** 0.5) / 2 + 0.75 * 2 ** -0.5}
+    expect = {
+        0: 0.25 * (1 + 0.8) / 2 + 0.75 * 0.0,
+        1: 0.25 * (0 + 0.6) / 2 + 0.75 * 1.0,
+        2: 0.25 * (2**-0.5 + 1.4 / 2**0.5) / 2 + 0.75 * 2**-0.5,
+    }
     assert [i for i, _ in pairs] == sorted(expect, key=lambda i: -expect[i])
     for i, s in pairs:
         assert s == pytest.approx(expect[i], abs=1e-6)
@@ -84,8 +87,9 @@ def test_nothing_to_rank_against_is_an_error():
 
 
 def test_clip_text_strips_learned_words():
-    assert curate.clip_text("a photo of <cat> on the <cat-toy> beach", ["<cat>", "<cat-toy>"]) == \
-        "a photo of on the beach"
+    assert (
+        curate.clip_text("a photo of <cat> on the <cat-toy> beach", ["<cat>", "<cat-toy>"]) == "a photo of on the beach"
+    )
     assert curate.clip_text("S* in the snow") == "in the snow"
 
 
@@ -101,13 +105,16 @@ def args(**kw):
     return p.parse_args(argv)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(keep=2), "needs BEST_OF"),
-    (dict(best_of=0), "at least 1"),
-    (dict(best_of=4, keep=5), "between 1 and BEST_OF"),
-    (dict(best_of=4, rank="lpips"), "unknown RANK"),
-    (dict(best_of=4, image_weight=1.5), r"\[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(keep=2), "needs BEST_OF"),
+        (dict(best_of=0), "at least 1"),
+        (dict(best_of=4, keep=5), "between 1 and BEST_OF"),
+        (dict(best_of=4, rank="lpips"), "unknown RANK"),
+        (dict(best_of=4, image_weight=1.5), r"\[0, 1\]"),
+    ],
+)
 def test_check_args_errors(kw, message):
     with pytest.raises(InversionError, match=message):
         curate.check_args(args(**kw))
@@ -136,7 +143,7 @@ def test_select_keeps_best_with_concept_from_the_embedding_run(tmp_path):
     scorer = FakeScorer(TABLE, {"a photo of in the snow": [0.0, 1.0]})
     a = args(best_of=4, keep=2, embedding=str(emb))
     chosen = curate.select(coded(3, 0, 1, 2), a, ["<cat>"], scorer=scorer)
-    assert [i for i, _ in chosen] == [3, 1]          # (1,1) is closest to both; then a tie → order
+    assert [i for i, _ in chosen] == [3, 1]  # (1,1) is closest to both; then a tie → order
     assert scorer.text_calls == ["a photo of in the snow"]
     assert len(chosen) == 2 and all(isinstance(s, float) for _, s in chosen)
 

@@ -1,4 +1,5 @@
 """Concept folders, the official preprocessing, templates, sample order, and the latent cache."""
+
 from __future__ import annotations
 
 import logging
@@ -60,7 +61,7 @@ def test_folder_rules(tmp_path, caplog):
 
 def test_image_modes(tmp_path, caplog):
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
-    rgba.putpixel((0, 0), (0, 0, 0, 0))                     # fully transparent black → white
+    rgba.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent black → white
     rgba.save(tmp_path / "alpha.png")
     assert D.load_image(tmp_path / "alpha.png").getpixel((0, 0)) == (255, 255, 255)
     assert D.load_image(tmp_path / "alpha.png").getpixel((1, 1)) == (255, 0, 0)
@@ -121,7 +122,7 @@ def test_latent_cache_skips_the_encoder_and_lives_on_disk(tmp_path):
     calls = EncoderCalls(model)
     images = D.ConceptImages(D.resolve_concept("cat"), 32)
     cache = D.LatentCache(model, images, tmp_path, batch_size=4)
-    assert cache.encoded == 10 and calls.n == 3          # 5 images × 2 flips in batches of 4
+    assert cache.encoded == 10 and calls.n == 3  # 5 images × 2 flips in batches of 4
     assert cache.mean.shape == (5, 2, 4, 16, 16) and bool((cache.std > 0).all())
     assert len(list(tmp_path.rglob("*.safetensors"))) == 10
     again = D.LatentCache(model, images, tmp_path)
@@ -155,9 +156,11 @@ def test_cached_draws_match_per_step_encoding_in_distribution(tmp_path):
     z_mean = ((cached.mean(0) - encoded.mean(0)).abs() / se_diff).max().item()
     ratio = cached.std(0) / encoded.std(0)
     worst, avg = (ratio - 1).abs().max().item(), (ratio.mean() - 1).abs().item()
-    se_ratio, elements = 1 / n ** 0.5, ratio.numel()
-    print(f"latent cache vs per-step encoding over {n} draws × {elements} elements: max |Δmean|/SE {z_mean:.2f} "
-          f"(< 5), max |σ ratio − 1| {worst:.3f} (< {5 * se_ratio:.3f}), mean σ ratio − 1 {avg:.4f} "
-          f"(< {5 * se_ratio / elements ** 0.5:.4f})")
+    se_ratio, elements = 1 / n**0.5, ratio.numel()
+    print(
+        f"latent cache vs per-step encoding over {n} draws × {elements} elements: max |Δmean|/SE {z_mean:.2f} "
+        f"(< 5), max |σ ratio − 1| {worst:.3f} (< {5 * se_ratio:.3f}), mean σ ratio − 1 {avg:.4f} "
+        f"(< {5 * se_ratio / elements**0.5:.4f})"
+    )
     assert z_mean < 5.0
-    assert worst < 5 * se_ratio and avg < 5 * se_ratio / elements ** 0.5
+    assert worst < 5 * se_ratio and avg < 5 * se_ratio / elements**0.5

@@ -1,4 +1,5 @@
 """weights.download against a local HTTP server on 127.0.0.1: resume, corruption, 404. No internet."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,7 @@ SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    cut_first = False      # serve half of the body on the first request, then drop the connection
+    cut_first = False  # serve half of the body on the first request, then drop the connection
     corrupt = False
     ranges: list[str | None] = []
 
@@ -37,7 +38,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if cls.cut_first:
             cls.cut_first = False
-            self.wfile.write(body[start:start + len(body) // 2])
+            self.wfile.write(body[start : start + len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
             return

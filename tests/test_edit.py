@@ -1,5 +1,6 @@
 """Editing: SDEdit parity with the original img2img indexing, Blended Latent Diffusion invariants, the
 `python -m apps.edit` CLI, and the offline proof on the shipped shapes model with a learned ring word."""
+
 from __future__ import annotations
 
 import subprocess
@@ -44,6 +45,7 @@ def rel(a, b):
 
 # --- parity: the original img2img's DDIM stochastic_encode + decode, against diffusers' DDIMScheduler ------
 
+
 def oracle_img2img(model_fn, z0, noise, steps, strength, eta, generator):
     """The original img2img path, driven through diffusers' DDIMScheduler (CompVis settings: steps_offset=1,
     set_alpha_to_one=False, "leading" spacing → timesteps 981, 961, …, 1 for 50 steps).
@@ -60,7 +62,7 @@ def oracle_img2img(model_fn, z0, noise, steps, strength, eta, generator):
     ts = sch.timesteps
     t_enc = int(strength * steps)
     t_start = len(ts) - t_enc
-    x = sch.add_noise(z0, noise, ts[t_start - 1:t_start])
+    x = sch.add_noise(z0, noise, ts[t_start - 1 : t_start])
     for t in ts[t_start:]:
         x = sch.step(model_fn(x, t.repeat(x.shape[0])), t, x, eta=eta, generator=generator).prev_sample
     return x, sch
@@ -75,17 +77,33 @@ def test_img2img_latents_equal_the_original_ddim_path(model, steps, strength, et
     noise = torch.randn(2, 4, 8, 8, generator=g)
     prompts, negs, scale = ["a red ring", "a photo of a cat"], ["", "blurry"], 3.0
     # ᾱ as diffusers accumulates it (float32) so that both sides use the same numbers
-    m = pipeline.LatentDiffusion(model.config, model.unet, model.vae, model.text_encoder, model.tokenizer,
-                                 Schedule(DDIMScheduler(**BETAS).alphas_cumprod))
-    ours = m.edit_latents(z0, prompts, negs, noise=noise, strength=strength, steps=steps, scale=scale, eta=eta,
-                          generator=torch.Generator().manual_seed(5), progress=False)
+    m = pipeline.LatentDiffusion(
+        model.config,
+        model.unet,
+        model.vae,
+        model.text_encoder,
+        model.tokenizer,
+        Schedule(DDIMScheduler(**BETAS).alphas_cumprod),
+    )
+    ours = m.edit_latents(
+        z0,
+        prompts,
+        negs,
+        noise=noise,
+        strength=strength,
+        steps=steps,
+        scale=scale,
+        eta=eta,
+        generator=torch.Generator().manual_seed(5),
+        progress=False,
+    )
     model_fn = m._guided(prompts, negs, scale)
     ref, sch = oracle_img2img(model_fn, z0, noise, steps, strength, eta, torch.Generator().manual_seed(5))
     assert rel(ours, ref) <= 1e-5
     # diffusers' own img2img convention (noise to the first step's timestep) is measurably different
     ts = sch.timesteps
     t_start = len(ts) - int(strength * steps)
-    x = sch.add_noise(z0, noise, ts[t_start:t_start + 1])
+    x = sch.add_noise(z0, noise, ts[t_start : t_start + 1])
     sch.set_timesteps(steps)
     for t in ts[t_start:]:
         x = sch.step(model_fn(x, t.repeat(2)), t, x, eta=eta, generator=torch.Generator().manual_seed(5)).prev_sample
@@ -107,12 +125,21 @@ def test_strength_outside_0_1_is_an_error(model, strength):
 
 def test_strength_counts_steps_like_the_original(model):
     calls = []
-    model.edit(picture(), "a cat", strength=0.5, steps=10, seed=1, progress=False,
-               callback=lambda i, t, x: calls.append(t))
+    model.edit(
+        picture(), "a cat", strength=0.5, steps=10, seed=1, progress=False, callback=lambda i, t, x: calls.append(t)
+    )
     assert calls == [401, 301, 201, 101, 1]  # int(0.5·10) = 5 steps: ts_asc[:5] reversed
     calls.clear()
-    model.edit(picture(), "a cat", strength=0.5, steps=10, seed=1, sampler="dpmpp_2m", progress=False,
-               callback=lambda i, t, x: calls.append(t))
+    model.edit(
+        picture(),
+        "a cat",
+        strength=0.5,
+        steps=10,
+        seed=1,
+        sampler="dpmpp_2m",
+        progress=False,
+        callback=lambda i, t, x: calls.append(t),
+    )
     assert calls == samplers.dpm_timesteps(10)[5:]
 
 
@@ -132,8 +159,14 @@ def test_sampler_start_resumes_a_run_and_an_identity_hook_changes_nothing():
     levels = []
     for name, fn in samplers.SAMPLERS.items():
         plain = fn(toy, x_T, s, 10, generator=torch.Generator().manual_seed(1))
-        hooked = fn(toy, x_T, s, 10, generator=torch.Generator().manual_seed(1),
-                    hook=lambda i, t, x, a, name=name: levels.append((name, a)) or x)
+        hooked = fn(
+            toy,
+            x_T,
+            s,
+            10,
+            generator=torch.Generator().manual_seed(1),
+            hook=lambda i, t, x, a, name=name: levels.append((name, a)) or x,
+        )
         assert torch.equal(plain, hooked), name
         assert len(samplers.sampler_timesteps(name, 10)) == sum(n == name for n, _ in levels)
     assert [a for n, a in levels if n == "ddpm"][-1] == 1.0 and [a for n, a in levels if n == "dpmpp_2m"][-1] == 1.0
@@ -143,12 +176,24 @@ def test_sampler_start_resumes_a_run_and_an_identity_hook_changes_nothing():
 
 # --- Blended Latent Diffusion ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
 def test_masked_edit_keeps_every_pixel_outside_the_dilated_mask(model, sampler):
     image = picture(seed=3)
     mask = square_mask(mode="RGB")
-    out = model.edit(image, ["a cat", "a dog"], mask=mask, strength=0.8, steps=4, scale=3.0, sampler=sampler,
-                     seed=2, mask_dilate=2, mask_blur=3, progress=False)
+    out = model.edit(
+        image,
+        ["a cat", "a dog"],
+        mask=mask,
+        strength=0.8,
+        steps=4,
+        scale=3.0,
+        sampler=sampler,
+        seed=2,
+        mask_dilate=2,
+        mask_blur=3,
+        progress=False,
+    )
     inside = np.zeros((32, 32), bool)
     inside[6:22, 6:22] = True  # the 12-px square dilated by 2 px
     for im in out:
@@ -165,17 +210,26 @@ def test_masked_latents_outside_follow_the_noised_input(model):
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 4:12, 4:12] = 1
     seen = []
-    out = model.edit_latents(z0, ["a cat"], noise=noise, strength=1.0, steps=5, scale=2.0, mask=mask,
-                             generator=torch.Generator().manual_seed(1), progress=False,
-                             callback=lambda i, t, x: seen.append(x.clone()))
+    out = model.edit_latents(
+        z0,
+        ["a cat"],
+        noise=noise,
+        strength=1.0,
+        steps=5,
+        scale=2.0,
+        mask=mask,
+        generator=torch.Generator().manual_seed(1),
+        progress=False,
+        callback=lambda i, t, x: seen.append(x.clone()),
+    )
     ab = model.schedule.alphas_cumprod.tolist()
     levels = [ab[t] for t in samplers.timesteps(5)[::-1][1:]] + [ab[0]]
     outside = mask.expand_as(z0) == 0
     assert len(seen) == len(levels) == 5
     for x, a in zip(seen, levels):
-        resid = (x - a ** 0.5 * z0)[outside] / (1 - a) ** 0.5
+        resid = (x - a**0.5 * z0)[outside] / (1 - a) ** 0.5
         assert abs(resid.mean().item()) < 0.15 and resid.std().item() == pytest.approx(1.0, abs=0.15)
-        assert not torch.allclose(x[..., 4:12, 4:12], a ** 0.5 * z0[..., 4:12, 4:12], atol=0.5)
+        assert not torch.allclose(x[..., 4:12, 4:12], a**0.5 * z0[..., 4:12, 4:12], atol=0.5)
     assert torch.equal(out, seen[-1])
 
 
@@ -228,6 +282,7 @@ def test_half_precision_masked_edit_on_cuda(dtype):
 
 # --- the CLI: `python -m apps.edit` / `make edit` -----------------------------------------------------------
 
+
 def run_edit(argv, capsys):
     from apps import edit
     from ldm import cli
@@ -242,18 +297,39 @@ TINY = ("--model", "tiny", "--n", "2", "--steps", "4")
 def test_cli_writes_pngs_with_img2img_parameters_and_never_overwrites(tmp_path, capsys):
     picture().save(tmp_path / "in.png")
     square_mask().save(tmp_path / "m.png")
-    argv = ["--image", tmp_path / "in.png", "--mask", tmp_path / "m.png", "--prompt", "a cat", "--neg", "blurry",
-            "--strength", "0.5", "--mask-blur", "2", "--seed", "5", "--out", tmp_path / "out", *TINY]
+    argv = [
+        "--image",
+        tmp_path / "in.png",
+        "--mask",
+        tmp_path / "m.png",
+        "--prompt",
+        "a cat",
+        "--neg",
+        "blurry",
+        "--strength",
+        "0.5",
+        "--mask-blur",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        tmp_path / "out",
+        *TINY,
+    ]
     code, out = run_edit(argv, capsys)
     assert code == 0, out.err
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00000-5.png", "00000-grid.png", "00001-6.png"]
     assert Image.open(tmp_path / "out" / "00001-6.png").text["parameters"].splitlines() == [
-        "a cat", "Negative prompt: blurry", "Steps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 6, Size: 32x32, "
-        "Model hash: tiny, Model: tiny, Denoising strength: 0.5, Mask blur: 2"]
+        "a cat",
+        "Negative prompt: blurry",
+        "Steps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 6, Size: 32x32, "
+        "Model hash: tiny, Model: tiny, Denoising strength: 0.5, Mask blur: 2",
+    ]
     outside = np.ones((32, 32), bool)
     outside[8:20, 8:20] = False
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "00000-5.png"))[outside],
-                          np.asarray(picture())[outside])
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "out" / "00000-5.png"))[outside], np.asarray(picture())[outside]
+    )
     assert run_edit(argv, capsys)[0] == 0
     assert (tmp_path / "out" / "00002-5.png").read_bytes() == (tmp_path / "out" / "00000-5.png").read_bytes()
 
@@ -280,23 +356,44 @@ def test_cli_uses_learned_words_from_an_embedding_file(tmp_path, capsys):
     for k in range(2):
         vec = torch.randn(1, 32, generator=torch.Generator().manual_seed(k))
         save_safetensors(diffusers_dict("<thing>", vec), tmp_path / f"w{k}.safetensors")
-        code, out = run_edit(["--image", tmp_path / "in.png", "--prompt", "a photo of <thing>", "--embedding",
-                              tmp_path / f"w{k}.safetensors", "--out", tmp_path / f"o{k}", "--strength", "0.9",
-                              "--model", "tiny", "--n", "1", "--steps", "4"], capsys)
+        code, out = run_edit(
+            [
+                "--image",
+                tmp_path / "in.png",
+                "--prompt",
+                "a photo of <thing>",
+                "--embedding",
+                tmp_path / f"w{k}.safetensors",
+                "--out",
+                tmp_path / f"o{k}",
+                "--strength",
+                "0.9",
+                "--model",
+                "tiny",
+                "--n",
+                "1",
+                "--steps",
+                "4",
+            ],
+            capsys,
+        )
         assert code == 0, out.err
         outs.append((tmp_path / f"o{k}" / "00000-42.png").read_bytes())
     assert outs[0] != outs[1]
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("strength", "STRENGTH=0 must be in (0, 1]"),
-    ("missing", "no such file"),
-    ("corrupt", "not a readable image"),
-    ("empty-mask", "is empty (no white pixel): nothing to edit"),
-    ("too-big", "edits at most 256 px a side — downscale it first"),
-    ("too-small", "needs at least 4 px a side"),
-    ("blur", "MASK_BLUR=-1 must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("strength", "STRENGTH=0 must be in (0, 1]"),
+        ("missing", "no such file"),
+        ("corrupt", "not a readable image"),
+        ("empty-mask", "is empty (no white pixel): nothing to edit"),
+        ("too-big", "edits at most 256 px a side — downscale it first"),
+        ("too-small", "needs at least 4 px a side"),
+        ("blur", "MASK_BLUR=-1 must be 0 or more"),
+    ],
+)
 def test_cli_bad_input_is_one_line(tmp_path, capsys, case, expect):
     picture().save(tmp_path / "in.png")
     argv = ["--image", tmp_path / "in.png", "--prompt", "a cat", "--out", tmp_path / "out", *TINY]
@@ -321,8 +418,25 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, case, expect):
 
 
 def test_make_edit_runs_the_module_and_errors_are_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "apps.edit", "--image", str(tmp_path / "x.png"), "--prompt", "a",
-                        "--strength", "1.5", "--model", "tiny"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "apps.edit",
+            "--image",
+            str(tmp_path / "x.png"),
+            "--prompt",
+            "a",
+            "--strength",
+            "1.5",
+            "--model",
+            "tiny",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip() == "error: STRENGTH=1.5 must be in (0, 1] (1 = start from pure noise)"
 
 
@@ -330,7 +444,7 @@ def test_make_edit_runs_the_module_and_errors_are_one_line(tmp_path):
 
 SHAPES_MODEL = ROOT / "weights" / "shapes.safetensors"
 needs_shapes = pytest.mark.skipif(not SHAPES_MODEL.is_file(), reason="weights/shapes.safetensors is missing")
-RING_STEPS = 30     # the ring word with the demo's recipe, fewer steps ("a photo of S*" → ring 88 % at 30 steps)
+RING_STEPS = 30  # the ring word with the demo's recipe, fewer steps ("a photo of S*" → ring 88 % at 30 steps)
 
 
 def shape_masks(labels):
@@ -361,10 +475,35 @@ def test_ring_word_edits_on_the_shapes_model(tmp_path):
     from inversion.embedding import load_embedding_file
 
     model = ldm.load_model(SHAPES_MODEL)
-    argv = ["--concept", str(demo.CONCEPT_DIR), "--ckpt", str(SHAPES_MODEL), "--init", world.GENERIC_WORD,
-            "--token", "S*", "--steps", str(RING_STEPS), "--batch", str(demo.BATCH), "--lr", str(demo.LR),
-            "--seed", "0", "--out", str(tmp_path / "run"), "--save-every", str(RING_STEPS), "--val-every", "0",
-            "--latent-cache", "", "--device", "cpu", "--no-progress"]
+    argv = [
+        "--concept",
+        str(demo.CONCEPT_DIR),
+        "--ckpt",
+        str(SHAPES_MODEL),
+        "--init",
+        world.GENERIC_WORD,
+        "--token",
+        "S*",
+        "--steps",
+        str(RING_STEPS),
+        "--batch",
+        str(demo.BATCH),
+        "--lr",
+        str(demo.LR),
+        "--seed",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+        "--save-every",
+        str(RING_STEPS),
+        "--val-every",
+        "0",
+        "--latent-cache",
+        "",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     trainer.train(trainer.TrainConfig.from_argv(argv), model=model)
     vectors = load_embedding_file(tmp_path / "run" / "learned_embeds.safetensors", token="S*")["S*"]
     model.extra_embeddings = vectors.to(model.device, model.dtype)
@@ -392,7 +531,9 @@ def test_ring_word_edits_on_the_shapes_model(tmp_path):
     full = model.edit(inputs, "a photo of S*", strength=1.0, **kw)
     assert [im.tobytes() for im in full] == [im.tobytes() for im in plain]
     full_rate = (judge.score(full)[0] == ring).float().mean().item()
-    print(f"ring in the edited region {ring_rate:.0%}; strength 0.2 keeps shape+colour {kept:.0%} "
-          f"(colour {(c == c0).float().mean().item():.0%}); strength 1 ring {full_rate:.0%} = sampling")
+    print(
+        f"ring in the edited region {ring_rate:.0%}; strength 0.2 keeps shape+colour {kept:.0%} "
+        f"(colour {(c == c0).float().mean().item():.0%}); strength 1 ring {full_rate:.0%} = sampling"
+    )
     assert ring_rate >= 0.70
     assert (c == c0).float().mean().item() >= 0.9 and kept >= 0.7

@@ -1,4 +1,5 @@
 """Placeholder rows, init, and every embedding file format (incl. diffusers' own loader reading ours)."""
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,9 @@ def test_init_words_spread_and_random_init_scale(model):
     words = LearnedWords(model, "<x>", num_vectors=4, init_words=["cat", "dog"])
     cat, dog = (table[model.tokenizer.encode(w)[0]] for w in ("cat", "dog"))
     assert torch.equal(words.vectors.detach(), torch.stack([cat, cat, dog, dog]))
-    rand = LearnedWords(ldm.tiny_model(0), "<y>", num_vectors=5, init_words=None,
-                        generator=torch.Generator().manual_seed(1))
+    rand = LearnedWords(
+        ldm.tiny_model(0), "<y>", num_vectors=5, init_words=None, generator=torch.Generator().manual_seed(1)
+    )
     norms = rand.vectors.detach().norm(dim=1)
     assert torch.allclose(norms, torch.full((5,), table_mean_norm(model)), rtol=1e-5)
 
@@ -102,8 +104,10 @@ def test_foreign_formats(tmp_path):
     torch.save({"emb_params": v}, tmp_path / "kohya.pt")
     save_file({"emb_params": v}, str(tmp_path / "kohya2.safetensors"))
     save_file({"<t>": v[0], "<t>_1": v[1], "<t>_2": v[2]}, str(tmp_path / "multi.safetensors"))
-    official = {"string_to_token": {"*": torch.tensor(265)},
-                "string_to_param": nn.ParameterDict({"*": nn.Parameter(v)})}   # as the official code saves
+    official = {
+        "string_to_token": {"*": torch.tensor(265)},
+        "string_to_param": nn.ParameterDict({"*": nn.Parameter(v)}),
+    }  # as the official code saves
     torch.save(official, tmp_path / "official.pt")
     torch.save({"clip_l": v, "clip_g": torch.randn(3, 1280)}, tmp_path / "sdxl.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a pickle")
@@ -144,6 +148,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 
 # --- a real client reads our file ------------------------------------------------------------------------
 
+
 def _hf_tokenizer(folder):
     """transformers' CLIPTokenizer built offline from open_clip's BPE merges."""
     from transformers import CLIPTokenizer
@@ -151,7 +156,7 @@ def _hf_tokenizer(folder):
     from ldm.tokenizer import bytes_to_unicode, default_bpe_path
 
     with gzip.open(default_bpe_path(), "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:48894 + 1]
+        merges = f.read().split("\n")[1 : 48894 + 1]
     chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -165,10 +170,18 @@ def test_diffusers_load_textual_inversion_reads_our_file(model, tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = model.config.text
-    hf = CLIPTextModel(CLIPTextConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["width"],
-                                      intermediate_size=4 * cfg["width"], num_hidden_layers=cfg["layers"],
-                                      num_attention_heads=cfg["heads"], max_position_embeddings=77,
-                                      hidden_act="quick_gelu", layer_norm_eps=1e-5)).eval()
+    hf = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["width"],
+            intermediate_size=4 * cfg["width"],
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["heads"],
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        )
+    ).eval()
     ours = {k.removeprefix("text_model."): v for k, v in model.text_encoder.state_dict().items()}
     hf.load_state_dict(ours, strict=True)
     hf_fresh = copy.deepcopy(hf)
@@ -191,9 +204,10 @@ def test_diffusers_load_textual_inversion_reads_our_file(model, tmp_path):
     pipe.load_textual_inversion(str(tmp_path), weight_name="learned_embeds.safetensors")
 
     prompt = "a photo of <cat>"
-    hf_ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length",
-                            max_length=77, return_tensors="pt").input_ids
-    assert torch.equal(hf_ids, model.tokenizer([prompt]))   # same ids: 49408, 49409 for <cat>, <cat>_1
+    hf_ids = pipe.tokenizer(
+        pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    assert torch.equal(hf_ids, model.tokenizer([prompt]))  # same ids: 49408, 49409 for <cat>, <cat>_1
     with torch.no_grad():
         theirs = hf(hf_ids).last_hidden_state
         mine = model.encode_prompts([prompt], extra=words.vectors.detach())

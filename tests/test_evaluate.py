@@ -1,4 +1,5 @@
 """The paper's CLIP metrics: hand-computed cases, the official evaluator's definition, CLIP wiring, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ def test_text_similarity_hand_computed():
 
 def _official(train, samples_per_prompt: list[torch.Tensor], texts: list[torch.Tensor]):
     """rinongal/textual_inversion evaluation/clip_eval.py, per prompt: features /= norm, (a @ b.T).mean()."""
+
     def norm(x):
         x = x.clone()
         x /= x.norm(dim=-1, keepdim=True)
@@ -74,13 +76,16 @@ def test_metrics_are_scale_and_order_invariant():
     assert E.image_similarity(a.numpy(), b.numpy()) == pytest.approx(base, abs=1e-12)
 
 
-@pytest.mark.parametrize("a, b, message", [
-    (torch.zeros(2, 4), torch.ones(3, 4), "zero vector"),
-    (torch.ones(2, 4), torch.ones(3, 5), "4 dims but"),
-    (torch.ones(0, 4), torch.ones(3, 4), "empty"),
-    (torch.ones(2, 4, 1), torch.ones(3, 4), "must be"),
-    (torch.tensor([[float("nan"), 1.0]]), torch.ones(1, 2), "NaN"),
-])
+@pytest.mark.parametrize(
+    "a, b, message",
+    [
+        (torch.zeros(2, 4), torch.ones(3, 4), "zero vector"),
+        (torch.ones(2, 4), torch.ones(3, 5), "4 dims but"),
+        (torch.ones(0, 4), torch.ones(3, 4), "empty"),
+        (torch.ones(2, 4, 1), torch.ones(3, 4), "must be"),
+        (torch.tensor([[float("nan"), 1.0]]), torch.ones(1, 2), "NaN"),
+    ],
+)
 def test_metric_bad_input_is_one_line(a, b, message):
     with pytest.raises(ValueError, match=message) as err:
         E.image_similarity(a, b)
@@ -112,9 +117,14 @@ def test_clip_preprocess_matches_torchvision_tensor_path():
     tv = pytest.importorskip("torchvision.transforms")
     g = torch.Generator().manual_seed(2)
     x = torch.rand(2, 3, 256, 300, generator=g) * 2 - 1
-    ref = tv.Compose([tv.Normalize([-1.0] * 3, [2.0] * 3),
-                      tv.Resize(224, interpolation=tv.InterpolationMode.BICUBIC, antialias=False),
-                      tv.CenterCrop(224), tv.Normalize(CL.CLIP_MEAN, CL.CLIP_STD)])(x)
+    ref = tv.Compose(
+        [
+            tv.Normalize([-1.0] * 3, [2.0] * 3),
+            tv.Resize(224, interpolation=tv.InterpolationMode.BICUBIC, antialias=False),
+            tv.CenterCrop(224),
+            tv.Normalize(CL.CLIP_MEAN, CL.CLIP_STD),
+        ]
+    )(x)
     ours = CL.clip_preprocess(x)
     assert ours.shape == (2, 3, 224, 224)
     assert float((ours - ref).abs().max()) < 1e-5
@@ -123,9 +133,11 @@ def test_clip_preprocess_matches_torchvision_tensor_path():
     assert torch.allclose(grey[0, :, 0, 0], want, atol=1e-6)
 
 
-TINY_CLIP = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +173,10 @@ def test_clip_torchscript_archive_is_read(tmp_path):
 
 
 def test_clip_weight_errors_are_one_line(tmp_path):
-    with pytest.raises(InversionError, match="weights not found at .*clip-vit-b-32.pt; download OpenAI's "
-                                             "ViT-B-32.pt from https://openaipublic") as err:
+    with pytest.raises(
+        InversionError,
+        match="weights not found at .*clip-vit-b-32.pt; download OpenAI's ViT-B-32.pt from https://openaipublic",
+    ) as err:
         CL.CLIPScorer.load(tmp_path / "clip-vit-b-32.pt")
     assert "\n" not in str(err.value)
     junk = tmp_path / "junk.pt"
@@ -199,21 +213,39 @@ def run_dir(tmp_path):
     run.mkdir()
     options = {"model": "tiny", "ckpt": None, "concept": str(concept), "token": "<cat>"}
     (run / "args.json").write_text(json.dumps({"options": options}))
-    save_safetensors({"<cat>": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))},
-                     run / "learned_embeds.safetensors")
+    save_safetensors(
+        {"<cat>": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))}, run / "learned_embeds.safetensors"
+    )
     return run
 
 
 def test_cli_end_to_end_on_tiny_model(run_dir, capsys):
-    argv = ["--run", str(run_dir), "--n", "2", "--steps", "1", "--batch", "2", "--prompts",
-            "A photo of S* on the moon;Elmo holding a S*", "--save-samples", "--no-progress", "--device", "cpu"]
+    argv = [
+        "--run",
+        str(run_dir),
+        "--n",
+        "2",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--prompts",
+        "A photo of S* on the moon;Elmo holding a S*",
+        "--save-samples",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert E.main(argv, scorer=StubScorer()) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and line.startswith("<cat>: image similarity ") and "mean of 2 editing prompts" in line
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["token"] == "<cat>" and report["model"] == "tiny" and report["training_images"] == 2
-    assert [p["prompt"] for p in report["prompts"]] == ["A photo of S*", "A photo of S* on the moon",
-                                                       "Elmo holding a S*"]
+    assert [p["prompt"] for p in report["prompts"]] == [
+        "A photo of S*",
+        "A photo of S* on the moon",
+        "Elmo holding a S*",
+    ]
     assert [p["text"] for p in report["prompts"]] == ["A photo of", "A photo of on the moon", "Elmo holding a"]
     edits = [p["text_similarity"] for p in report["prompts"][1:]]
     assert report["text_similarity"] == pytest.approx(sum(edits) / 2, abs=1e-12)
@@ -250,8 +282,21 @@ def test_cli_missing_run_and_missing_clip_weights_are_one_line(run_dir, tmp_path
 @pytest.mark.slow
 def test_cli_with_random_vit_b32_smoke(run_dir, capsys):
     """The full default path: open_clip ViT-B-32 (random weights), tiny model, one editing prompt."""
-    argv = ["--run", str(run_dir), "--n", "2", "--steps", "1", "--clip-weights", E.RANDOM, "--no-progress",
-            "--prompts", "An oil painting of S*", "--device", "cpu"]
+    argv = [
+        "--run",
+        str(run_dir),
+        "--n",
+        "2",
+        "--steps",
+        "1",
+        "--clip-weights",
+        E.RANDOM,
+        "--no-progress",
+        "--prompts",
+        "An oil painting of S*",
+        "--device",
+        "cpu",
+    ]
     assert E.cli_main(argv) == 0
     assert "RANDOM CLIP" in capsys.readouterr().out
     report = json.loads((run_dir / "eval.json").read_text())

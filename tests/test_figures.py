@@ -1,4 +1,5 @@
 """experiments/figures: dispatcher errors, trade-off plot and RESULTS.md, shapes concepts, and the tiny smoke run."""
+
 import json
 import os
 import subprocess
@@ -41,6 +42,7 @@ def run_cli(argv, capsys):
 
 # --- one-line errors ---------------------------------------------------------------------------------------
 
+
 def test_unknown_figure_is_a_one_line_error(capsys):
     code, out = run_cli(["nosuch"], capsys)
     assert code == 2
@@ -54,12 +56,24 @@ def test_no_arguments_prints_usage(capsys):
 
 
 def test_composition_with_one_concept_is_a_one_line_error_before_training(capsys, tmp_path):
-    code, out = run_cli(["composition", "--model", "tiny", "--concept", "cat", "--runs-dir",
-                         str(tmp_path / "runs"), "--out", str(tmp_path / "c")], capsys)
+    code, out = run_cli(
+        [
+            "composition",
+            "--model",
+            "tiny",
+            "--concept",
+            "cat",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        capsys,
+    )
     assert code == 2
     assert out.err.strip().count("\n") == 0
     assert "needs 2 learned word(s)" in out.err
-    assert not (tmp_path / "runs").exists()          # failed before any training
+    assert not (tmp_path / "runs").exists()  # failed before any training
 
 
 def test_all_rejects_an_option_no_figure_takes(capsys, tmp_path):
@@ -83,6 +97,7 @@ def test_every_figure_has_a_script():
 
 # --- pieces ------------------------------------------------------------------------------------------------
 
+
 def test_variants_are_trainer_flags_of_the_paper():
     vs = tradeoff.variants(6100)
     keys = [v.key for v in vs]
@@ -93,14 +108,17 @@ def test_variants_are_trainer_flags_of_the_paper():
     assert changes["progressive"] == {"vectors": 3, "progressive": 2033}
     assert {v.key: v.flags for v in vs}["progressive"] == ["--vectors", "3", "--progressive", "2033"]
     from inversion.config import TrainConfig
+
     for v in vs:  # every variant is a trainer command line that gives exactly its config
         assert TrainConfig.from_argv(["--concept", "cat", *v.flags]) == TrainConfig(concept="cat", **v.changes)
 
 
 def test_plot_has_one_point_per_variant(tmp_path):
     vs = tradeoff.variants(10)
-    points = [{"key": v.key, "label": v.label, "text_similarity": 0.2 + 0.01 * i,
-               "image_similarity": 0.7 - 0.01 * i} for i, v in enumerate(vs)]
+    points = [
+        {"key": v.key, "label": v.label, "text_similarity": 0.2 + 0.01 * i, "image_similarity": 0.7 - 0.01 * i}
+        for i, v in enumerate(vs)
+    ]
     drawn = tradeoff.plot(points, tmp_path / "p.png", "t", reference=0.9)
     assert drawn == len(vs) == 10
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
@@ -120,7 +138,7 @@ def test_results_section_is_replaced_and_keeps_other_rows(tmp_path):
     assert text.count("<!-- results:m/c -->") == 1 and text.count("<!-- results:other/c -->") == 1
     section = text.split("<!-- results:m/c -->")[1].split("<!-- /results:m/c -->")[0]
     assert "| A | `--vectors 2` | 0.7500 | 0.2500 | `r` |" in section
-    assert "| B | caption: “cat” | 0.5000 | 0.2500 | — |" in section      # kept from the first write
+    assert "| B | caption: “cat” | 0.5000 | 0.2500 | — |" in section  # kept from the first write
     assert section.index("| A |") < section.index("| B |")
 
 
@@ -167,6 +185,7 @@ def test_fill_and_grid():
 
 # --- tiny runs ---------------------------------------------------------------------------------------------
 
+
 def test_variations_and_tradeoff_subset_in_process(tmp_path):
     """Two figures on one shared tiny model with a fake scorer: files, JSON, reuse of the trained run."""
     common = ["--model", "tiny", "--runs-dir", str(tmp_path / "runs"), "--steps", "2", "--sample-steps", "2"]
@@ -179,21 +198,39 @@ def test_variations_and_tradeoff_subset_in_process(tmp_path):
     assert info["samples"] == 2 and info["model"] == "tiny" and info["words"][0]["token"] == "<cat>"
     assert Path(r1["png"]).is_file()
     results = tmp_path / "RESULTS.md"
-    C.run_figure(tradeoff, common + ["--out", str(tmp_path / "t"), "--variants", "one-word,caption-short,two-words",
-                                     "--results", str(results)], ctx)
+    C.run_figure(
+        tradeoff,
+        common
+        + ["--out", str(tmp_path / "t"), "--variants", "one-word,caption-short,two-words", "--results", str(results)],
+        ctx,
+    )
     t = json.loads((tmp_path / "t" / "tradeoff.json").read_text())
     assert [p["key"] for p in t["points"]] == ["one-word", "caption-short", "two-words"]
     assert t["plotted_points"] == 3
-    assert t["points"][0]["run"] == info["words"][0]["run"]          # the one-word run was reused
+    assert t["points"][0]["run"] == info["words"][0]["run"]  # the one-word run was reused
     for p in t["points"]:
         assert -1 <= p["image_similarity"] <= 1 and -1 <= p["text_similarity"] <= 1
     assert "<!-- results:tiny/cat -->" in results.read_text()
-    assert len(list((tmp_path / "runs").iterdir())) == 2             # cat word + cat two-words
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # cat word + cat two-words
 
 
 def test_composition_of_two_runs_in_process(tmp_path):
-    common = ["--model", "tiny", "--runs-dir", str(tmp_path / "runs"), "--steps", "1", "--sample-steps", "2",
-              "--n", "1", "--concept", "cat,shapes-star-red", "--out", str(tmp_path / "c")]
+    common = [
+        "--model",
+        "tiny",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--steps",
+        "1",
+        "--sample-steps",
+        "2",
+        "--n",
+        "1",
+        "--concept",
+        "cat,shapes-star-red",
+        "--out",
+        str(tmp_path / "c"),
+    ]
     p = C.base_parser("composition", "")
     composition.add_arguments(p)
     ctx = C.Context(C.finish_args(p.parse_args(common)))
@@ -208,9 +245,25 @@ def test_make_figures_tiny_smoke(tmp_path):
     """What `make figures MODEL=tiny` runs: every figure, files exist, one point per variant, JSON well-formed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, "-m", "experiments.figures", "all", "--model", "tiny",
-                           "--out", str(tmp_path), "--results", str(results)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.figures",
+            "all",
+            "--model",
+            "tiny",
+            "--out",
+            str(tmp_path),
+            "--results",
+            str(results),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in FIGURES:
         stem = tmp_path / name / name
@@ -222,4 +275,4 @@ def test_make_figures_tiny_smoke(tmp_path):
     b = json.loads((tmp_path / "bias" / "bias.json").read_text())
     assert b["word"] == "circle" and b["plain"]["samples"] == b["learned"]["samples"] == 2
     section = results.read_text().split("<!-- results:tiny/cat -->")[1]
-    assert section.count("\n| ") == len(tradeoff.variants(4)) + 1      # header + one row per variant
+    assert section.count("\n| ") == len(tradeoff.variants(4)) + 1  # header + one row per variant

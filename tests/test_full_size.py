@@ -1,5 +1,6 @@
 """Full-size SD1/SD2 key sets (≈1.1 B params, fp16, pattern-filled) load strictly from .safetensors, .ckpt and
 a diffusers folder written by diffusers' own converters. Slow: several GB of disk and memory."""
+
 from __future__ import annotations
 
 import resource
@@ -19,13 +20,17 @@ PEAK_RSS_LIMIT = 10 * 2**30
 
 def released_extras(config: configs.ModelConfig) -> dict[str, torch.Tensor]:
     """Non-model entries that the released single files carry and a loader must ignore (or use)."""
-    betas = torch.linspace(config.linear_start ** 0.5, config.linear_end ** 0.5, config.timesteps,
-                           dtype=torch.float64) ** 2
+    betas = torch.linspace(config.linear_start**0.5, config.linear_end**0.5, config.timesteps, dtype=torch.float64) ** 2
     alphas = torch.cumprod(1 - betas, 0)
-    extras = {"betas": betas.float(), "alphas_cumprod": alphas.float(),
-              "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas[:-1].float()]),
-              "sqrt_alphas_cumprod": alphas.sqrt().float(), "posterior_variance": betas.float(),
-              "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(0, dtype=torch.int32)}
+    extras = {
+        "betas": betas.float(),
+        "alphas_cumprod": alphas.float(),
+        "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas[:-1].float()]),
+        "sqrt_alphas_cumprod": alphas.sqrt().float(),
+        "posterior_variance": betas.float(),
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.num_updates": torch.tensor(0, dtype=torch.int32),
+    }
     if config.text["kind"] == "clip":
         extras["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     else:
@@ -53,8 +58,7 @@ def check_loaded(model, config: configs.ModelConfig, index: dict[str, int]) -> N
                 continue  # absent from diffusers folders, unused by SD
             assert v.dtype == torch.float16, k
             assert torch.equal(v, pattern(index[prefix + k], tuple(v.shape), torch.float16)), prefix + k
-    assert torch.allclose(model.schedule.alphas_cumprod[[0, -1]].float(), torch.tensor([0.99915, 0.0046600]),
-                          atol=1e-6)
+    assert torch.allclose(model.schedule.alphas_cumprod[[0, -1]].float(), torch.tensor([0.99915, 0.0046600]), atol=1e-6)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 2**30:.1f} GiB"
 

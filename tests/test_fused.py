@@ -3,6 +3,7 @@
 On a machine without CUDA the Triton kernels run under TRITON_INTERPRET=1 (conftest.py), so the models are tiny
 and the latents 8×8.
 """
+
 from __future__ import annotations
 
 import copy
@@ -96,8 +97,10 @@ def test_unet_triton_matches_math_forward_and_backward(monkeypatch: pytest.Monke
     floor = 1e-5 * max(g.abs().max() for g in gp_m.values())
     errs.update({n: rel_err(gp_t[n], g) for n, g in gp_m.items() if g.abs().max() > floor})
     assert len(errs) > 0.8 * len(gp_m)
-    print(f"UNet triton vs math: eps {errs['eps']:.2e}, context grad {errs['context grad']:.2e}, "
-          f"worst parameter grad {max(errs.values()):.2e}")
+    print(
+        f"UNet triton vs math: eps {errs['eps']:.2e}, context grad {errs['context grad']:.2e}, "
+        f"worst parameter grad {max(errs.values()):.2e}"
+    )
     assert max(errs.values()) <= 1e-5, max(errs, key=errs.get)
 
 
@@ -160,12 +163,19 @@ def test_keys_and_layout_unchanged() -> None:
     assert isinstance(res.in_layers, NormSiLUSequential) and isinstance(model.out, NormSiLUSequential)
     assert [type(m).__name__ for m in res.out_layers] == ["GroupNorm32", "SiLU", "Dropout", "Conv2d"]
     keys = set(model.state_dict())
-    assert {"out.0.weight", "out.2.weight", "input_blocks.1.0.in_layers.0.bias", "input_blocks.1.0.in_layers.2.weight",
-            "input_blocks.1.0.out_layers.0.weight", "input_blocks.1.0.out_layers.3.weight"} <= keys
+    assert {
+        "out.0.weight",
+        "out.2.weight",
+        "input_blocks.1.0.in_layers.0.bias",
+        "input_blocks.1.0.in_layers.2.weight",
+        "input_blocks.1.0.out_layers.0.weight",
+        "input_blocks.1.0.out_layers.3.weight",
+    } <= keys
     assert not any(k.split(".")[-3:-1] in (["in_layers", "1"], ["out_layers", "1"], ["out", "1"]) for k in keys)
     vae = AutoencoderKL(**tiny().vae)
     assert {"encoder.norm_out.weight", "decoder.up.0.block.0.norm1.bias", "encoder.mid.attn_1.norm.weight"} <= set(
-        vae.state_dict())
+        vae.state_dict()
+    )
     assert check_precision_policy(model) == [] and check_precision_policy(vae) == []
     assert check_precision_policy(nn.Sequential(nn.GroupNorm(2, 4))) == ["0"]
 

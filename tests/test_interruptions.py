@@ -1,5 +1,6 @@
 """Interruptions and faults: kill -9 at random moments, a disk that fills during a save, Ctrl-C while
 training and while sampling. Nothing already saved may be lost, and every stop says what to do next."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ def _check_run_dir(run: Path) -> int:
     if (run / "args.json").exists():
         json.loads((run / "args.json").read_text())
     for f in sorted((run / "steps").glob("*")) if (run / "steps").is_dir() else []:
-        if not f.name.startswith("."):                        # temp files of an unfinished save are ignored
+        if not f.name.startswith("."):  # temp files of an unfinished save are ignored
             assert torch.isfinite(next(iter(load_embedding_file(f).values()))).all(), f
     for name in MAIN_FILES:
         if (run / name).exists():
@@ -46,10 +47,13 @@ def _check_run_dir(run: Path) -> int:
         return 0
     state = T.load_state(run / "state.pt")
     step = state["step"]
-    saved = {k: load_embedding_file(run / "steps" / f"learned_embeds-step{k}.safetensors")["<cat>"]
-             for k in (step, step + 1) if (run / "steps" / f"learned_embeds-step{k}.safetensors").exists()}
+    saved = {
+        k: load_embedding_file(run / "steps" / f"learned_embeds-step{k}.safetensors")["<cat>"]
+        for k in (step, step + 1)
+        if (run / "steps" / f"learned_embeds-step{k}.safetensors").exists()
+    }
     assert step in saved and torch.equal(saved[step], state["vectors"])
-    for name in MAIN_FILES:   # the latest save, or the one after it when the kill fell between file and state
+    for name in MAIN_FILES:  # the latest save, or the one after it when the kill fell between file and state
         v = next(iter(load_embedding_file(run / name).values()))
         assert any(torch.equal(v, s) for s in saved.values()), name
     return step
@@ -92,14 +96,21 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tmp
     run = tmp_path / "run"
     first = train_argv(tmp_path, "--steps", "100000", "--save-every", "1", out="run")
     log = open(tmp_path / "zygote.log", "w")
-    zygote = subprocess.Popen([PY, "-c", ZYGOTE], cwd=ROOT, env=subprocess_env(), stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=log, text=True)
+    zygote = subprocess.Popen(
+        [PY, "-c", ZYGOTE],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     kills, steps_seen, delays, mid_save = 0, [], [], 0
     try:
-        while kills < 20 or (sum(s > 0 for s in steps_seen) < 10 and kills < 40):   # slow machine: kill more
+        while kills < 20 or (sum(s > 0 for s in steps_seen) < 10 and kills < 40):  # slow machine: kill more
             argv = first if not (run / "args.json").exists() else ["--resume", str(run), "--no-progress"]
             if argv is first and run.exists():
-                argv = [*first, "--overwrite"]            # killed before args.json: nothing to resume yet
+                argv = [*first, "--overwrite"]  # killed before args.json: nothing to resume yet
             zygote.stdin.write(json.dumps(argv) + "\n")
             zygote.stdin.flush()
             pid = int(zygote.stdout.readline())
@@ -110,7 +121,7 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tmp
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (status, delay)
             kills += 1
             delays.append(round(delay, 2))
-            mid_save += bool(list(run.rglob(".*.tmp")))      # the kill fell between a temp file and its rename
+            mid_save += bool(list(run.rglob(".*.tmp")))  # the kill fell between a temp file and its rename
             step = _check_run_dir(run)
             assert not steps_seen or step >= steps_seen[-1], "a resume went backwards"
             steps_seen.append(step)
@@ -124,10 +135,9 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tmp
         zygote.stdin.close()
         zygote.wait(timeout=60)
         log.close()
-    print(f"kill seed {seed}: delays {delays} s, saved steps after each kill {steps_seen}, {mid_save} kills "
-          "mid-save")
+    print(f"kill seed {seed}: delays {delays} s, saved steps after each kill {steps_seen}, {mid_save} kills mid-save")
     assert sum(s > 0 for s in steps_seen) >= 10, "most kills should land after the first save"
-    assert _loss_steps(run) == list(range(1, final + 1))         # no gap, no duplicate after 20 resumes
+    assert _loss_steps(run) == list(range(1, final + 1))  # no gap, no duplicate after 20 resumes
     ref_argv = train_argv(tmp_path, "--steps", str(final), "--save-every", str(final), out="ref")
     ref = T.train(TrainConfig.from_argv(ref_argv))
     assert (run / "loss.csv").read_text() == (ref / "loss.csv").read_text()
@@ -173,9 +183,14 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_file(tmp_pat
 
 def test_ctrl_c_during_training_saves_and_exits_0(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([PY, "-m", "inversion.train", *train_argv(tmp_path, "--steps", "100000",
-                                                                 "--save-every", "100000")],
-                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PY, "-m", "inversion.train", *train_argv(tmp_path, "--steps", "100000", "--save-every", "100000")],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while len(_loss_steps(run)) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
@@ -196,10 +211,36 @@ def test_ctrl_c_during_training_saves_and_exits_0(tmp_path):
 
 def test_ctrl_c_during_sampling_keeps_the_images_already_written(tmp_path):
     out = tmp_path / "samples"
-    proc = subprocess.Popen([PY, "-m", "apps.sample", "--model", "tiny", "--prompt", "a photo of a cat", "--n", "200",
-                             "--batch-size", "1", "--steps", "4", "--H", "32", "--W", "32", "--device", "cpu",
-                             "--out", str(out)], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "apps.sample",
+            "--model",
+            "tiny",
+            "--prompt",
+            "a photo of a cat",
+            "--n",
+            "200",
+            "--batch-size",
+            "1",
+            "--steps",
+            "4",
+            "--H",
+            "32",
+            "--W",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while (not out.is_dir() or len(list(out.glob("0*.png"))) < 3) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 On a machine without CUDA these run under TRITON_INTERPRET=1 (set in conftest.py), so shapes stay small.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def randn(*shape: int, gen: torch.Generator, dtype: torch.dtype = torch.float32, scale: float = 1.0
-          ) -> torch.Tensor:
+def randn(*shape: int, gen: torch.Generator, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
 
 
@@ -85,7 +85,7 @@ def test_attention_strided_inputs_and_kv_only_grad() -> None:
     q = randn(b, nq, h, d, gen=g).transpose(1, 2)
     kv = randn(b, nk, 2 * h * d, gen=g).requires_grad_()
     k = kv[..., : h * d].view(b, nk, h, d).transpose(1, 2)
-    v = kv[..., h * d:].view(b, nk, h, d).transpose(1, 2)
+    v = kv[..., h * d :].view(b, nk, h, d).transpose(1, 2)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     do = randn(b, h, nq, d, gen=g)
     dq_before = CALLS["attention_bwd_dq"]
@@ -96,7 +96,7 @@ def test_attention_strided_inputs_and_kv_only_grad() -> None:
     assert CALLS["attention_bwd_dq"] == dq_before  # q needs no gradient (textual inversion's cross-attn)
     kv32 = kv.detach().clone().requires_grad_()
     k32 = kv32[..., : h * d].view(b, nk, h, d).transpose(1, 2)
-    v32 = kv32[..., h * d:].view(b, nk, h, d).transpose(1, 2)
+    v32 = kv32[..., h * d :].view(b, nk, h, d).transpose(1, 2)
     ref = attention_math(q, k32, v32)
     (rkv,) = torch.autograd.grad(ref, kv32, do)
     assert rel_err(out, ref) <= 1e-5
@@ -146,11 +146,12 @@ def test_dispatcher_really_runs_triton() -> None:
 
 
 def test_supports_rules() -> None:
-    def qkv(d: int, dtype: torch.dtype = torch.float16, nk: int = 77, heads: int = 8
-            ) -> tuple[torch.Tensor, ...]:
-        return (torch.zeros(1, heads, 64, d, dtype=dtype, device=DEVICE),
-                torch.zeros(1, heads, nk, d, dtype=dtype, device=DEVICE),
-                torch.zeros(1, heads, nk, d, dtype=dtype, device=DEVICE))
+    def qkv(d: int, dtype: torch.dtype = torch.float16, nk: int = 77, heads: int = 8) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.zeros(1, heads, 64, d, dtype=dtype, device=DEVICE),
+            torch.zeros(1, heads, nk, d, dtype=dtype, device=DEVICE),
+            torch.zeros(1, heads, nk, d, dtype=dtype, device=DEVICE),
+        )
 
     for d in (40, 64, 80, 160, 256):
         assert supports(*qkv(d), explicit=True)
@@ -170,7 +171,14 @@ def test_head_dim_split_and_tiles() -> None:
     from ldm.kernels.attention import split_head_dim, tiles
 
     assert {d: split_head_dim(d) for d in (40, 64, 80, 160, 256, 8, 100)} == {
-        40: (32, 16), 64: (64, 0), 80: (64, 16), 160: (128, 32), 256: (256, 0), 8: (16, 0), 100: (64, 64)}
+        40: (32, 16),
+        64: (64, 0),
+        80: (64, 16),
+        160: (128, 32),
+        256: (256, 0),
+        8: (16, 0),
+        100: (64, 64),
+    }
     for d in (40, 64, 80, 160):
         for cc in (80, 90):
             for kind in ("fwd", "dkdv", "dq"):
@@ -187,7 +195,7 @@ def _measured(arch: str, d: int, triton_ms: float, sdpa_ms: float):
 
 
 def test_auto_routing_follows_recorded_measurements(monkeypatch: pytest.MonkeyPatch) -> None:
-    """"auto" picks Triton attention only for a recorded row where it beat SDPA (and never causal or fp32)."""
+    """ "auto" picks Triton attention only for a recorded row where it beat SDPA (and never causal or fp32)."""
     from ldm.kernels import routing
 
     q = torch.zeros(1, 2, 16, 40, dtype=torch.float16)
@@ -206,8 +214,9 @@ def test_auto_routing_follows_recorded_measurements(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("broken", ["_launch_fwd", "_launch_bwd"])
-def test_auto_falls_back_once_when_a_kernel_fails_to_compile(monkeypatch: pytest.MonkeyPatch,
-                                                            caplog: pytest.LogCaptureFixture, broken: str) -> None:
+def test_auto_falls_back_once_when_a_kernel_fails_to_compile(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, broken: str
+) -> None:
     """A forward or backward compile failure under "auto": one warning line, SDPA results, no retry; "triton" raises."""
     from ldm.kernels import attention as tk
     from ldm.kernels import routing
@@ -235,8 +244,9 @@ def test_auto_falls_back_once_when_a_kernel_fails_to_compile(monkeypatch: pytest
         attention(q.requires_grad_(), k, v, backend="triton").float().sum().backward()
 
 
-def test_auto_backward_failure_after_warm_up_uses_reference_gradients(monkeypatch: pytest.MonkeyPatch,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_backward_failure_after_warm_up_uses_reference_gradients(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from ldm.kernels import attention as tk
     from ldm.kernels import routing
 
@@ -303,8 +313,9 @@ def test_autograd_function_compiles_without_graph_breaks_or_counts(monkeypatch: 
     q, k, v = (torch.randn(1, 2, 8, 16).requires_grad_() for _ in range(3))
     before = CALLS.copy()
     torch._dynamo.reset()
-    compiled = torch.compile(lambda q, k, v: tk._FlashAttention.apply(q, k, v, False, None), backend="eager",
-                             fullgraph=True)
+    compiled = torch.compile(
+        lambda q, k, v: tk._FlashAttention.apply(q, k, v, False, None), backend="eager", fullgraph=True
+    )
     out = compiled(q, k, v)
     (dq,) = torch.autograd.grad(out.sum(), q)
     assert torch.equal(dq, torch.full_like(q, 2.0))
@@ -315,11 +326,15 @@ def test_autograd_function_compiles_without_graph_breaks_or_counts(monkeypatch: 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape,groups,silu", [((2, 16, 9, 7), 4, True), ((1, 8, 20), 2, False),
-                                               ((1, 64, 3, 3), 32, True)], ids=["4d_silu", "3d", "g32"])
+@pytest.mark.parametrize(
+    "shape,groups,silu",
+    [((2, 16, 9, 7), 4, True), ((1, 8, 20), 2, False), ((1, 64, 3, 3), 32, True)],
+    ids=["4d_silu", "3d", "g32"],
+)
 @pytest.mark.parametrize("chunk", [16384, 48], ids=["one_chunk", "split"])
-def test_group_norm_matches_reference(dtype: torch.dtype, shape: tuple[int, ...], groups: int,
-                                      silu: bool, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_group_norm_matches_reference(
+    dtype: torch.dtype, shape: tuple[int, ...], groups: int, silu: bool, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """chunk 48: every group's statistics and every channel's backward sums are split over several programs."""
     from ldm.kernels import norm as norm_mod
 

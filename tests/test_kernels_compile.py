@@ -6,6 +6,7 @@ fp16/bf16; shared memory within each architecture's limit (the sm_80 tiles, whic
 backward at head dim 160 within sm_86/89's 99 KB); 128-bit global loads; attention main loops that load with
 cp.async/TMA, on sm_90 with wgmma in every dot and on sm_80 with mma.sync.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f
 def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("compile") / "figures.json"
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "bench.compile", "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.compile", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["case"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {c.label for c in CASES}

@@ -3,6 +3,7 @@
 Every import of a project package is read from the source (module tops and function bodies alike), so a lazy
 import cannot hide an upward edge.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,19 +23,28 @@ ALLOWED = {
 }
 # the only reasons an import of the project may sit inside a function: an optional dependency behind it, or a
 # cycle (the Triton kernels fall back to the reference attention, and their router imports them)
-LAZY_FOR = {"ldm/attention.py": "triton", "ldm/kernels/": "triton; kernels ↔ routing ↔ ldm.attention",
-            "apps/ui.py": "gradio"}
+LAZY_FOR = {
+    "ldm/attention.py": "triton",
+    "ldm/kernels/": "triton; kernels ↔ routing ↔ ldm.attention",
+    "apps/ui.py": "gradio",
+}
 
 
 def project_imports(path: Path) -> list[tuple[int, str, bool]]:
     """(line, imported top-level project package, inside a function) for every import in a file."""
     tree = ast.parse(path.read_text())
-    inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for n in ast.walk(f)}
+    inner = {
+        id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
+    }
     found = []
     for node in ast.walk(tree):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+            else []
+        )
         for name in names:
             top = name.split(".")[0]
             if top in PROJECT:
@@ -44,18 +54,24 @@ def project_imports(path: Path) -> list[tuple[int, str, bool]]:
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_each_layer_imports_only_itself_and_the_layers_below(layer):
-    upward = [f"{p.relative_to(ROOT)}:{line} imports {top}"
-              for p in sorted((ROOT / layer).rglob("*.py")) for line, top, _ in project_imports(p)
-              if top not in ALLOWED[layer]]
+    upward = [
+        f"{p.relative_to(ROOT)}:{line} imports {top}"
+        for p in sorted((ROOT / layer).rglob("*.py"))
+        for line, top, _ in project_imports(p)
+        if top not in ALLOWED[layer]
+    ]
     assert not upward, upward
 
 
 @pytest.mark.parametrize("layer", ["ldm", "inversion", "apps", "weights"])
 def test_imports_sit_at_module_tops(layer):
     """Inside a function only where an optional dependency (triton, gradio) makes the module lazy."""
-    inner = [f"{p.relative_to(ROOT)}:{line} imports {top}"
-             for p in sorted((ROOT / layer).rglob("*.py")) for line, top, lazy in project_imports(p)
-             if lazy and not str(p.relative_to(ROOT)).startswith(tuple(LAZY_FOR))]
+    inner = [
+        f"{p.relative_to(ROOT)}:{line} imports {top}"
+        for p in sorted((ROOT / layer).rglob("*.py"))
+        for line, top, lazy in project_imports(p)
+        if lazy and not str(p.relative_to(ROOT)).startswith(tuple(LAZY_FOR))
+    ]
     assert not inner, inner
 
 

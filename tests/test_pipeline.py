@@ -1,4 +1,5 @@
 """LatentDiffusion: guidance, per-image seeds, placeholder rows, bad input."""
+
 from __future__ import annotations
 
 import pytest
@@ -69,11 +70,14 @@ def test_gradient_reaches_only_the_extra_rows(model):
     assert extra.grad is not None and extra.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(height=34), "multiples of"),
-    (dict(steps=0), "positive"),
-    (dict(sampler="euler_z"), "unknown sampler"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(height=34), "multiples of"),
+        (dict(steps=0), "positive"),
+        (dict(sampler="euler_z"), "unknown sampler"),
+    ],
+)
 def test_bad_sampling_arguments(model, kw, match):
     args = dict(steps=2, height=32, width=32, progress=False) | kw
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """`python -m apps.sample` / `make sample` on the tiny model: files, metadata, determinism, one-line errors."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,8 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "apps.sample", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "apps.sample", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 BASE = ("--model", "tiny", "--n", "2", "--steps", "3", "--H", "32", "--W", "32")
@@ -26,8 +28,10 @@ def test_sample_writes_pngs_with_a1111_parameters(tmp_path):
     assert files == ["00000-5.png", "00000-grid.png", "00001-6.png"]
     params = Image.open(tmp_path / "00001-6.png").text["parameters"]
     assert params.splitlines() == [
-        "a photo of a cat", "Negative prompt: blurry",
-        "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 6, Size: 32x32, Model hash: tiny, Model: tiny"]
+        "a photo of a cat",
+        "Negative prompt: blurry",
+        "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 6, Size: 32x32, Model hash: tiny, Model: tiny",
+    ]
 
 
 def test_same_seed_gives_byte_identical_pngs_and_never_overwrites(tmp_path):
@@ -39,14 +43,17 @@ def test_same_seed_gives_byte_identical_pngs_and_never_overwrites(tmp_path):
     assert (a / "00002-1.png").read_bytes() == (a / "00000-1.png").read_bytes()  # numbered, not overwritten
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--H", "30"), "H=30 must be a positive multiple of 4 (this model's latent factor)"),
-    (("--steps", "0"), "STEPS=0 must be at least 1"),
-    (("--sampler", "euler_z"), "unknown SAMPLER"),
-    (("--model", "sd99"), "unknown MODEL"),
-    (("--ckpt", "/nonexistent/model.safetensors"), "no such file"),
-    (("--model", "sd15"), "make weights MODEL=sd15"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--H", "30"), "H=30 must be a positive multiple of 4 (this model's latent factor)"),
+        (("--steps", "0"), "STEPS=0 must be at least 1"),
+        (("--sampler", "euler_z"), "unknown SAMPLER"),
+        (("--model", "sd99"), "unknown MODEL"),
+        (("--ckpt", "/nonexistent/model.safetensors"), "no such file"),
+        (("--model", "sd15"), "make weights MODEL=sd15"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, args, message):
     r = run("--prompt", "a cat", "--out", str(tmp_path), "--model", "tiny", *args)
     assert r.returncode == 2

@@ -1,4 +1,5 @@
 """Samplers against diffusers' schedulers on a cheap deterministic toy model, plus the CompVis quirks."""
+
 import math
 
 import numpy as np
@@ -113,8 +114,7 @@ def test_ddim_eta_sigma_uses_alpha0_at_last_step():
     ab = s.alphas_cumprod.tolist()
     g = torch.Generator().manual_seed(3)
     traj = []
-    ddim(Toy(torch.float64), x_T(torch.float64), s, 7, eta=1.0, generator=g,
-         callback=lambda i, t, x: traj.append(x))
+    ddim(Toy(torch.float64), x_T(torch.float64), s, 7, eta=1.0, generator=g, callback=lambda i, t, x: traj.append(x))
     g.manual_seed(3)
     for _ in range(8):  # one noise draw per step; the last step's is the eighth
         noise = torch.randn(SHAPE, generator=g, dtype=torch.float64)
@@ -159,8 +159,9 @@ def test_ddim_vs_diffusers(steps, eta):
 def test_ddim_v_prediction_vs_diffusers(steps):
     from diffusers import DDIMScheduler
 
-    sch = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                        prediction_type="v_prediction")
+    sch = DDIMScheduler(
+        **BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction"
+    )
     ours = trajectory(ddim, Schedule(sch.alphas_cumprod, "v"), steps)
     compare(ours, run_diffusers(sch, steps))
 
@@ -184,7 +185,9 @@ def test_dpmpp_2m_vs_diffusers(steps, param):
     from diffusers import DPMSolverMultistepScheduler
 
     sch = DPMSolverMultistepScheduler(
-        **BETAS, algorithm_type="dpmsolver++", solver_order=2,
+        **BETAS,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
         prediction_type={"eps": "epsilon", "v": "v_prediction"}[param],
     )
     assert sch.config.final_sigmas_type == "zero" and sch.config.lower_order_final
@@ -270,8 +273,9 @@ def test_cuda_latents_with_cpu_generator_match_cpu(name):
     """A CPU generator drives CUDA latents: noise is drawn on the generator's device, so results match CPU."""
     s = Schedule.scaled_linear()
     kw = dict(eta=1.0) if name == "ddim" else {}
-    cpu = SAMPLERS[name](Toy(torch.float64), x_T(torch.float64), s, 10,
-                         generator=torch.Generator().manual_seed(4), **kw)
+    cpu = SAMPLERS[name](
+        Toy(torch.float64), x_T(torch.float64), s, 10, generator=torch.Generator().manual_seed(4), **kw
+    )
     toy = Toy(torch.float64)
     toy.w, toy.b = toy.w.cuda(), toy.b.cuda()
     gpu = SAMPLERS[name](toy, x_T(torch.float64).cuda(), s, 10, generator=torch.Generator().manual_seed(4), **kw)

@@ -1,4 +1,5 @@
 """Schedule: scaled-linear constants, q_sample, eps/v conversions, diffusers' betas as an oracle."""
+
 import math
 
 import pytest

@@ -1,6 +1,7 @@
 """Security: no pickle runs code without an explicit opt-in, every download is
 sha256-verified, names from files/tokens/folders never write outside the output folder, nothing is overwritten
 without --overwrite; and the CI gate runs ruff plus the README's commands."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ from ldm.tokenizer import Tokenizer
 from weights import download as W
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY = [p for folder in ("ldm", "inversion", "weights", "experiments/figures")
-           for p in (ROOT / folder).rglob("*.py")]
+LIBRARY = [
+    p for folder in ("ldm", "inversion", "weights", "experiments/figures") for p in (ROOT / folder).rglob("*.py")
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -57,11 +59,15 @@ def run(tmp_path_factory) -> Path:
 
 # --- no pickle runs code without an opt-in ----------------------------------------------------------------
 
+
 def test_pickled_code_in_an_embedding_file_is_refused_not_run(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"string_to_param": {"*": Evil(marker)}, "name": "x"}, tmp_path / "evil.pt")
-    with pytest.raises(InversionError, match=r"evil.pt: not a readable embedding file \(it holds pickled Python "
-                                             r"code \((posix|os|nt)\.system\), which was not run\)"):
+    with pytest.raises(
+        InversionError,
+        match=r"evil.pt: not a readable embedding file \(it holds pickled Python "
+        r"code \((posix|os|nt)\.system\), which was not run\)",
+    ):
         load_embedding_file(tmp_path / "evil.pt")
     assert not marker.exists()
 
@@ -82,14 +88,18 @@ def test_pickled_code_in_a_resume_state_is_refused_not_run(run, tmp_path, capsys
     rc = T.cli_main(["--resume", str(victim), "--steps", "2", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and not marker.exists() and "Traceback" not in "\n".join(err)
-    assert re.search(r"state.pt: unreadable resume state \(it holds pickled Python code \((posix|os|nt)\.system\), "
-                     r"which was not run\); start a new run", err[-1]), err[-1]
+    assert re.search(
+        r"state.pt: unreadable resume state \(it holds pickled Python code \((posix|os|nt)\.system\), "
+        r"which was not run\); start a new run",
+        err[-1],
+    ), err[-1]
 
 
 def test_pickled_code_in_checkpoints_needs_the_opt_in(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "evil": Evil(marker)},
-               tmp_path / "model.ckpt")
+    torch.save(
+        {"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "evil": Evil(marker)}, tmp_path / "model.ckpt"
+    )
     with pytest.raises(CheckpointError, match="nothing was executed"):
         ldm.load_model(tmp_path / "model.ckpt")
     assert not marker.exists()
@@ -99,7 +109,7 @@ def test_pickled_code_in_checkpoints_needs_the_opt_in(tmp_path):
     with pytest.raises(CheckpointError, match="nothing was executed"):
         ldm.load_model(diffusers)
     assert not marker.exists()
-    with pytest.raises(CheckpointError):         # the explicit opt-in (--allow-pickle) is the only way it runs
+    with pytest.raises(CheckpointError):  # the explicit opt-in (--allow-pickle) is the only way it runs
         ldm.load_model(tmp_path / "model.ckpt", allow_pickle=True)
     assert marker.exists()
 
@@ -117,12 +127,14 @@ def test_pickled_code_in_clip_weights_is_refused_not_run(tmp_path):
 def test_library_code_never_unpickles_without_weights_only():
     """Static guard: every torch.load passes weights_only (True, or `not allow_pickle` behind the flag), and no
     pickle/yaml/eval/exec/marshal loader appears in library code."""
-    banned = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\(|yaml\.(unsafe_)?load\(|(?<![\w.])eval\(|"
-                        r"(?<![\w.])exec\(|marshal\.loads?\(|allow_pickle\s*=\s*True|import dill|import shelve")
+    banned = re.compile(
+        r"weights_only\s*=\s*False|pickle\.loads?\(|yaml\.(unsafe_)?load\(|(?<![\w.])eval\(|"
+        r"(?<![\w.])exec\(|marshal\.loads?\(|allow_pickle\s*=\s*True|import dill|import shelve"
+    )
     offenders, loads = [], []
     for p in LIBRARY:
         for n, line in enumerate(p.read_text().splitlines(), 1):
-            code = re.sub(r'"[^"]*"|\'[^\']*\'', '""', line.split("#")[0])   # strings and comments aside
+            code = re.sub(r'"[^"]*"|\'[^\']*\'', '""', line.split("#")[0])  # strings and comments aside
             if banned.search(code):
                 offenders.append(f"{p.relative_to(ROOT)}:{n}: {line.strip()}")
             if "torch.load(" in line:
@@ -133,24 +145,35 @@ def test_library_code_never_unpickles_without_weights_only():
 
 # --- downloads ---------------------------------------------------------------------------------------------
 
+
 def test_only_the_verified_downloader_touches_the_network():
-    net = re.compile(r"urlopen|urllib\.request|import requests|http\.client|hf_hub_download|snapshot_download|"
-                     r"torch\.hub|pretrained=(?!None)[\w\"']")
-    users = sorted({str(p.relative_to(ROOT)) for p in LIBRARY for line in p.read_text().splitlines()
-                    if net.search(line) and not line.lstrip().startswith("#")})
+    net = re.compile(
+        r"urlopen|urllib\.request|import requests|http\.client|hf_hub_download|snapshot_download|"
+        r"torch\.hub|pretrained=(?!None)[\w\"']"
+    )
+    users = sorted(
+        {
+            str(p.relative_to(ROOT))
+            for p in LIBRARY
+            for line in p.read_text().splitlines()
+            if net.search(line) and not line.lstrip().startswith("#")
+        }
+    )
     assert users == ["weights/download.py"], users
 
 
 def test_every_download_is_verified_or_refused(tmp_path, monkeypatch):
     dest = tmp_path / "model.safetensors"
     dest.write_bytes(b"the user's own file")
-    with pytest.raises(W.DownloadError, match="sha256 does not match"):      # no network is even tried
+    with pytest.raises(W.DownloadError, match="sha256 does not match"):  # no network is even tried
         W.fetch("https://invalid.invalid/x", dest, "0" * 64, progress=False)
     assert dest.read_bytes() == b"the user's own file"
-    entries = {"up": {"file": "../escape.bin", "url": "https://example.invalid/x", "sha256": "0" * 64},
-               "abs": {"file": "/tmp/escape.bin", "url": "https://example.invalid/x", "sha256": "0" * 64},
-               "plain": {"file": "x.bin", "url": "http://example.invalid/x", "sha256": "0" * 64},
-               "nohash": {"file": "y.bin", "url": "https://example.invalid/y", "sha256": None}}
+    entries = {
+        "up": {"file": "../escape.bin", "url": "https://example.invalid/x", "sha256": "0" * 64},
+        "abs": {"file": "/tmp/escape.bin", "url": "https://example.invalid/x", "sha256": "0" * 64},
+        "plain": {"file": "x.bin", "url": "http://example.invalid/x", "sha256": "0" * 64},
+        "nohash": {"file": "y.bin", "url": "https://example.invalid/y", "sha256": None},
+    }
     monkeypatch.setattr(W, "manifest", lambda: entries)
     for name, message in (("up", "outside"), ("abs", "outside"), ("plain", "not https"), ("nohash", "--unverified")):
         with pytest.raises(W.DownloadError, match=message):
@@ -159,6 +182,7 @@ def test_every_download_is_verified_or_refused(tmp_path, monkeypatch):
 
 
 # --- nothing written outside the output folder -------------------------------------------------------------
+
 
 @settings(max_examples=60, deadline=None)
 @given(token=st.text(max_size=40))
@@ -172,8 +196,18 @@ def test_file_names_from_tokens_stay_in_the_folder(token):
     assert file_stem(token) and not file_stem(token).startswith(".")
 
 
-NASTY = ["../../evil", "/etc/evil", "..", "a/../../b", "C:\\evil\\x", "<x>/../../y", "....", "~/.bashrc",
-         "%2e%2e%2fevil", "evil\x00.pt"]
+NASTY = [
+    "../../evil",
+    "/etc/evil",
+    "..",
+    "a/../../b",
+    "C:\\evil\\x",
+    "<x>/../../y",
+    "....",
+    "~/.bashrc",
+    "%2e%2e%2fevil",
+    "evil\x00.pt",
+]
 
 
 def test_nasty_tokens_save_inside_the_folder(tmp_path):
@@ -183,7 +217,7 @@ def test_nasty_tokens_save_inside_the_folder(tmp_path):
         model.tokenizer = Tokenizer("sd1")
         try:
             words = LearnedWords(model, token, 2, ["cat"], per_image=2)
-        except InversionError as e:                     # e.g. '..' is a word of CLIP's vocabulary
+        except InversionError as e:  # e.g. '..' is a word of CLIP's vocabulary
             assert "already a vocabulary word" in str(e)
             continue
         for path in save_embedding_files(out, words, 1, suffix=f"-{i}"):
@@ -201,11 +235,32 @@ def test_training_with_a_traversal_token_and_a_dotdot_concept_stays_inside(tmp_p
     (tmp_path / "c" / "sub").mkdir(parents=True)
     for f in sorted(CONCEPTS_DIR.joinpath("cat").glob("*.jp*g"))[:2]:
         shutil.copy(f, tmp_path / "c")
-    concept = str(tmp_path / "c" / "sub" / "..")             # its name is '..'
-    argv = ["--concept", concept, "--model", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
-            "--val-every", "1", "--val-n", "1", "--val-steps", "1", "--init", "cat", "--per-image-tokens",
-            "--latent-cache", "", "--no-progress"]
-    out = T.train(TrainConfig.from_argv(argv))                       # default OUT and default token <..>
+    concept = str(tmp_path / "c" / "sub" / "..")  # its name is '..'
+    argv = [
+        "--concept",
+        concept,
+        "--model",
+        "tiny",
+        "--size",
+        "32",
+        "--batch",
+        "1",
+        "--steps",
+        "1",
+        "--val-every",
+        "1",
+        "--val-n",
+        "1",
+        "--val-steps",
+        "1",
+        "--init",
+        "cat",
+        "--per-image-tokens",
+        "--latent-cache",
+        "",
+        "--no-progress",
+    ]
+    out = T.train(TrainConfig.from_argv(argv))  # default OUT and default token <..>
     assert out.resolve().parent == (tmp_path / "runs").resolve()
     out2 = T.train(TrainConfig.from_argv([*argv, "--token", "../../../evil", "--out", str(tmp_path / "o2")]))
     written = {p for p in tmp_path.rglob("*") if p.is_file()}
@@ -215,6 +270,7 @@ def test_training_with_a_traversal_token_and_a_dotdot_concept_stays_inside(tmp_p
 
 
 # --- nothing overwritten without --overwrite ---------------------------------------------------------------
+
 
 def test_no_tool_overwrites_without_the_flag(run, tmp_path, capsys, monkeypatch):
     from inversion import evaluate as E
@@ -252,12 +308,16 @@ def test_figures_do_not_redraw_over_an_existing_figure_without_the_flag(tmp_path
 
 # --- the CI gate -------------------------------------------------------------------------------------------
 
+
 def test_make_test_runs_ruff_and_ci_runs_the_readme_commands():
     makefile = (ROOT / "Makefile").read_text()
     test_rule = re.search(r"^test:(.*)$", makefile, re.M).group(1)
     assert "lint" in test_rule.split() and re.search(r"^lint:.*\n\t.*ruff check \.", makefile, re.M)
-    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
-          if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
+    ci = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))
+    ]
     readme = (ROOT / "README.md").read_text()
     assert ci == ["make install", "make test"], ci
     assert "make test" in readme and "make install" in readme

@@ -4,6 +4,7 @@ setting, exit status 2, no traceback — and, where the limit does not depend on
 The table holds at least one invalid value for every option of each command; `test_the_table_covers_every_option`
 fails when a command gains an option that the table does not try.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,7 @@ from tests.helpers import ROOT, subprocess_env, train_argv
 
 PRE, POST = "before the model loads", "once the model is known"
 BEFORE_DIFFUSION = "by CLIP's loader, before the diffusion model loads"
-FREE_TEXT = {"--neg", "--caption-short", "--caption-long"}     # any string is a valid value
+FREE_TEXT = {"--neg", "--caption-short", "--caption-long"}  # any string is a valid value
 
 
 def _set(argv: list[str], extra: list[str]) -> list[str]:
@@ -42,7 +43,7 @@ def _set(argv: list[str], extra: list[str]) -> list[str]:
         if has_value and flag in argv:
             argv[argv.index(flag) + 1] = extra[i + 1]
         else:
-            argv += extra[i:i + 1 + has_value]
+            argv += extra[i : i + 1 + has_value]
         i += 1 + has_value
     return argv
 
@@ -112,7 +113,7 @@ TRAIN = [  # (option, extra argv, text the one line must hold, when)
 ]
 
 SAMPLE = [
-    ("--prompt", None, "--prompt", PRE),                    # None: the option left out
+    ("--prompt", None, "--prompt", PRE),  # None: the option left out
     ("--model", ["--model", "sd99"], "MODEL=", PRE),
     ("--ckpt", ["--ckpt", "missing.safetensors"], "CKPT=", PRE),
     ("--prediction", ["--prediction", "x0"], "--prediction", PRE),
@@ -200,16 +201,22 @@ FIGURE_OWN = {  # each figure's own options
     "downstream": [("--strength", ["--strength", "1.5"], "--strength", PRE)],
     "bias": [("--word", ["--word", " "], "--word", PRE), ("--rows", ["--rows", "0"], "--rows", PRE)],
     "style": [("--init", ["--init", "golden retriever"], "init word", POST)],
-    "tradeoff": [("--variants", ["--variants", "no-such-variant"], "variant", PRE),
-                 ("--list-variants", ["--list-variants=1"], "--list-variants", PRE),
-                 ("--eval-n", ["--eval-n", "0"], "--eval-n", PRE),
-                 ("--results", ["--results", "{file}/RESULTS.md"], "--results", PRE),
-                 ("--save-samples", ["--save-samples=1"], "--save-samples", PRE)],
+    "tradeoff": [
+        ("--variants", ["--variants", "no-such-variant"], "variant", PRE),
+        ("--list-variants", ["--list-variants=1"], "--list-variants", PRE),
+        ("--eval-n", ["--eval-n", "0"], "--eval-n", PRE),
+        ("--results", ["--results", "{file}/RESULTS.md"], "--results", PRE),
+        ("--save-samples", ["--save-samples=1"], "--save-samples", PRE),
+    ],
 }
 
-ROWS = ([("train", *r) for r in TRAIN] + [("sample", *r) for r in SAMPLE] + [("eval", *r) for r in EVAL]
-        + [("figure:variations", *r) for r in FIGURE_BASE]
-        + [(f"figure:{name}", *r) for name, rows in FIGURE_OWN.items() for r in rows])
+ROWS = (
+    [("train", *r) for r in TRAIN]
+    + [("sample", *r) for r in SAMPLE]
+    + [("eval", *r) for r in EVAL]
+    + [("figure:variations", *r) for r in FIGURE_BASE]
+    + [(f"figure:{name}", *r) for name, rows in FIGURE_OWN.items() for r in rows]
+)
 
 
 def parser_options(command: str) -> set[str]:
@@ -253,28 +260,67 @@ def _base(command: str, world, tmp) -> tuple[callable, list[str]]:
     if command == "train":
         return T.main, train_argv(tmp, out="out")
     if command == "sample":
-        return S.main, ["--prompt", "a photo of a cat", "--model", "tiny", "--n", "1", "--steps", "1",
-                        "--H", "32", "--W", "32", "--out", str(tmp / "samples")]
+        return S.main, [
+            "--prompt",
+            "a photo of a cat",
+            "--model",
+            "tiny",
+            "--n",
+            "1",
+            "--steps",
+            "1",
+            "--H",
+            "32",
+            "--W",
+            "32",
+            "--out",
+            str(tmp / "samples"),
+        ]
     if command == "eval":
-        return E.main, ["--run", str(world / "run"), "--clip-weights", "random", "--n", "1", "--steps", "1",
-                        "--no-progress", "--out", str(tmp / "eval.json")]
-    return _figure_main(command.split(":")[1]), ["--model", "tiny", "--out", str(tmp / "fig"),
-                                                 "--runs-dir", str(tmp / "runs")]
+        return E.main, [
+            "--run",
+            str(world / "run"),
+            "--clip-weights",
+            "random",
+            "--n",
+            "1",
+            "--steps",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp / "eval.json"),
+        ]
+    return _figure_main(command.split(":")[1]), [
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp / "fig"),
+        "--runs-dir",
+        str(tmp / "runs"),
+    ]
 
 
-@pytest.mark.parametrize("command, option, extra, expected, when", ROWS,
-                         ids=[f"{r[0]}{r[1]}={(r[2] or ['(left out)'])[-1].strip()[:12]}" for r in ROWS])
-def test_an_invalid_setting_is_one_line_with_exit_status_2(command, option, extra, expected, when, world, tmp_path,
-                                                           capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "command, option, extra, expected, when",
+    ROWS,
+    ids=[f"{r[0]}{r[1]}={(r[2] or ['(left out)'])[-1].strip()[:12]}" for r in ROWS],
+)
+def test_an_invalid_setting_is_one_line_with_exit_status_2(
+    command, option, extra, expected, when, world, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("ONEWORD_LOG", "ERROR")
     main, argv = _base(command, world, tmp_path)
     if extra is None:
         i = argv.index(option)
-        argv = argv[:i] + argv[i + 2:]
+        argv = argv[:i] + argv[i + 2 :]
     else:
-        fill = {"{file}": str(world / "file"), "{empty}": str(world / "empty"),
-                "{two_words}": str(world / "two.safetensors")}
+        fill = {
+            "{file}": str(world / "file"),
+            "{empty}": str(world / "empty"),
+            "{two_words}": str(world / "two.safetensors"),
+        }
         argv = _set(argv, [next((a.replace(k, v) for k, v in fill.items() if k in a), a) for a in extra])
+
     def refuse(*a, **k):
         raise AssertionError(f"{command} {option}: a model loaded before the setting was checked")
 
@@ -298,8 +344,10 @@ def test_vectors_100_on_the_tiny_model_names_the_largest_that_fits(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     line = r.stderr.strip().splitlines()[-1]
     fits = max_vectors(ldm.tiny_model(0).tokenizer, load_templates("object") + ("a photo of {}",))
-    assert line == (f"error: VECTORS=100 does not fit the 77-token text context with TEMPLATES=object; "
-                    f"the largest VECTORS that fits is {fits}")
+    assert line == (
+        f"error: VECTORS=100 does not fit the 77-token text context with TEMPLATES=object; "
+        f"the largest VECTORS that fits is {fits}"
+    )
 
 
 def test_the_largest_vectors_that_fits_trains_and_one_more_does_not(tmp_path):
@@ -307,15 +355,18 @@ def test_the_largest_vectors_that_fits_trains_and_one_more_does_not(tmp_path):
     tok = ldm.tiny_model(0).tokenizer
     fits = max_vectors(tok, load_templates("object"), dual_templates("object"))
     assert 1 <= fits < 77
-    longest = max(load_templates("object") + tuple(dual_templates("object")),
-                  key=lambda t: len(tok.encode(t.replace("{}", " "))) + (t.count("{}") == 2))
+    longest = max(
+        load_templates("object") + tuple(dual_templates("object")),
+        key=lambda t: len(tok.encode(t.replace("{}", " "))) + (t.count("{}") == 2),
+    )
     assert len(tok.encode(longest.replace("{}", " "))) + fits + 2 + (longest.count("{}") == 2) <= 77
     argv = train_argv(tmp_path, "--vectors", str(fits), "--per-image-tokens", "--steps", "1", "--save-every", "1")
     out = T.train(TrainConfig.from_argv(argv))
     assert (out / "learned_embeds.safetensors").is_file()
     with pytest.raises(T.InversionError, match=f"largest VECTORS that fits is {fits}"):
-        T.train(TrainConfig.from_argv(train_argv(tmp_path, "--vectors", str(fits + 1), "--per-image-tokens",
-                                                 out="more")))
+        T.train(
+            TrainConfig.from_argv(train_argv(tmp_path, "--vectors", str(fits + 1), "--per-image-tokens", out="more"))
+        )
 
 
 def test_max_bad_steps_1_stops_only_on_a_real_nan(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """The shapes world: generator, captions, judge, shipped model and the inversion demo."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -13,6 +14,7 @@ ROOT = judge.JUDGE_PATH.parents[1]
 
 
 # -- the world -------------------------------------------------------------------------------------------------
+
 
 def test_generator_is_deterministic_and_seed_dependent():
     a, la = world.generate(16, seed=3)
@@ -66,6 +68,7 @@ def test_captions_use_the_inversion_templates():
 
 # -- the judge -------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def shipped_judge():
     if not judge.JUDGE_PATH.is_file():
@@ -101,6 +104,7 @@ def test_load_judge_rejects_a_file_without_the_marker(tmp_path):
 
 
 # -- pretraining (tiny settings) ------------------------------------------------------------------------------
+
 
 def _tiny_pretrain(tmp_path, name):
     from experiments.shapes import pretrain
@@ -153,7 +157,8 @@ def _initial_held_out_row(seed: int) -> torch.Tensor:
 
 MODEL = ROOT / "weights" / "shapes.safetensors"
 needs_shipped_model = pytest.mark.skipif(
-    not MODEL.is_file(), reason=f"{MODEL.name} is not in this checkout yet (make pretrain-shapes builds it)")
+    not MODEL.is_file(), reason=f"{MODEL.name} is not in this checkout yet (make pretrain-shapes builds it)"
+)
 
 
 @needs_shipped_model
@@ -210,8 +215,11 @@ def test_inversion_lifts_the_held_out_shape_and_stays_editable(tmp_path, one_thr
 
 
 @needs_shipped_model
-@pytest.mark.parametrize("extra", [dict(vectors=3), dict(vectors=2, progressive=2), dict(reg_weight=0.01)],
-                         ids=["multi-vector", "progressive", "regularised"])
+@pytest.mark.parametrize(
+    "extra",
+    [dict(vectors=3), dict(vectors=2, progressive=2), dict(reg_weight=0.01)],
+    ids=["multi-vector", "progressive", "regularised"],
+)
 def test_inversion_variants_run_on_the_shipped_model(tmp_path, one_thread, extra):
     import ldm
     from experiments.shapes import demo
@@ -219,9 +227,22 @@ def test_inversion_variants_run_on_the_shipped_model(tmp_path, one_thread, extra
     from inversion.embedding import load_embedding_file
     from inversion.train import train
 
-    config = TrainConfig(concept=str(demo.CONCEPT_DIR), ckpt=str(MODEL), init="shape", token="S*", steps=4, batch=2,
-                         out=str(tmp_path), overwrite=True, save_every=4, val_every=0, latent_cache="", device="cpu",
-                         no_progress=True, **extra)
+    config = TrainConfig(
+        concept=str(demo.CONCEPT_DIR),
+        ckpt=str(MODEL),
+        init="shape",
+        token="S*",
+        steps=4,
+        batch=2,
+        out=str(tmp_path),
+        overwrite=True,
+        save_every=4,
+        val_every=0,
+        latent_cache="",
+        device="cpu",
+        no_progress=True,
+        **extra,
+    )
     model = ldm.load_model(MODEL)
     start = model.text_encoder.token_embedding.weight[model.tokenizer.token_id("shape")].clone()
     train(config, model=model)

@@ -1,4 +1,5 @@
 """STEPS=auto: the fixed-batch objective, the stop rule, and a run that stops by itself and resumes exactly."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,10 @@ AUTO = ("--steps", "auto", "--stop-every", "5", "--stop-window", "3", "--lr", "5
 
 def test_the_rule_waits_for_a_plateau_and_not_longer():
     rule = stopping.StopRule(window=3, threshold=0.1, min_evaluations=4)
-    falling = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]            # still improving steadily: recent variance stays high
+    falling = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]  # still improving steadily: recent variance stays high
     assert all(rule.update(5 * i, v) is None for i, v in enumerate(falling))
     reasons = [rule.update(5 * (len(falling) + i), 0.45 + 1e-4 * (-1) ** i) for i in range(3)]
-    assert reasons[0] is None and "settled" in (reasons[1] or reasons[2])   # within one window of the plateau
+    assert reasons[0] is None and "settled" in (reasons[1] or reasons[2])  # within one window of the plateau
 
 
 def test_the_rule_never_stops_on_noise_without_a_trend_before_its_minimum():
@@ -57,8 +58,11 @@ def test_an_auto_run_stops_by_itself_and_records_why(auto_run):
 def test_the_objective_touches_no_randomness_of_the_run(auto_run):
     """An auto run stopped at S holds exactly the vectors of a STEPS=S run: same batches, same updates."""
     tmp, out, info = auto_run
-    fixed = T.train(TrainConfig.from_argv(train_argv(tmp, "--lr", "5e-2", "--steps", str(info["stopped_at"]),
-                                              "--save-every", "1000", out="fixed")))
+    fixed = T.train(
+        TrainConfig.from_argv(
+            train_argv(tmp, "--lr", "5e-2", "--steps", str(info["stopped_at"]), "--save-every", "1000", out="fixed")
+        )
+    )
     a = load_embedding_file(out / "learned_embeds.safetensors")["<cat>"]
     b = load_embedding_file(fixed / "learned_embeds.safetensors")["<cat>"]
     assert torch.equal(a, b)
@@ -69,8 +73,9 @@ def test_resume_continues_the_rule_where_it_was(auto_run):
     """Cut at the cap, then RESUME with a higher cap: the same stop step, history and vectors as one run."""
     tmp, out, info = auto_run
     cut_at = (info["stopped_at"] // 10) * 5
-    first = T.train(TrainConfig.from_argv(train_argv(tmp, *AUTO, "--max-steps", str(cut_at), "--save-every", "1000",
-                                              out="cut")))
+    first = T.train(
+        TrainConfig.from_argv(train_argv(tmp, *AUTO, "--max-steps", str(cut_at), "--save-every", "1000", out="cut"))
+    )
     assert json.loads((first / "stop.json").read_text())["reason"].startswith("reached --max-steps")
     resumed = T.train(TrainConfig.from_argv(["--resume", str(first), "--max-steps", "200", "--no-progress"]))
     again = json.loads((resumed / "stop.json").read_text())

@@ -1,4 +1,5 @@
 """CLIP text towers: parity with transformers / open_clip on identical random weights, embeds hook, sizes."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,11 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            is_gain = p.dim() == 1 and ("norm" in name or ".ln_" in name or name.startswith("ln_")) \
+            is_gain = (
+                p.dim() == 1
+                and ("norm" in name or ".ln_" in name or name.startswith("ln_"))
                 and name.endswith("weight")
+            )
             p.copy_(1 + 0.1 * noise if is_gain else 0.05 * noise)
     return model
 
@@ -44,9 +48,16 @@ def backend(request):
 
 def hf_clip(width: int, layers: int, heads: int):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=4 * width,
-                                      num_hidden_layers=layers, num_attention_heads=heads,
-                                      max_position_embeddings=CTX, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=VOCAB,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=CTX,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
     cfg._attn_implementation = "eager"
     return transformers.CLIPTextModel(cfg).eval()
 
@@ -60,15 +71,22 @@ def to_hf_keys(ours: dict, hf_keys) -> dict:
 
 def oc_text(width: int, layers: int, heads: int):
     oc_transformer = pytest.importorskip("open_clip.transformer")
-    return oc_transformer.TextTransformer(context_length=CTX, vocab_size=VOCAB, width=width, heads=heads,
-                                          layers=layers, output_dim=width, act_layer=nn.GELU).eval()
+    return oc_transformer.TextTransformer(
+        context_length=CTX,
+        vocab_size=VOCAB,
+        width=width,
+        heads=heads,
+        layers=layers,
+        output_dim=width,
+        act_layer=nn.GELU,
+    ).eval()
 
 
 def oc_reference(oc, ids: torch.Tensor, skip_last: bool) -> torch.Tensor:
     """Stable Diffusion 2's FrozenOpenCLIPEmbedder: blocks (all but the last for "penultimate"), ln_final."""
     x = oc.token_embedding(ids) + oc.positional_embedding
     blocks = oc.transformer.resblocks
-    for block in blocks[:len(blocks) - 1] if skip_last else blocks:
+    for block in blocks[: len(blocks) - 1] if skip_last else blocks:
         x = block(x, attn_mask=oc.attn_mask)
     return oc.ln_final(x)
 
@@ -161,8 +179,7 @@ def test_sd2_full_size_on_meta_matches_open_clip_layout():
         ref = oc_text(1024, 24, 16)
     n = sum(p.numel() for p in ours.parameters())
     assert n == sum(p.numel() for p in ref.parameters()) == 354_032_640
-    assert {k: v.shape for k, v in ours.state_dict().items()} == \
-        {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert ours.text_projection.shape == (1024, 1024) and ours.positional_embedding.shape == (77, 1024)
 
 

@@ -1,4 +1,5 @@
 """CLIP BPE tokenizer: ids equal open_clip (SD2) and transformers (SD1), placeholders, truncation."""
+
 from __future__ import annotations
 
 import logging
@@ -134,9 +135,17 @@ def test_placeholder_sharing_a_prefix_matches_longest():
     assert tok.encode("<x>2 <x>") == [*b, *a]
 
 
-@pytest.mark.parametrize("bad, match", [("", "non-empty"), ("my concept", "whitespace"), ("a\tb", "whitespace"),
-                                        ("cat", "<cat>"), ("Sculpture", "vocabulary word"),
-                                        ("*", "vocabulary word")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("", "non-empty"),
+        ("my concept", "whitespace"),
+        ("a\tb", "whitespace"),
+        ("cat", "<cat>"),
+        ("Sculpture", "vocabulary word"),
+        ("*", "vocabulary word"),
+    ],
+)
 def test_placeholder_refusals(bad, match):
     tok = Tokenizer("sd1")
     with pytest.raises(ValueError, match=match):

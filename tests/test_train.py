@@ -1,4 +1,5 @@
 """Textual inversion training on the tiny model: frozen weights, gradients, DDP, resume, bad input."""
+
 from __future__ import annotations
 
 import os
@@ -38,15 +39,25 @@ def test_only_the_new_vectors_change(tmp_path):
     learned = load_embedding_file(out / "learned_embeds.safetensors")["<cat>"]
     cat = before["text_encoder.text_model.embeddings.token_embedding.weight"][model.tokenizer.encode("cat")[0]]
     changed = int((learned != cat.expand(2, -1)).sum())
-    assert changed == 2 * 32                      # exactly num_vectors × width values moved
+    assert changed == 2 * 32  # exactly num_vectors × width values moved
     opt = torch.load(out / "state.pt", weights_only=False)["optimizer"]
     assert len(opt["param_groups"]) == 1 and opt["param_groups"][0]["params"] == [0]
     assert [tuple(s["exp_avg"].shape) for s in opt["state"].values()] == [(2, 32)]
     assert opt["param_groups"][0]["weight_decay"] == 0.01 and opt["param_groups"][0]["lr"] == 5e-3
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert {"args.json", "embeddings.pt", "learned_embeds.safetensors", "cat.pt", "loss.csv", "loss.png",
-            "state.pt", "samples/val-step3.png", "steps/embeddings-step3.pt",
-            "steps/learned_embeds-step3.safetensors", "steps/cat-step3.pt"} <= names
+    assert {
+        "args.json",
+        "embeddings.pt",
+        "learned_embeds.safetensors",
+        "cat.pt",
+        "loss.csv",
+        "loss.png",
+        "state.pt",
+        "samples/val-step3.png",
+        "steps/embeddings-step3.pt",
+        "steps/learned_embeds-step3.safetensors",
+        "steps/cat-step3.pt",
+    } <= names
     assert (out / "loss.csv").read_text().splitlines()[0] == "step,loss,lr,skipped"
     assert len((out / "loss.csv").read_text().splitlines()) == 4
 
@@ -56,16 +67,16 @@ def test_training_steps_never_call_the_vae_encoder_with_the_cache(tmp_path):
     calls = []
     model.vae.encoder.register_forward_hook(lambda *_: calls.append(1))
     _run(tmp_path, "--steps", "4", "--save-every", "4", model=model, out="cached")
-    assert len(calls) == 3                 # the cache: 5 images × 2 flips in batches of 4, then no more
+    assert len(calls) == 3  # the cache: 5 images × 2 flips in batches of 4, then no more
     again = ldm.tiny_model(0)
     again.vae.encoder.register_forward_hook(lambda *_: calls.append(1))
     _run(tmp_path, "--steps", "2", "--save-every", "2", model=again, out="warm")
-    assert len(calls) == 3                 # a second run reads the cache from disk: zero encoder calls
+    assert len(calls) == 3  # a second run reads the cache from disk: zero encoder calls
     model2 = ldm.tiny_model(0)
     calls2 = []
     model2.vae.encoder.register_forward_hook(lambda *_: calls2.append(1))
     _run(tmp_path, "--steps", "2", "--save-every", "2", "--no-latent-cache", model=model2, out="uncached")
-    assert len(calls2) == 2                # the official way: one encoder pass per step
+    assert len(calls2) == 2  # the official way: one encoder pass per step
 
 
 def _fixed_batch(model, words):
@@ -128,7 +139,7 @@ def test_gradient_matches_float64_finite_differences(monkeypatch):
     loss, _ = loss_fn(*batch)
     (grad,) = torch.autograd.grad(loss, words.vectors)
     direction = torch.randn(2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    h, v0 = 1e-6, words.vectors.detach().clone()   # central difference: error O(h²), float64 rounding ~1e-10
+    h, v0 = 1e-6, words.vectors.detach().clone()  # central difference: error O(h²), float64 rounding ~1e-10
 
     def at(v):
         with torch.no_grad():
@@ -143,14 +154,28 @@ def test_gradient_matches_float64_finite_differences(monkeypatch):
 
 
 def test_progressive_words_per_image_tokens_and_accumulation(tmp_path):
-    out = _run(tmp_path, "--vectors", "3", "--progressive", "1", "--per-image-tokens", "--accum", "2",
-               "--steps", "2", "--save-every", "2", "--weight-decay", "0.5")
+    out = _run(
+        tmp_path,
+        "--vectors",
+        "3",
+        "--progressive",
+        "1",
+        "--per-image-tokens",
+        "--accum",
+        "2",
+        "--steps",
+        "2",
+        "--save-every",
+        "2",
+        "--weight-decay",
+        "0.5",
+    )
     words = torch.load(out / "embeddings.pt", weights_only=True)["string_to_param"]
     assert sorted(words) == ["<cat>", *[f"<cat>-img{i}" for i in range(5)]]
     assert list(load_file(str(out / "learned_embeds.safetensors"))) == ["<cat>"]
     model = ldm.tiny_model(0)
     init = model.text_encoder.token_embedding.weight[model.tokenizer.encode("cat")[0]]
-    lr = 5e-3 * 1 * 2                                   # base × batch × accumulation
+    lr = 5e-3 * 1 * 2  # base × batch × accumulation
     # vector 3 never entered a prompt (step 0 used 1 vector, step 1 used 2): only weight decay moved it
     assert torch.allclose(words["<cat>"][2], init * (1 - lr * 0.5) ** 2, atol=1e-7)
     assert not torch.allclose(words["<cat>"][1], init * (1 - lr * 0.5) ** 2, atol=1e-5)
@@ -183,8 +208,14 @@ def test_two_process_gloo_equals_one_process_with_twice_the_batch(tmp_path):
     the same mean gradient, so the vectors agree up to fp32 rounding (a batch-1 vs batch-2 forward sums in a
     different order): max |Δ| ≤ 1e-4 × the largest change of any value, and ≤ 1e-6 absolute."""
     one = _run(tmp_path, "--batch", "2", "--seed", "5", out="one")
-    cmd = [str(Path(PY).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "inversion.train",
-           *train_argv(tmp_path, "--seed", "5", out="two")]
+    cmd = [
+        str(Path(PY).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "inversion.train",
+        *train_argv(tmp_path, "--seed", "5", out="two"),
+    ]
     t0 = time.time()
     res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -193,8 +224,10 @@ def test_two_process_gloo_equals_one_process_with_twice_the_batch(tmp_path):
     fresh = ldm.tiny_model(0)
     init = fresh.text_encoder.token_embedding.weight[fresh.tokenizer.encode("cat")[0]]
     rel = ((a - b).abs().max() / (a - init).abs().max()).item()
-    print(f"2×gloo batch 1 vs 1×batch 2: max |Δ| {(a - b).abs().max():.2e}, relative to the update {rel:.1e}, "
-          f"torchrun {time.time() - t0:.0f} s")
+    print(
+        f"2×gloo batch 1 vs 1×batch 2: max |Δ| {(a - b).abs().max():.2e}, relative to the update {rel:.1e}, "
+        f"torchrun {time.time() - t0:.0f} s"
+    )
     assert rel < 1e-4 and torch.allclose(a, b, rtol=0, atol=1e-6)
     args = (tmp_path / "two" / "args.json").read_text()
     assert '"world_size": 2' in args and '"lr": 0.01' in args
@@ -223,9 +256,19 @@ T.train(T.TrainConfig.from_argv(sys.argv[2:]))
 def test_kill_during_save_keeps_files_and_resume_is_bit_identical(tmp_path):
     full = _run(tmp_path, "--steps", "6", "--save-every", "2", out="full")
     marker = tmp_path / "marker"
-    proc = subprocess.Popen([PY, "-c", KILL_DURING_SAVE, str(marker),
-                             *train_argv(tmp_path, "--steps", "6", "--save-every", "2", out="cut")],
-                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-c",
+            KILL_DURING_SAVE,
+            str(marker),
+            *train_argv(tmp_path, "--steps", "6", "--save-every", "2", out="cut"),
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -234,7 +277,7 @@ def test_kill_during_save_keeps_files_and_resume_is_bit_identical(tmp_path):
     proc.wait()
     cut = tmp_path / "cut"
     step2 = load_embedding_file(cut / "steps" / "learned_embeds-step2.safetensors")["<cat>"]
-    for name in ("embeddings.pt", "learned_embeds.safetensors", "cat.pt"):   # still the step-2 files
+    for name in ("embeddings.pt", "learned_embeds.safetensors", "cat.pt"):  # still the step-2 files
         assert torch.equal(load_embedding_file(cut / name)["<cat>"], step2), name
     assert torch.load(cut / "state.pt", weights_only=False)["step"] == 2
     assert list(cut.glob(".embeddings.pt.*.tmp")), "the kill should have hit between write and rename"
@@ -245,12 +288,15 @@ def test_kill_during_save_keeps_files_and_resume_is_bit_identical(tmp_path):
     sa = torch.load(full / "state.pt", weights_only=False)
     sb = torch.load(resumed / "state.pt", weights_only=False)
     assert sa["step"] == sb["step"] == 6
-    assert all(torch.equal(sa["optimizer"]["state"][0][k], sb["optimizer"]["state"][0][k])
-               for k in ("exp_avg", "exp_avg_sq", "step"))
+    assert all(
+        torch.equal(sa["optimizer"]["state"][0][k], sb["optimizer"]["state"][0][k])
+        for k in ("exp_avg", "exp_avg_sq", "step")
+    )
     assert (full / "loss.csv").read_text() == (resumed / "loss.csv").read_text()
 
 
 # --- bad input: one line on stderr, exit status 2 ----------------------------------------------------------
+
 
 def _cli(capsys, argv) -> tuple[int, str]:
     rc = T.cli_main(argv)
@@ -281,11 +327,11 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     ]
     for i, (extra, expected) in enumerate(cases):
         argv = train_argv(tmp_path, out=f"bad{i}")
-        for j in range(0, len(extra), 2):           # later flags win: replace or append
+        for j in range(0, len(extra), 2):  # later flags win: replace or append
             if extra[j] in argv:
                 argv[argv.index(extra[j]) + 1] = extra[j + 1]
             else:
-                argv += extra[j:j + 2]
+                argv += extra[j : j + 2]
         rc, line = _cli(capsys, argv)
         assert rc == 2 and line.startswith("error: ") and expected in line and "\n" not in line, (extra, line)
     (tmp_path / "bad0" / "x").parent.mkdir(exist_ok=True)

@@ -1,6 +1,7 @@
 """The web app's parts without a browser (and without gradio): the path guard, the upload guards, the one-job
 manager (against a stand-in trainer that behaves like inversion.train on SIGINT), generation and editing and their
 PNG metadata, and the page's one-line refusals."""
+
 from __future__ import annotations
 
 import sys
@@ -36,14 +37,16 @@ def ws(tmp_path) -> Workspace:
 
 # --- the path guard ----------------------------------------------------------------------------------------
 
+
 def test_paths_inside_the_allowed_folders_resolve(ws):
     assert ws.resolve("weights/x.safetensors", "model") == ws.root / "weights" / "x.safetensors"
     assert ws.resolve(str(ws.root / "runs" / "a"), "run") == ws.root / "runs" / "a"
     assert ws.resolve("runs/a/../b", "run", ("runs",)) == ws.root / "runs" / "b"
 
 
-@pytest.mark.parametrize("text", ["../secret", "weights/../../secret", "/etc/passwd", "runs/../apps/ui.py", ".",
-                                  "experiments/other"])
+@pytest.mark.parametrize(
+    "text", ["../secret", "weights/../../secret", "/etc/passwd", "runs/../apps/ui.py", ".", "experiments/other"]
+)
 def test_paths_leaving_the_allowed_folders_are_refused(ws, text):
     with pytest.raises(PathRefused, match="outside the allowed folders"):
         ws.resolve(text, "model path")
@@ -88,6 +91,7 @@ def test_listings(ws):
 
 # --- uploads -----------------------------------------------------------------------------------------------
 
+
 def test_a_non_image_upload_is_named_in_one_line(tmp_path):
     fake = tmp_path / "upload-tmp-123" / "notes.png"
     fake.parent.mkdir()
@@ -106,7 +110,7 @@ def test_image_count_size_and_pixel_limits(tmp_path, monkeypatch):
     with pytest.raises(UIError, match=r"ring-1-red-on-white\.png: 0\.0 MiB is over the limit"):
         W.check_images([str(p) for p in RINGS])
     monkeypatch.setattr(W, "MAX_IMAGE_BYTES", 2**20)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32 - 1)       # every ring is 32×32: a "bomb" now
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32 - 1)  # every ring is 32×32: a "bomb" now
     with pytest.raises(UIError, match=r"^ring-1-red-on-white\.png: .*decompression bomb.*; downscale it first"):
         W.check_images([str(p) for p in RINGS])
 
@@ -142,7 +146,7 @@ def test_embedding_uploads_refuse_pickled_code_wrong_names_and_size(ws, tmp_path
     save_safetensors(diffusers_dict("<w>", torch.randn(2, 64)), good)
     path, words = ws.keep_embedding(str(good))
     assert path == ws.root / "outputs" / "embeddings" / "word.safetensors" and list(words) == ["<w>"]
-    assert ws.keep_embedding(str(good))[0].name == "word-2.safetensors"        # never over another file
+    assert ws.keep_embedding(str(good))[0].name == "word-2.safetensors"  # never over another file
     monkeypatch.setattr(W, "MAX_EMBEDDING_BYTES", 10)
     with pytest.raises(UIError, match="over the limit"):
         W.read_embedding(good)
@@ -202,7 +206,7 @@ def test_one_job_at_a_time_stop_saves_and_a_new_job_may_follow(jobs, tmp_path):
     st = wait_for(lambda: (s := jobs.status()).rate and s)
     assert st.state == "running" and st.progress.total == 10000 and 5 < st.rate < 200 and st.eta > 0
     assert jobs.stop().startswith("stopping")
-    assert jobs.stop().startswith("already stopping")                    # one SIGINT: a second would not save
+    assert jobs.stop().startswith("already stopping")  # one SIGINT: a second would not save
     st = wait_for(lambda: (s := jobs.status()).state == "stopped" and s)
     assert (run / "state.pt").read_bytes() == b"saved"
     assert st.message == f"stopped at step {st.progress.step} of 10000; saved — Resume continues it"
@@ -235,18 +239,23 @@ def test_options_are_checked_by_the_trainer_before_a_process_starts():
 
 # --- the page's handlers -----------------------------------------------------------------------------------
 
+
 def test_start_refusals_are_one_line_messages(ws, tmp_path):
     app = App(ws, JobManager(ws.root), Generator("cpu"))
     (ws.root / "weights" / "m.safetensors").write_bytes(b"")
     assert app.start("../../etc/passwd", None, "experiments/concepts/rings", "S*", "shape", "10", 5, 1) == (
         "⚠ model path '../../etc/passwd' is outside the allowed folders (weights/, experiments/concepts/, runs/, "
-        "outputs/); nothing was read or written")
+        "outputs/); nothing was read or written"
+    )
     assert app.start("weights/m.safetensors", None, None, "S*", "shape", "10", 5, 1) == (
-        "⚠ drop 3–20 images or choose a concept folder")
+        "⚠ drop 3–20 images or choose a concept folder"
+    )
     assert app.start("weights/m.safetensors", None, "/etc", "S*", "shape", "10", 5, 1).startswith(
-        "⚠ concept folder '/etc' is outside the allowed folders")
+        "⚠ concept folder '/etc' is outside the allowed folders"
+    )
     assert app.start("weights/m.safetensors", [str(p) for p in RINGS], None, "S*", "shape", "ten", 5, 1) == (
-        "⚠ STEPS='ten' must be a whole number or auto")
+        "⚠ STEPS='ten' must be a whole number or auto"
+    )
     assert not (ws.root / "runs" / "uploads").exists() and app.jobs.job is None
     assert app.resume("runs/../weights", "10", 5).startswith("⚠ run folder 'runs/../weights' is outside")
 
@@ -262,10 +271,12 @@ def test_formatting():
 def test_status_text_names_step_rate_eta_and_loss(ws):
     from apps.jobs import Progress, Status
 
-    st = Status(ws.root / "runs" / "a", "running", "training: step 40 of 100", Progress(40, 100, [(40, 0.0123)]),
-                2.0, 30.0)
-    assert status_text(ws, st) == ("**training: step 40 of 100** — `runs/a`\n\n"
-                                   "step 40 / 100 · 2.0 steps/s · ETA 30 s · loss 0.0123")
+    st = Status(
+        ws.root / "runs" / "a", "running", "training: step 40 of 100", Progress(40, 100, [(40, 0.0123)]), 2.0, 30.0
+    )
+    assert status_text(ws, st) == (
+        "**training: step 40 of 100** — `runs/a`\n\nstep 40 / 100 · 2.0 steps/s · ETA 30 s · loss 0.0123"
+    )
 
 
 # --- generation --------------------------------------------------------------------------------------------
@@ -286,8 +297,8 @@ def test_generate_saves_pngs_with_make_samples_parameters(tmp_path, one_thread):
     want = infotext("a photo of <w>", "blurry", 2, "ddim", 2.5, 12, 32, 32, h, name)
     assert Image.open(saved[1][0]).text["parameters"] == want == saved[1][1]
     again = gen.generate(SHAPES, [], Request("a photo of a shape", steps=2, seed=11, count=1), out)
-    assert gen.model is model and again[0][0].name == "00002-11.png"           # kept loaded, numbered on
-    assert model.tokenizer.placeholders == {}                                  # the words of that request only
+    assert gen.model is model and again[0][0].name == "00002-11.png"  # kept loaded, numbered on
+    assert model.tokenizer.placeholders == {}  # the words of that request only
     with pytest.raises(UIError, match="count=17"):
         gen.generate(SHAPES, [], Request("x", count=17), out)
     wide = tmp_path / "wide.safetensors"
@@ -309,14 +320,20 @@ def test_a_runs_base_model_is_named_only_inside_the_allowed_folders(tmp_path):
     from apps.ui import base_model
 
     ws = Workspace(ROOT)
-    cases = [({"model": "shapes"}, "weights/shapes.safetensors"), ({"ckpt": str(SHAPES)}, "weights/shapes.safetensors"),
-             ({"model": "tiny"}, None), ({"ckpt": "/etc/passwd"}, None), ({}, None)]
+    cases = [
+        ({"model": "shapes"}, "weights/shapes.safetensors"),
+        ({"ckpt": str(SHAPES)}, "weights/shapes.safetensors"),
+        ({"model": "tiny"}, None),
+        ({"ckpt": "/etc/passwd"}, None),
+        ({}, None),
+    ]
     for options, want in cases:
         (tmp_path / "args.json").write_text(json.dumps({"options": options}))
         assert base_model(ws, tmp_path) == want, options
 
 
 # --- editing -----------------------------------------------------------------------------------------------
+
 
 def ring_and_mask(tmp_path) -> tuple[Path, Path]:
     """A shapes-ring picture and a mask (white = edit) over its left half, drawn with PIL."""
@@ -342,23 +359,59 @@ def test_edit_saves_what_make_edit_saves(tmp_path, one_thread, capsys):
     saved = gen.edit(SHAPES, [word], req, image, mask, tmp_path / "edits")
     assert [p.name for p, _ in saved] == ["00000-5.png", "00001-6.png"]
     h, name = gen.identity(SHAPES)
-    want = infotext("a photo of <w>", "blurry", 4, "ddim", 2.5, 6, 32, 32, h, name,
-                    {"Denoising strength": 0.5, "Mask blur": 2})
+    want = infotext(
+        "a photo of <w>", "blurry", 4, "ddim", 2.5, 6, 32, 32, h, name, {"Denoising strength": 0.5, "Mask blur": 2}
+    )
     assert Image.open(saved[1][0]).text["parameters"] == want == saved[1][1]
     assert want.endswith("Denoising strength: 0.5, Mask blur: 2")
     edited, original = (np.asarray(Image.open(p).convert("RGB")) for p in (saved[0][0], image))
     assert np.array_equal(edited[:, 16:], original[:, 16:]) and not np.array_equal(edited, original)
-    code = cli.run(edit.main, ["--image", str(image), "--mask", str(mask), "--prompt", "a photo of <w>", "--neg",
-                               "blurry", "--embedding", str(word), "--ckpt", str(SHAPES), "--steps", "4",
-                               "--scale", "2.5", "--seed", "5", "--n", "2", "--strength", "0.5", "--mask-blur", "2",
-                               "--device", "cpu", "--out", str(tmp_path / "cli")])
+    code = cli.run(
+        edit.main,
+        [
+            "--image",
+            str(image),
+            "--mask",
+            str(mask),
+            "--prompt",
+            "a photo of <w>",
+            "--neg",
+            "blurry",
+            "--embedding",
+            str(word),
+            "--ckpt",
+            str(SHAPES),
+            "--steps",
+            "4",
+            "--scale",
+            "2.5",
+            "--seed",
+            "5",
+            "--n",
+            "2",
+            "--strength",
+            "0.5",
+            "--mask-blur",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "cli"),
+        ],
+    )
     assert code == 0, capsys.readouterr().err
     for path, _ in saved:
         assert path.read_bytes() == (tmp_path / "cli" / path.name).read_bytes(), path.name
-    again = gen.edit(SHAPES, [], EditRequest("a photo of a shape", steps=2, seed=3, count=1, strength=0.3),
-                     image, None, tmp_path / "edits")
+    again = gen.edit(
+        SHAPES,
+        [],
+        EditRequest("a photo of a shape", steps=2, seed=3, count=1, strength=0.3),
+        image,
+        None,
+        tmp_path / "edits",
+    )
     text = Image.open(again[0][0]).text["parameters"]
-    assert again[0][0].name == "00002-3.png" and text.endswith("Denoising strength: 0.3")   # no mask: no blur
+    assert again[0][0].name == "00002-3.png" and text.endswith("Denoising strength: 0.3")  # no mask: no blur
 
 
 @needs_shapes
@@ -375,8 +428,21 @@ def test_edit_refusals_are_one_line_messages_on_the_page(tmp_path, one_thread):
     Image.new("RGB", (136, 64), "white").save(tmp_path / "big.png")
 
     def edit(image=image, mask=None, strength=0.75, prompt="a shape", blur=4):
-        gallery, message = app.edit("weights/shapes.safetensors", [], str(image) if image else None,
-                                    str(mask) if mask else None, prompt, "", strength, "ddim", "2", "", 1, 1, blur)
+        gallery, message = app.edit(
+            "weights/shapes.safetensors",
+            [],
+            str(image) if image else None,
+            str(mask) if mask else None,
+            prompt,
+            "",
+            strength,
+            "ddim",
+            "2",
+            "",
+            1,
+            1,
+            blur,
+        )
         assert gallery is None and "\n" not in message
         return message
 
@@ -386,18 +452,24 @@ def test_edit_refusals_are_one_line_messages_on_the_page(tmp_path, one_thread):
     assert edit(mask=notes).startswith("⚠ mask notes.png: not a readable image")
     assert edit(mask=tmp_path / "black.png") == "⚠ MASK=black.png is empty (no white pixel): nothing to edit"
     assert edit(image=tmp_path / "big.png") == (
-        "⚠ IMAGE=big.png is 136×64 px; this model (32 px) edits at most 128 px a side — downscale it first")
+        "⚠ IMAGE=big.png is 136×64 px; this model (32 px) edits at most 128 px a side — downscale it first"
+    )
     for bad in (0, 1.5, -0.2):
         assert edit(strength=bad) == f"⚠ STRENGTH={bad:g} must be in (0, 1\\] (1 = start from pure noise)"
     assert edit(blur=-1) == "⚠ MASK\\_BLUR=-1 must be 0 or more pixels"
     assert edit(prompt=" ") == "⚠ the prompt is empty"
     assert not (ws.root / "outputs" / "edits").exists()
-    gallery, message = app.edit("weights/shapes.safetensors", [], str(image), str(mask), "a shape", "", 0.6, "ddim",
-                                "2", "", 4, 2, 4)
+    gallery, message = app.edit(
+        "weights/shapes.safetensors", [], str(image), str(mask), "a shape", "", 0.6, "ddim", "2", "", 4, 2, 4
+    )
     assert message == "✓ saved 2 image(s) in outputs/edits (masked edit)" and len(gallery) == 2
-    assert gallery[1] == (str(ws.root / "outputs" / "edits" / "00001-5.png"),
-                          Image.open(gallery[1][0]).text["parameters"])
+    assert gallery[1] == (
+        str(ws.root / "outputs" / "edits" / "00001-5.png"),
+        Image.open(gallery[1][0]).text["parameters"],
+    )
     assert App.edit_upload(str(notes), "image")[0] is None
     assert App.edit_upload(str(tmp_path / "black.png"), "mask") == (
-        None, "⚠ MASK=black.png is empty (no white pixel): nothing to edit")
+        None,
+        "⚠ MASK=black.png is empty (no white pixel): nothing to edit",
+    )
     assert App.edit_upload(str(image), "image") == (str(image), "✓ image ring-1-red-on-white.png: 32×32 px")

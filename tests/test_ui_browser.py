@@ -13,6 +13,7 @@ sees the gallery and `make edit`'s img2img parameters. No request may leave the 
 Screenshots of the four tabs go to a temporary folder, or to docs/ with ONEWORD_UI_SCREENSHOTS=docs.
 Without gradio, Playwright or Chromium the tests are skipped, naming what is missing.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,16 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 RINGS = sorted((ROOT / "experiments" / "concepts" / "shapes-ring").glob("*.png"))
 WAIT_MS = 60_000
 # a pickle that would call os.system("touch pwned") when loaded without weights_only
@@ -69,11 +78,21 @@ def server(tmp_path_factory):
     (ws / "weights").symlink_to(ROOT / "weights")
     (ws / "experiments" / "concepts").symlink_to(ROOT / "experiments" / "concepts")
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1", GRADIO_TEMP_DIR=str(ws / ".gradio"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        OMP_NUM_THREADS="1",
+        GRADIO_TEMP_DIR=str(ws / ".gradio"),
+    )
     log = open(ws / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "apps.ui", "--port", str(port), "--root", str(ws)], cwd=ws,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apps.ui", "--port", str(port), "--root", str(ws)],
+        cwd=ws,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 90
@@ -105,8 +124,13 @@ def browser(server, tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            str(profile),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1280, "height": 900},
+            accept_downloads=True,
+        )
         outside: list[str] = []
         local = server[0].rstrip("/")
 
@@ -211,8 +235,12 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     first = int(wait_text(page, "#train-status", r"step ([1-9]\d*) / 3000").group(1))
     line = plot_line(page)
     wait_text(page, "#train-status", rf"step (?!{first}\b)\d+ / 3000 · [\d.]+ steps/s · ETA")
-    page.wait_for_function("d => { const p = document.querySelector('#train-plot .mark-line path');"
-                           " return p && p.getAttribute('d') !== d; }", arg=line, timeout=WAIT_MS)
+    page.wait_for_function(
+        "d => { const p = document.querySelector('#train-plot .mark-line path');"
+        " return p && p.getAttribute('d') !== d; }",
+        arg=line,
+        timeout=WAIT_MS,
+    )
     wait_text(page, "#train-grid", r"validation grid, step \d+")
 
     # a second tab sees this job, and its Start is off while the job runs
@@ -236,7 +264,7 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     page.screenshot(path=str(shots / "ui-train.png"), full_page=True)
 
     # Embeddings: the run's files are listed; download one, load the word into Generate
-    page.get_by_role("tab", name="Embeddings").click()         # opening the tab lists the new run's files
+    page.get_by_role("tab", name="Embeddings").click()  # opening the tab lists the new run's files
     wait_text(page, "#emb-table", re.escape(f"runs/{run_name}/learned_embeds.safetensors"))
     choose(page, "emb-pick", f"runs/{run_name}/learned_embeds.safetensors")
     download_button = page.locator("#emb-download")
@@ -258,8 +286,9 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     wait_text(page, "#gen-words", r"<ring>")
     fill(page, "gen-prompt", "a photo of")
     page.locator("#gen-insert").click()
-    page.wait_for_function("() => document.querySelector('#gen-prompt textarea').value === 'a photo of <ring>'",
-                           timeout=WAIT_MS)
+    page.wait_for_function(
+        "() => document.querySelector('#gen-prompt textarea').value === 'a photo of <ring>'", timeout=WAIT_MS
+    )
     fill(page, "gen-steps", "10")
     fill(page, "gen-seed", "7")
     fill(page, "gen-count", "2")
@@ -277,8 +306,9 @@ def test_train_stop_resume_generate(server, page, browser, tmp_path):
     wait_text(page, "#edit-using", r"weights/shapes\.safetensors[\s\S]*<ring>")
     fill(page, "edit-prompt", "a photo of")
     page.locator("#edit-insert").click()
-    page.wait_for_function("() => document.querySelector('#edit-prompt textarea').value === 'a photo of <ring>'",
-                           timeout=WAIT_MS)
+    page.wait_for_function(
+        "() => document.querySelector('#edit-prompt textarea').value === 'a photo of <ring>'", timeout=WAIT_MS
+    )
 
 
 def test_edit_round_trip(server, page, tmp_path):

@@ -1,4 +1,5 @@
 """UNetModel: diffusers parity through diffusers' own converter, full-size key sets, checkpointing, bad configs."""
+
 from __future__ import annotations
 
 import math
@@ -12,14 +13,38 @@ from ldm.unet import GEGLU, ResBlock, SpatialTransformer, UNetModel
 
 PREFIX = "model.diffusion_model."
 
-SD1_SMALL = dict(image_size=16, in_channels=4, out_channels=4, model_channels=32,
-                 attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 2], num_heads=4,
-                 use_spatial_transformer=True, transformer_depth=1, context_dim=32, use_checkpoint=False,
-                 legacy=False)
-SD2_SMALL = dict(image_size=16, in_channels=4, out_channels=4, model_channels=32,
-                 attention_resolutions=[2, 1], num_res_blocks=1, channel_mult=[1, 2, 2],
-                 num_head_channels=8, use_spatial_transformer=True, use_linear_in_transformer=True,
-                 transformer_depth=2, context_dim=48, use_checkpoint=True, use_fp16=True, legacy=False)
+SD1_SMALL = dict(
+    image_size=16,
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    attention_resolutions=[4, 2, 1],
+    num_res_blocks=2,
+    channel_mult=[1, 2, 2],
+    num_heads=4,
+    use_spatial_transformer=True,
+    transformer_depth=1,
+    context_dim=32,
+    use_checkpoint=False,
+    legacy=False,
+)
+SD2_SMALL = dict(
+    image_size=16,
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    attention_resolutions=[2, 1],
+    num_res_blocks=1,
+    channel_mult=[1, 2, 2],
+    num_head_channels=8,
+    use_spatial_transformer=True,
+    use_linear_in_transformer=True,
+    transformer_depth=2,
+    context_dim=48,
+    use_checkpoint=True,
+    use_fp16=True,
+    legacy=False,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # conftest.py
@@ -36,8 +61,14 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def _original_config(unet_params: dict) -> dict:
-    return {"model": {"params": {"unet_config": {"params": unet_params},
-                                 "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
+    return {
+        "model": {
+            "params": {
+                "unet_config": {"params": unet_params},
+                "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
+            }
+        }
+    }
 
 
 def _to_diffusers(unet_params: dict, state: dict):
@@ -46,6 +77,7 @@ def _to_diffusers(unet_params: dict, state: dict):
         convert_ldm_unet_checkpoint,
         create_unet_diffusers_config_from_ldm,
     )
+
     ckpt = {PREFIX + k: v for k, v in state.items()}
     config = create_unet_diffusers_config_from_ldm(_original_config(unet_params), ckpt)
     return config, convert_ldm_unet_checkpoint(ckpt, config)
@@ -110,8 +142,7 @@ def test_full_size_keys_match_diffusers_converter(preset, n_params):
     assert state["output_blocks.2.1.conv.weight"].shape == (1280, 1280, 3, 3)
     assert state["output_blocks.5.2.conv.weight"].shape == (1280, 1280, 3, 3)
     assert state["middle_block.1.transformer_blocks.0.ff.net.0.proj.weight"].shape == (10240, 1280)
-    assert state["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (
-        320, params["context_dim"])
+    assert state["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, params["context_dim"])
     linear = params.get("use_linear_in_transformer", False)
     assert state["input_blocks.1.1.proj_in.weight"].ndim == (2 if linear else 4)
     assert "input_blocks.1.1.transformer_blocks.0.attn1.to_q.bias" not in state
@@ -187,19 +218,30 @@ def test_structure_for_kernels_and_head_rules():
     attn = m2.middle_block[1].transformer_blocks[0].attn1
     assert (attn.heads, attn.dim_head) == (8, 8)
     # legacy=True with num_head_channels: dim_head = width // num_heads
-    one_level = dict(SD2_SMALL, model_channels=96, channel_mult=[1], attention_resolutions=[1],
-                     num_head_channels=64)
+    one_level = dict(SD2_SMALL, model_channels=96, channel_mult=[1], attention_resolutions=[1], num_head_channels=64)
     for legacy, dim_head in ((True, 96), (False, 64)):
         attn = UNetModel(**dict(one_level, legacy=legacy)).input_blocks[1][1].transformer_blocks[0].attn1
         assert (attn.heads, attn.dim_head) == (1, dim_head)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("num_classes", 10), ("use_scale_shift_norm", True), ("resblock_updown", True), ("dims", 3),
-    ("n_embed", 8192), ("use_spatial_transformer", False), ("context_dim", None),
-    ("transformer_depth", [1, 2]), ("channel_mult", [1, 0]), ("model_channels", 40), ("num_res_blocks", [1, 1, 1]),
-    ("num_attention_blocks", [2, 1]), ("disable_self_attentions", [True]),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("num_classes", 10),
+        ("use_scale_shift_norm", True),
+        ("resblock_updown", True),
+        ("dims", 3),
+        ("n_embed", 8192),
+        ("use_spatial_transformer", False),
+        ("context_dim", None),
+        ("transformer_depth", [1, 2]),
+        ("channel_mult", [1, 0]),
+        ("model_channels", 40),
+        ("num_res_blocks", [1, 1, 1]),
+        ("num_attention_blocks", [2, 1]),
+        ("disable_self_attentions", [True]),
+    ],
+)
 def test_bad_config_raises_naming_the_key(key, value):
     params = dict(tiny().unet, **{key: value})
     with pytest.raises(ValueError, match=key):

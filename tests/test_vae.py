@@ -1,4 +1,5 @@
 """AutoencoderKL: parity with diffusers through its own LDM converter, key layout, sampling, numerics."""
+
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,18 @@ import ldm.vae as vae_mod
 from ldm.config import sd1
 from ldm.vae import AutoencoderKL, DiagonalGaussian, GroupNorm32
 
-SMALL = dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32,
-             ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+SMALL = dict(
+    double_z=True,
+    z_channels=4,
+    resolution=32,
+    in_channels=3,
+    out_ch=3,
+    ch=32,
+    ch_mult=[1, 2, 2],
+    num_res_blocks=1,
+    attn_resolutions=[],
+    dropout=0.0,
+)
 SD_VAE_PARAMS = 83_653_863
 
 
@@ -49,8 +60,14 @@ def to_diffusers(ours: AutoencoderKL, ddconfig: dict):
     )
 
     checkpoint = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
-    original_config = {"model": {"params": {"scale_factor": 0.18215, "first_stage_config": {
-        "params": {"embed_dim": 4, "ddconfig": ddconfig}}}}}
+    original_config = {
+        "model": {
+            "params": {
+                "scale_factor": 0.18215,
+                "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": ddconfig}},
+            }
+        }
+    }
     config = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
     converted = convert_ldm_vae_checkpoint(checkpoint, config)
     return DAutoencoderKL(**config), converted
@@ -115,8 +132,7 @@ def test_full_size_sd_vae_on_meta():
     assert sd["post_quant_conv.weight"].shape == (4, 4, 1, 1)
     assert "encoder.down.3.downsample.conv.weight" not in sd and "decoder.up.0.upsample.conv.weight" not in sd
     checkpoint = {"first_stage_model." + k: v for k, v in sd.items()}
-    original_config = {"model": {"params": {"scale_factor": 0.18215,
-                                            "first_stage_config": {"params": cfg}}}}
+    original_config = {"model": {"params": {"scale_factor": 0.18215, "first_stage_config": {"params": cfg}}}}
     config = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
     converted = convert_ldm_vae_checkpoint(checkpoint, config)
     with torch.device("meta"):
@@ -136,8 +152,14 @@ def test_meta_build_then_assign_load():
 
 
 def test_ignores_original_yaml_kwargs():
-    model = AutoencoderKL(ddconfig=SMALL, embed_dim=4, lossconfig={"target": "torch.nn.Identity"},
-                          ckpt_path=None, image_key="image", monitor="val/rec_loss")
+    model = AutoencoderKL(
+        ddconfig=SMALL,
+        embed_dim=4,
+        lossconfig={"target": "torch.nn.Identity"},
+        ckpt_path=None,
+        image_key="image",
+        monitor="val/rec_loss",
+    )
     assert set(dict(model.named_children())) == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
 
 
@@ -150,7 +172,7 @@ def test_sample_reproducible_and_reparameterised():
     eps = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(a, post.mean + post.std * eps, rtol=0, atol=0)
     assert torch.equal(post.mode(), post.mean)
-    torch.testing.assert_close(post.var, post.std ** 2)
+    torch.testing.assert_close(post.var, post.std**2)
 
 
 def test_logvar_clamped():
@@ -228,8 +250,9 @@ def test_groupnorm_in_fp32():
     ref = gn(x)
     out = copy.deepcopy(gn).to(torch.bfloat16)(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16
-    expected = torch.nn.functional.group_norm(x.bfloat16().float(), 32, gn.weight.bfloat16().float(),
-                                              gn.bias.bfloat16().float(), 1e-6).bfloat16()
+    expected = torch.nn.functional.group_norm(
+        x.bfloat16().float(), 32, gn.weight.bfloat16().float(), gn.bias.bfloat16().float(), 1e-6
+    ).bfloat16()
     assert torch.equal(out, expected)
     assert rel_err(out.float(), ref) < 2e-2
 

@@ -1,5 +1,6 @@
 """WordPiece tokenizer: same ids as the `tokenizers` BertWordPieceTokenizer and transformers' BertTokenizer
 (what LDM's BERTTokenizer ran) built from the same small vocabulary, on tricky strings."""
+
 from __future__ import annotations
 
 import string
@@ -12,10 +13,51 @@ from hypothesis import strategies as st
 from ldm.wordpiece import WordPieceTokenizer, basic_tokenize, default_vocab_path
 
 SPECIALS = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = ["the", "a", "photo", "of", "cat", "##s", "un", "##believ", "##able", "cafe", "naive", "resume",
-         "is", "it", "in", "and", "new", "tab", "zero", "width", "##width", "istanbul", "tokyo", "sculpture",
-         "中", "国", "東", "京", "σοφια", "σοφος", "σ", "##ς", "##σ",
-         "ο", "φ", "ι", "α", "##ο", "##φ", "##ι", "##α", "δ", "##δ"]
+WORDS = [
+    "the",
+    "a",
+    "photo",
+    "of",
+    "cat",
+    "##s",
+    "un",
+    "##believ",
+    "##able",
+    "cafe",
+    "naive",
+    "resume",
+    "is",
+    "it",
+    "in",
+    "and",
+    "new",
+    "tab",
+    "zero",
+    "width",
+    "##width",
+    "istanbul",
+    "tokyo",
+    "sculpture",
+    "中",
+    "国",
+    "東",
+    "京",
+    "σοφια",
+    "σοφος",
+    "σ",
+    "##ς",
+    "##σ",
+    "ο",
+    "φ",
+    "ι",
+    "α",
+    "##ο",
+    "##φ",
+    "##ι",
+    "##α",
+    "δ",
+    "##δ",
+]
 PUNCT = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~") + ["¿", "—", "…", "「", "」"]
 
 

@@ -2,6 +2,7 @@
 
 `python -m weights.download sd15` (or `make weights MODEL=sd15`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,12 @@ def local_path(name: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
 
 def inside(folder: Path, name: str) -> Path:
     """folder/name, refusing a name that would leave the folder (absolute, `..`, a link out of it)."""
-    path = (Path(folder) / name)
-    if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(
-            Path(folder).resolve()):
+    path = Path(folder) / name
+    if (
+        Path(name).is_absolute()
+        or ".." in Path(name).parts
+        or not path.resolve().is_relative_to(Path(folder).resolve())
+    ):
         raise DownloadError(f"manifest file name {name!r} would write outside {folder}")
     return path
 
@@ -62,8 +66,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(url: str, dest: Path, sha256: str | None, size: int | None = None, progress: bool = True,
-          timeout: float = 60.0) -> Path:
+def fetch(
+    url: str, dest: Path, sha256: str | None, size: int | None = None, progress: bool = True, timeout: float = 60.0
+) -> Path:
     """Download url to dest, resuming a `.part` file with an HTTP Range request; verify sha256, then rename."""
     dest = Path(dest)
     if dest.exists():
@@ -94,9 +99,10 @@ def fetch(url: str, dest: Path, sha256: str | None, size: int | None = None, pro
                 have = 0
             length = response.headers.get("Content-Length")
             total = (have + int(length)) if length is not None else size
-            with open(part, "ab" if resumed else "wb") as out, tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, desc=dest.name,
-                    disable=not progress) as bar:
+            with (
+                open(part, "ab" if resumed else "wb") as out,
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
+            ):
                 try:
                     while chunk := response.read(CHUNK):
                         out.write(chunk)
@@ -104,22 +110,25 @@ def fetch(url: str, dest: Path, sha256: str | None, size: int | None = None, pro
                 except (OSError, http.client.HTTPException) as e:
                     raise DownloadError(f"{url}: transfer broke off ({e}); run again to resume") from None
             if total is not None and part.stat().st_size < total:
-                raise DownloadError(f"{url}: transfer broke off after {part.stat().st_size} of {total} bytes; "
-                                    "run again to resume")
+                raise DownloadError(
+                    f"{url}: transfer broke off after {part.stat().st_size} of {total} bytes; run again to resume"
+                )
     digest = sha256_of(part)
     if sha256 is None:
-        log.warning("%s has no published sha256; its sha256 is %s — compare it with a trusted source",
-                    dest.name, digest)
+        log.warning(
+            "%s has no published sha256; its sha256 is %s — compare it with a trusted source", dest.name, digest
+        )
     elif digest != sha256:
         part.unlink()
-        raise DownloadError(f"{dest.name}: sha256 {digest[:12]}… does not match the manifest's "
-                            f"{sha256[:12]}…; the partial file was deleted, run again")
+        raise DownloadError(
+            f"{dest.name}: sha256 {digest[:12]}… does not match the manifest's "
+            f"{sha256[:12]}…; the partial file was deleted, run again"
+        )
     os.replace(part, dest)
     return dest
 
 
-def download(name: str, weights_dir: Path = WEIGHTS_DIR, progress: bool = True, unverified: bool = False
-             ) -> Path:
+def download(name: str, weights_dir: Path = WEIGHTS_DIR, progress: bool = True, unverified: bool = False) -> Path:
     """Download the manifest's model `name` (and its companion files) into weights_dir, resumable and verified.
 
     Entries without a published sha256 are refused unless `unverified` is set."""
@@ -130,8 +139,10 @@ def download(name: str, weights_dir: Path = WEIGHTS_DIR, progress: bool = True, 
     for other in entry.get("companions", []):
         download(other, weights_dir, progress, unverified)
     if entry["sha256"] is None and not unverified:
-        raise DownloadError(f"{name} has no published sha256, so it cannot be verified; add --unverified "
-                            "(make weights ... UNVERIFIED=1) to download it anyway and print its sha256")
+        raise DownloadError(
+            f"{name} has no published sha256, so it cannot be verified; add --unverified "
+            "(make weights ... UNVERIFIED=1) to download it anyway and print its sha256"
+        )
     if not str(entry["url"]).startswith("https://"):
         raise DownloadError(f"{name}: the manifest URL {entry['url']!r} is not https")
     return fetch(entry["url"], inside(weights_dir, entry["file"]), entry["sha256"], entry.get("size"), progress)

@@ -4,6 +4,7 @@ With `all`, --out is the root (each figure writes <out>/<name>/, runs are reused
 that only some figures know go to those figures, and a single --concept is paired with a default second
 concept for the composition figure.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,10 @@ from experiments.figures import FIGURES, figure_module
 
 log = logging.getLogger("experiments.figures")
 
-USAGE = (f"usage: python -m experiments.figures <{'|'.join(FIGURES)}|all> [--model tiny] [--concept cat] "
-         "[--run DIR] [--out DIR] [--steps N] [--n N] [--seed S] [--device D] …; add --help after a name")
+USAGE = (
+    f"usage: python -m experiments.figures <{'|'.join(FIGURES)}|all> [--model tiny] [--concept cat] "
+    "[--run DIR] [--out DIR] [--steps N] [--n N] [--seed S] [--device D] …; add --help after a name"
+)
 
 
 def _value(argv: list[str], flag: str) -> str | None:
@@ -81,7 +84,7 @@ def run_all(argv: list[str]) -> int:
                 argv_f = _without(argv_f, "--concept") + ["--concept", f"{concepts[0]},{partner}"]
         if ctx is None:
             ctx = C.Context(C.finish_args(parsers[name].parse_args(argv_f)))
-            ctx.scorer()        # bias and tradeoff need CLIP: a missing file fails now, not an hour later
+            ctx.scorer()  # bias and tradeoff need CLIP: a missing file fails now, not an hour later
         result = C.run_figure(m, argv_f, ctx)
         done.append((name, result["png"]))
     print(f"figures: {len(done)} written under {root} in {time.time() - started:.0f} s")

@@ -7,6 +7,7 @@ concept words it needs through the trainer's own API (`inversion.train`, flags o
 With MODEL=tiny every unset option takes the smoke values of SMOKE (32 px, a few steps, random CLIP), so
 `make figures MODEL=tiny` exercises every script in a couple of minutes on a laptop CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,9 @@ OUT_ROOT = Path("outputs") / "figures"
 RESULTS = ROOT / "experiments" / "RESULTS.md"
 SMOKE = {"steps": 4, "size": 32, "sample_steps": 4, "n": 2, "batch": 1, "clip_weights": "random"}
 FULL = {"steps": None, "size": None, "sample_steps": None, "n": 4, "batch": None, "clip_weights": None}
-SHAPES = {**FULL, "steps": 300, "batch": 4, "n": 8}   # the shapes demo's recipe (experiments/shapes/demo.py)
+SHAPES = {**FULL, "steps": 300, "batch": 4, "n": 8}  # the shapes demo's recipe (experiments/shapes/demo.py)
 MODEL_TRAIN = {"shapes": {"init": "shape"}}  # the shapes world's generic word as the init word
-SHAPES_PREFIX = "shapes-"                         # concepts drawn on demand from experiments/shapes/world.py
+SHAPES_PREFIX = "shapes-"  # concepts drawn on demand from experiments/shapes/world.py
 
 
 class FigureError(InversionError):
@@ -48,6 +49,7 @@ class FigureError(InversionError):
 
 
 # --- options -----------------------------------------------------------------------------------------------
+
 
 def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The options every figure takes (each script adds its own)."""
@@ -81,20 +83,33 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.smoke = tiny
-    cli.check([
-        *(cli.at_least(f"--{key.replace('_', '-')}", getattr(args, key, None))
-          for key in ("steps", "n", "sample_steps", "batch", "rows", "eval_n")),
-        cli.at_least("--size", args.size, 8), cli.finite("--scale", args.scale), cli.seed_rule("--seed", args.seed),
-        (args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
-         f"unknown --model {args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give --ckpt PATH"),
-        (args.ckpt is None or Path(args.ckpt).exists(), f"--ckpt {args.ckpt}: no such file or folder"),
-        *((Path(r).is_dir(), f"--run {r}: no such run directory") for r in split_list(args.run)),
-        (args.prompts is None or bool(prompts_or(args, ())), f"--prompts {args.prompts!r} holds no prompt"),
-        (args.clip_weights in (None, "random") or Path(args.clip_weights).is_file(),
-         f"--clip-weights {args.clip_weights}: no such file"),
-        (args.runs_dir is None or not Path(args.runs_dir).exists() or Path(args.runs_dir).is_dir(),
-         f"--runs-dir {args.runs_dir} is a file, not a folder"),
-    ], FigureError)
+    cli.check(
+        [
+            *(
+                cli.at_least(f"--{key.replace('_', '-')}", getattr(args, key, None))
+                for key in ("steps", "n", "sample_steps", "batch", "rows", "eval_n")
+            ),
+            cli.at_least("--size", args.size, 8),
+            cli.finite("--scale", args.scale),
+            cli.seed_rule("--seed", args.seed),
+            (
+                args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
+                f"unknown --model {args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give --ckpt PATH",
+            ),
+            (args.ckpt is None or Path(args.ckpt).exists(), f"--ckpt {args.ckpt}: no such file or folder"),
+            *((Path(r).is_dir(), f"--run {r}: no such run directory") for r in split_list(args.run)),
+            (args.prompts is None or bool(prompts_or(args, ())), f"--prompts {args.prompts!r} holds no prompt"),
+            (
+                args.clip_weights in (None, "random") or Path(args.clip_weights).is_file(),
+                f"--clip-weights {args.clip_weights}: no such file",
+            ),
+            (
+                args.runs_dir is None or not Path(args.runs_dir).exists() or Path(args.runs_dir).is_dir(),
+                f"--runs-dir {args.runs_dir} is a file, not a folder",
+            ),
+        ],
+        FigureError,
+    )
     cli.pick_device(args.device)
     if args.out:
         cli.check_writable(Path(args.out), "--out")
@@ -113,18 +128,21 @@ def prompts_or(args: argparse.Namespace, default: Sequence[str]) -> list[str]:
 
 # --- concepts drawn from the shapes world ------------------------------------------------------------------
 
+
 def shapes_concept(name: str, root: Path, n_per_colour: int = 1, resolution: int = 128) -> Path:
     """'shapes-<shape>' → one image per colour (a colour-balanced set); 'shapes-<shape>-<colour>' → 5 images."""
     import numpy as np
 
     from experiments.shapes import world
 
-    parts = name[len(SHAPES_PREFIX):].split("-")
+    parts = name[len(SHAPES_PREFIX) :].split("-")
     shape = parts[0]
     colours = parts[1:] or list(world.COLOUR_NAMES)
     if shape not in world.SHAPES or any(c not in world.COLOUR_NAMES for c in colours) or len(parts) > 2:
-        raise FigureError(f"concept {name!r}: write shapes-<shape>[-<colour>] with a shape from "
-                          f"{', '.join(world.SHAPES)} and a colour from {', '.join(world.COLOUR_NAMES)}")
+        raise FigureError(
+            f"concept {name!r}: write shapes-<shape>[-<colour>] with a shape from "
+            f"{', '.join(world.SHAPES)} and a colour from {', '.join(world.COLOUR_NAMES)}"
+        )
     folder = root / name
     count = n_per_colour * len(colours) if len(colours) > 1 else 5
     if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
@@ -137,10 +155,17 @@ def shapes_concept(name: str, root: Path, n_per_colour: int = 1, resolution: int
         radius = float(rng.uniform(lo, hi))
         margin = radius + 1.0
         cx, cy = (float(v) for v in rng.uniform(margin, world.RESOLUTION - margin, size=2))
-        labels = world.Labels(shape=world.SHAPES.index(shape), colour=world.COLOUR_NAMES.index(colour),
-                              background=i % len(world.BACKGROUND_NAMES), size=world.SIZE_NAMES.index("large"),
-                              radius=radius, cx=cx, cy=cy, angle=float(rng.uniform(-0.2, 0.2)),
-                              colour_jitter=(0, 0, 0))
+        labels = world.Labels(
+            shape=world.SHAPES.index(shape),
+            colour=world.COLOUR_NAMES.index(colour),
+            background=i % len(world.BACKGROUND_NAMES),
+            size=world.SIZE_NAMES.index("large"),
+            radius=radius,
+            cx=cx,
+            cy=cy,
+            angle=float(rng.uniform(-0.2, 0.2)),
+            colour_jitter=(0, 0, 0),
+        )
         image = world.render(labels, resolution)
         buf = io.BytesIO()
         image.save(buf, format="PNG")
@@ -163,6 +188,7 @@ def resolve_concept(name: str, out_root: Path) -> Path:
 
 # --- the model, the words, the runs ------------------------------------------------------------------------
 
+
 @dataclass
 class Word:
     """A learned word ready to use: its token, its run directory and concept folder."""
@@ -182,7 +208,7 @@ class Context:
         self._scorer = None
         self._device = None
         self.runs_dir = Path(args.runs_dir) if args.runs_dir else OUT_ROOT / "runs"
-        self.out_root = self.runs_dir.parent          # generated shapes concepts go to <out_root>/concepts
+        self.out_root = self.runs_dir.parent  # generated shapes concepts go to <out_root>/concepts
 
     @property
     def device(self) -> torch.device:
@@ -202,8 +228,7 @@ class Context:
         from ldm.pipeline import LatentDiffusion, build_tokenizer
 
         b = self.base()
-        return LatentDiffusion(b.config, b.unet, b.vae, b.text_encoder, build_tokenizer(b.config),
-                               b.schedule).eval()
+        return LatentDiffusion(b.config, b.unet, b.vae, b.text_encoder, build_tokenizer(b.config), b.schedule).eval()
 
     def scorer(self):
         if self._scorer is None:
@@ -235,18 +260,43 @@ class Context:
         """Train (or reuse an identical finished run of) the concept's word with these TrainConfig changes."""
         folder = resolve_concept(concept, self.out_root)
         a = self.args
-        changes = {**MODEL_TRAIN.get(self.base().config.name, {}), **(changes or {})}   # a variant's win
-        key = json.dumps({"model": self.model_name(), "concept": str(folder.resolve()), "flags": as_flags(changes),
-                          "steps": a.steps, "size": self.size, "batch": a.batch, "seed": a.seed})
+        changes = {**MODEL_TRAIN.get(self.base().config.name, {}), **(changes or {})}  # a variant's win
+        key = json.dumps(
+            {
+                "model": self.model_name(),
+                "concept": str(folder.resolve()),
+                "flags": as_flags(changes),
+                "steps": a.steps,
+                "size": self.size,
+                "batch": a.batch,
+                "seed": a.seed,
+            }
+        )
         run = self.runs_dir / f"{folder.name}-{tag}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-        if (run / "embeddings.pt").is_file() and (run / "figure-key.json").is_file() \
-                and (run / "figure-key.json").read_text() == key:
+        if (
+            (run / "embeddings.pt").is_file()
+            and (run / "figure-key.json").is_file()
+            and (run / "figure-key.json").read_text() == key
+        ):
             log.info("reusing %s", run)
             return self.load_run(run)
         steps = {"steps": a.steps, "save_every": a.steps} if a.steps else {}
-        config = TrainConfig(concept=str(folder), model=a.model, ckpt=a.ckpt, out=str(run), overwrite=True,
-                             seed=a.seed, size=self.size, batch=a.batch, val_every=0, latent_cache="",
-                             no_progress=True, device=str(self.device), **steps, **changes)
+        config = TrainConfig(
+            concept=str(folder),
+            model=a.model,
+            ckpt=a.ckpt,
+            out=str(run),
+            overwrite=True,
+            seed=a.seed,
+            size=self.size,
+            batch=a.batch,
+            val_every=0,
+            latent_cache="",
+            no_progress=True,
+            device=str(self.device),
+            **steps,
+            **changes,
+        )
         log.info("training %s (%s) → %s", folder.name, " ".join(as_flags(changes)) or "defaults", run)
         train(config, model=self.fresh())
         atomic_write(run / "figure-key.json", lambda f: f.write(key.encode()))
@@ -270,15 +320,18 @@ class Context:
                 log.warning("run %s: its concept %s is gone", run, concept)
         return Word(token, run, folder, vectors)
 
-    def words(self, default_concepts: Sequence[str], changes: dict | None = None, tag: str = "word",
-              count: int | None = None) -> list[Word]:
+    def words(
+        self, default_concepts: Sequence[str], changes: dict | None = None, tag: str = "word", count: int | None = None
+    ) -> list[Word]:
         """--run dirs if given, else --concept (or the figure's default concepts) trained with `changes`."""
         a = self.args
         given = split_list(a.run) if a.run else (split_list(a.concept) or list(default_concepts))
         if count is not None and len(given) != count:
             what = "--run" if a.run else "--concept"
-            raise FigureError(f"this figure needs {count} learned word(s) but {what} names {len(given)}; "
-                              f"give {what} " + ",".join(f"X{i + 1}" for i in range(count)))
+            raise FigureError(
+                f"this figure needs {count} learned word(s) but {what} names {len(given)}; "
+                f"give {what} " + ",".join(f"X{i + 1}" for i in range(count))
+            )
         if a.run:
             return [self.load_run(Path(r)) for r in given]
         return [self.train_word(c, changes, tag) for c in given]
@@ -297,9 +350,15 @@ class Context:
 
     def sample(self, model, prompt: str, n: int | None = None, seed: int | None = None) -> list[Image.Image]:
         """n images of one prompt; image i uses seed + i."""
-        return model.sample([prompt] * (n or self.args.n), steps=self.sample_steps, scale=self.scale,
-                            seed=self.args.seed if seed is None else seed, height=self.size, width=self.size,
-                            progress=False)
+        return model.sample(
+            [prompt] * (n or self.args.n),
+            steps=self.sample_steps,
+            scale=self.scale,
+            seed=self.args.seed if seed is None else seed,
+            height=self.size,
+            width=self.size,
+            progress=False,
+        )
 
 
 def fill(prompt: str, words: Sequence[Word]) -> str:
@@ -322,6 +381,7 @@ def concept_images(folder: Path | None, size: int, limit: int = 8) -> list[Image
 
 
 # --- pictures and files ------------------------------------------------------------------------------------
+
 
 def _font(size: int):
     try:
@@ -350,8 +410,10 @@ def grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], cell: int | None = N
         y = top + r * (cell + text_h)
         draw.text((4, y + 1), caption, fill="black", font=font)
         if ims:
-            cells = [im.convert("RGB").resize((cell, cell), Image.NEAREST if im.size[0] < cell else Image.BICUBIC)
-                     for im in ims]
+            cells = [
+                im.convert("RGB").resize((cell, cell), Image.NEAREST if im.size[0] < cell else Image.BICUBIC)
+                for im in ims
+            ]
             canvas.paste(image_grid(cells, cols=len(cells)), (0, y + text_h))
     return canvas
 
@@ -370,8 +432,9 @@ def out_dir(args: argparse.Namespace, name: str) -> Path:
     out = Path(args.out) if args.out else OUT_ROOT / name
     done = [p for p in (out / f"{name}.png", out / f"{name}.json") if p.exists()]
     if done and not getattr(args, "overwrite", False):
-        raise FigureError(f"{done[0]} already exists; pass --overwrite (ARGS=--overwrite) to redraw it, or choose "
-                          "another OUT")
+        raise FigureError(
+            f"{done[0]} already exists; pass --overwrite (ARGS=--overwrite) to redraw it, or choose another OUT"
+        )
     try:
         return cli.check_writable(out, "--out")
     except cli.UsageError as e:
@@ -381,14 +444,24 @@ def out_dir(args: argparse.Namespace, name: str) -> Path:
 def header(ctx: Context, name: str, words: Sequence[Word]) -> dict:
     """The metadata every figure JSON starts with."""
     a = ctx.args
-    return {"figure": name, "model": ctx.base().config.name, "ckpt": a.ckpt, "smoke": a.smoke,
-            "words": [{"token": w.token, "run": str(w.run), "concept": str(w.concept)} for w in words],
-            "size": ctx.size, "sample_steps": ctx.sample_steps, "scale": ctx.scale, "seed": a.seed,
-            "n": a.n, "training_steps": a.steps}
+    return {
+        "figure": name,
+        "model": ctx.base().config.name,
+        "ckpt": a.ckpt,
+        "smoke": a.smoke,
+        "words": [{"token": w.token, "run": str(w.run), "concept": str(w.concept)} for w in words],
+        "size": ctx.size,
+        "sample_steps": ctx.sample_steps,
+        "scale": ctx.scale,
+        "seed": a.seed,
+        "n": a.n,
+        "training_steps": a.steps,
+    }
 
 
-def prompt_figure(ctx: Context, name: str, words: Sequence[Word], model, head: list, prompts: Sequence[str],
-                  title: str, **extra) -> dict:
+def prompt_figure(
+    ctx: Context, name: str, words: Sequence[Word], model, head: list, prompts: Sequence[str], title: str, **extra
+) -> dict:
     """A grid of `head` rows, then one row of samples per prompt (S* filled in); writes <name>.png and
     <name>.json (header, prompts, `extra`) and returns that metadata with the png path and a summary."""
     rows = head + [(f'"{p}"', ctx.sample(model, fill(p, words))) for p in prompts]
@@ -414,7 +487,7 @@ def run_figure(module, argv: Sequence[str] | None = None, ctx: Context | None = 
     p = base_parser(module.NAME, module.__doc__.split("\n")[0])
     module.add_arguments(p)
     args = finish_args(p.parse_args(argv))
-    if hasattr(module, "check_args"):               # the figure's own options, before anything loads
+    if hasattr(module, "check_args"):  # the figure's own options, before anything loads
         module.check_args(args)
     if ctx is None:
         ctx = Context(args)
@@ -427,6 +500,7 @@ def run_figure(module, argv: Sequence[str] | None = None, ctx: Context | None = 
 
 def script_main(module) -> int:
     """`python -m experiments.figures.<script>`: run_figure with one-line errors (exit 2)."""
+
     def main(argv: list[str] | None) -> int:
         run_figure(module, argv)
         return 0

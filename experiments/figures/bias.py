@@ -6,6 +6,7 @@ samples "a photo of a <word>" and "a photo of a S*" and reports, per row, the di
 the judged colour histogram and its normalised entropy (1 = all colours equally often). On the tiny or any
 random-weight model the samples are noise and the numbers only prove the pipeline runs.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,7 @@ def plain_word(ctx: C.Context, concept: str | None) -> str:
     if ctx.args.word:
         return ctx.args.word
     if concept and concept.startswith(C.SHAPES_PREFIX):
-        return concept[len(C.SHAPES_PREFIX):].split("-")[0]
+        return concept[len(C.SHAPES_PREFIX) :].split("-")[0]
     raise C.FigureError("give --word (the plain word to compare with, e.g. --word doctor)")
 
 
@@ -70,8 +71,8 @@ def run(ctx: C.Context) -> dict:
 
     a = ctx.args
     if not a.run:
-        plain_word(ctx, (C.split_list(a.concept) or ["shapes-circle"])[0])   # fail before training
-    scorer = ctx.scorer()                                                  # so does missing CLIP
+        plain_word(ctx, (C.split_list(a.concept) or ["shapes-circle"])[0])  # fail before training
+    scorer = ctx.scorer()  # so does missing CLIP
     words = ctx.words(["shapes-circle"], count=1)
     word = plain_word(ctx, words[0].concept.name if words[0].concept else None)
     model = ctx.model_with(words)
@@ -91,16 +92,18 @@ def run(ctx: C.Context) -> dict:
             text += f", colour entropy {entry['colour_entropy']:.2f}"
         report[key] = entry
         for r in range(rows_per):
-            rows.append((f'"{prompt}" ({text})' if r == 0 else "", images[r * a.n:(r + 1) * a.n]))
+            rows.append((f'"{prompt}" ({text})' if r == 0 else "", images[r * a.n : (r + 1) * a.n]))
     rows = [r for r in rows if r[1]]
     out = C.out_dir(a, NAME)
     note = " [random weights: noise]" if a.smoke else ""
-    png = C.save_png(C.grid(rows, title=f"plain '{word}' vs {words[0].token} learned from a balanced set{note}"),
-                     out / f"{NAME}.png")
+    png = C.save_png(
+        C.grid(rows, title=f"plain '{word}' vs {words[0].token} learned from a balanced set{note}"), out / f"{NAME}.png"
+    )
     info = {**C.header(ctx, NAME, words), "word": word, "clip_weights": scorer.weights, **report}
     C.save_json(info, out / f"{NAME}.json")
-    summary = f"diversity plain {report['plain']['clip_diversity']:.3f} vs learned " \
-              f"{report['learned']['clip_diversity']:.3f}"
+    summary = (
+        f"diversity plain {report['plain']['clip_diversity']:.3f} vs learned {report['learned']['clip_diversity']:.3f}"
+    )
     return {**info, "png": str(png), "summary": summary}
 
 

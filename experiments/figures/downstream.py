@@ -4,6 +4,7 @@ Rows: input images, their masks, the localized edits. On the shapes model the in
 shapes, masked around the shape, and the JSON records how often the judge sees the held-out shape in the edits;
 on other models the inputs are the model's own samples of SCENE with a central mask.
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,8 +36,11 @@ def inputs(ctx: C.Context, n: int) -> tuple[list[Image.Image], list[tuple[float,
 
     images, labels = world.generate(4 * n, seed=ctx.args.seed, resolution=size)
     f = size / world.RESOLUTION
-    pairs = [(Image.fromarray(im), (lab.cx * f, lab.cy * f, (lab.radius + 1.5) * f))
-             for im, lab in zip(images, labels) if world.SHAPES[lab.shape] != world.HELD_OUT][:n]
+    pairs = [
+        (Image.fromarray(im), (lab.cx * f, lab.cy * f, (lab.radius + 1.5) * f))
+        for im, lab in zip(images, labels)
+        if world.SHAPES[lab.shape] != world.HELD_OUT
+    ][:n]
     return [im for im, _ in pairs], [d for _, d in pairs]
 
 
@@ -51,8 +55,17 @@ def run(ctx: C.Context) -> dict:
         m = Image.new("L", images[0].size, 0)
         ImageDraw.Draw(m).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
         masks.append(m)
-    edits = model.edit(images, C.fill(prompt, words), mask=masks, strength=a.strength, steps=ctx.sample_steps,
-                       scale=ctx.scale, seed=a.seed, mask_blur=max(1, ctx.size // 32), progress=False)
+    edits = model.edit(
+        images,
+        C.fill(prompt, words),
+        mask=masks,
+        strength=a.strength,
+        steps=ctx.sample_steps,
+        scale=ctx.scale,
+        seed=a.seed,
+        mask_blur=max(1, ctx.size // 32),
+        progress=False,
+    )
     extra = {"prompt": prompt, "strength": a.strength, "edits": len(edits)}
     if ctx.base().config.name == "shapes":
         from experiments.shapes import judge, world
@@ -60,8 +73,9 @@ def run(ctx: C.Context) -> dict:
         extra["held_out_rate"] = (judge.score(edits)[0] == world.SHAPES.index(world.HELD_OUT)).float().mean().item()
     rows = [("input", images), ("mask (white = edit)", [m.convert("RGB") for m in masks]), (f'"{prompt}"', edits)]
     out = C.out_dir(a, NAME)
-    png = C.save_png(C.grid(rows, title=f"localized edits with {words[0].token} ({ctx.base().config.name})"),
-                     out / f"{NAME}.png")
+    png = C.save_png(
+        C.grid(rows, title=f"localized edits with {words[0].token} ({ctx.base().config.name})"), out / f"{NAME}.png"
+    )
     info = {**C.header(ctx, NAME, words), **extra}
     C.save_json(info, out / f"{NAME}.json")
     rate = f", judged {extra['held_out_rate']:.0%} held-out shape" if "held_out_rate" in extra else ""

@@ -1,4 +1,5 @@
 """Style transfer (Gal et al. 2022, Fig. 6): a word learned with the style templates, used as "… in the style of S*"."""
+
 from __future__ import annotations
 
 import sys
@@ -6,8 +7,12 @@ import sys
 from experiments.figures import _common as C
 
 NAME = "style"
-PROMPTS = ("a painting of a dog in the style of S*", "a photo of a house in the style of S*",
-           "a portrait of a woman in the style of S*", "a landscape with mountains in the style of S*")
+PROMPTS = (
+    "a painting of a dog in the style of S*",
+    "a photo of a house in the style of S*",
+    "a portrait of a woman in the style of S*",
+    "a landscape with mountains in the style of S*",
+)
 
 
 def add_arguments(p) -> None:
@@ -21,9 +26,16 @@ def run(ctx: C.Context) -> dict:
     model = ctx.model_with(words)
     prompts = C.prompts_or(a, PROMPTS)
     head = [("style images", C.concept_images(words[0].concept, ctx.size, limit=a.n))]
-    return C.prompt_figure(ctx, NAME, words, model, head, prompts,
-                           f"style transfer with {words[0].token} (style templates)",
-                           trainer_flags=[] if a.run else C.as_flags(changes))
+    return C.prompt_figure(
+        ctx,
+        NAME,
+        words,
+        model,
+        head,
+        prompts,
+        f"style transfer with {words[0].token} (style templates)",
+        trainer_flags=[] if a.run else C.as_flags(changes),
+    )
 
 
 if __name__ == "__main__":

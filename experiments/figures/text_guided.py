@@ -1,4 +1,5 @@
 """Text-guided synthesis (Gal et al. 2022, Fig. 3/5): the learned word in new scenes and styles."""
+
 from __future__ import annotations
 
 import sys
@@ -6,8 +7,14 @@ import sys
 from experiments.figures import _common as C
 
 NAME = "text-guided"
-PROMPTS = ("a photo of S* on the beach", "an oil painting of S*", "a S* made of lego",
-           "a photo of S* in the jungle", "a watercolor painting of S* in the snow", "Elmo holding a S*")
+PROMPTS = (
+    "a photo of S* on the beach",
+    "an oil painting of S*",
+    "a S* made of lego",
+    "a photo of S* in the jungle",
+    "a watercolor painting of S* in the snow",
+    "Elmo holding a S*",
+)
 
 
 def add_arguments(p) -> None:

@@ -6,6 +6,7 @@ variants train nothing and put a caption where S* stands. Each is scored with th
 (reconstruction, y axis) and text similarity of the editing prompts' samples to the prompts without S*
 (editability, x axis). The table of the model/concept pair in RESULTS.md is rewritten with the new rows.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,9 +18,9 @@ from pathlib import Path
 from experiments.figures import _common as C
 
 NAME = "tradeoff"
-REG_WEIGHT = 0.1                       # ours: the official configs ship embedding_reg_weight 0 (off)
-LOW_LRS = ("1e-3", "1e-4")             # ours: lower base LRs than the paper's 5e-3 (the paper's values unverified)
-CAPTIONS = {                           # (short, long) human captions per concept folder name
+REG_WEIGHT = 0.1  # ours: the official configs ship embedding_reg_weight 0 (off)
+LOW_LRS = ("1e-3", "1e-4")  # ours: lower base LRs than the paper's 5e-3 (the paper's values unverified)
+CAPTIONS = {  # (short, long) human captions per concept folder name
     "cat": ("cat", "a grey and brown striped tabby cat with yellow-green eyes and white whiskers"),
     "shapes-ring": ("shape", "a large thick ring, a hollow circle, in one bright colour on a plain background"),
     "shapes-star": ("shape", "a large five-pointed star shape in one bright colour on a plain background"),
@@ -31,12 +32,13 @@ CAPTIONS = {                           # (short, long) human captions per concep
 class Variant:
     key: str
     label: str
-    changes: dict = field(default_factory=dict)   # TrainConfig changes; as_flags gives `make train ARGS="…"`
+    changes: dict = field(default_factory=dict)  # TrainConfig changes; as_flags gives `make train ARGS="…"`
 
     @property
     def flags(self) -> list[str]:
         return C.as_flags(self.changes)
-    caption: str | None = None         # "short" | "long": a human caption instead of a learned word
+
+    caption: str | None = None  # "short" | "long": a human caption instead of a learned word
 
 
 def variants(steps: int) -> list[Variant]:
@@ -49,8 +51,7 @@ def variants(steps: int) -> list[Variant]:
         Variant("two-words", "2 vectors", {"vectors": 2}),
         Variant("three-words", "3 vectors", {"vectors": 3}),
         Variant("progressive", "Progressive (to 3 vectors)", {"vectors": 3, "progressive": every}),
-        Variant("regularised", f"Regularised toward the init word (weight {REG_WEIGHT:g})",
-                {"reg_weight": REG_WEIGHT}),
+        Variant("regularised", f"Regularised toward the init word (weight {REG_WEIGHT:g})", {"reg_weight": REG_WEIGHT}),
         Variant("per-image", "Per-image tokens", {"per_image_tokens": True}),
         *[Variant(f"lr-{lr}", f"Base LR {lr}", {"lr": float(lr)}) for lr in LOW_LRS],
     ]
@@ -108,10 +109,21 @@ def plot(points: list[dict], path: Path, title: str, reference: float | None = N
     markers = "os^vD<>pPX*h"
     fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=110)
     for i, p in enumerate(points):
-        ax.scatter([p["text_similarity"]], [p["image_similarity"]], s=46, marker=markers[i % len(markers)],
-                   label=p["label"], zorder=3)
-        ax.annotate(p["key"], (p["text_similarity"], p["image_similarity"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=7)
+        ax.scatter(
+            [p["text_similarity"]],
+            [p["image_similarity"]],
+            s=46,
+            marker=markers[i % len(markers)],
+            label=p["label"],
+            zorder=3,
+        )
+        ax.annotate(
+            p["key"],
+            (p["text_similarity"], p["image_similarity"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7,
+        )
     if reference is not None:
         ax.axhline(reference, ls="--", lw=1, c="gray", label="training images vs each other (reference)")
     ax.set_xlabel("text similarity (editability) →")
@@ -131,25 +143,28 @@ def plot(points: list[dict], path: Path, title: str, reference: float | None = N
 # --- RESULTS.md --------------------------------------------------------------------------------------------
 
 RESULTS_HEADER = "# Results\n\n"
-TABLE_HEAD = ("| Variant | Trainer flags | Image similarity ↑ | Text similarity ↑ | Run |\n"
-              "|---|---|---|---|---|\n")
+TABLE_HEAD = "| Variant | Trainer flags | Image similarity ↑ | Text similarity ↑ | Run |\n|---|---|---|---|---|\n"
 
 
 def row(point: dict) -> str:
-    flags = f"`{' '.join(point['flags'])}`" if point["flags"] else ("caption: “" + point["caption"] + "”"
-                                                                    if point.get("caption") else "—")
+    flags = (
+        f"`{' '.join(point['flags'])}`"
+        if point["flags"]
+        else ("caption: “" + point["caption"] + "”" if point.get("caption") else "—")
+    )
     run = f"`{point['run']}`" if point.get("run") else "—"
-    return (f"| {point['label']} | {flags} | {point['image_similarity']:.4f} | "
-            f"{point['text_similarity']:.4f} | {run} |")
+    return f"| {point['label']} | {flags} | {point['image_similarity']:.4f} | {point['text_similarity']:.4f} | {run} |"
 
 
 def section(key: str, title: str, note: str, rows: list[str]) -> str:
-    return (f"<!-- results:{key} -->\n### {title}\n\n{note}\n\n{TABLE_HEAD}" + "\n".join(rows)
-            + f"\n<!-- /results:{key} -->")
+    return (
+        f"<!-- results:{key} -->\n### {title}\n\n{note}\n\n{TABLE_HEAD}"
+        + "\n".join(rows)
+        + f"\n<!-- /results:{key} -->"
+    )
 
 
-def update_results(path: Path, key: str, title: str, note: str, new_rows: dict[str, str],
-                   order: list[str]) -> Path:
+def update_results(path: Path, key: str, title: str, note: str, new_rows: dict[str, str], order: list[str]) -> Path:
     """Rewrite the `key` section (rows of variants not run this time are kept), or append it."""
     text = path.read_text() if path.is_file() else RESULTS_HEADER
     pattern = re.compile(rf"<!-- results:{re.escape(key)} -->.*?<!-- /results:{re.escape(key)} -->", re.S)
@@ -169,6 +184,7 @@ def update_results(path: Path, key: str, title: str, note: str, new_rows: dict[s
 
 # --- the figure --------------------------------------------------------------------------------------------
 
+
 def run(ctx: C.Context) -> dict:
     from inversion import data as D
     from inversion import evaluate as E
@@ -184,8 +200,11 @@ def run(ctx: C.Context) -> dict:
     if a.run and len(C.split_list(a.run)) != 1 or len(C.split_list(a.concept)) > 1:
         raise C.FigureError("the trade-off plot is for one concept: give one --concept (or one --run)")
     base_word = ctx.load_run(Path(a.run)) if a.run else None
-    concept_name = base_word.concept.name if base_word and base_word.concept else \
-        (C.split_list(a.concept) or C.default_concepts(ctx))[0]
+    concept_name = (
+        base_word.concept.name
+        if base_word and base_word.concept
+        else (C.split_list(a.concept) or C.default_concepts(ctx))[0]
+    )
     folder = base_word.concept if base_word and base_word.concept else C.resolve_concept(concept_name, ctx.out_root)
     if folder is None:
         raise C.FigureError(f"RUN={a.run} does not name its concept folder; give --concept")
@@ -204,44 +223,95 @@ def run(ctx: C.Context) -> dict:
         if v.caption:
             model, token, run = ctx.fresh(), short if v.caption == "short" else long, None
         else:
-            word = base_word if (v.key == "one-word" and base_word) else \
-                ctx.train_word(str(folder), v.changes, v.key if v.changes else "word")
+            word = (
+                base_word
+                if (v.key == "one-word" and base_word)
+                else ctx.train_word(str(folder), v.changes, v.key if v.changes else "word")
+            )
             model, token, run = ctx.model_with([word]), word.token, str(word.run)
-        result = E.evaluate(model, scorer, train_images, token, E.EDITING_PROMPTS, E.RECONSTRUCTION_PROMPT,
-                            n=eval_n, steps=eval_steps, scale=scale, eta=E.ETA, size=size, seed=a.seed,
-                            batch=min(E.BATCH, eval_n),
-                            samples_dir=out / "samples" / v.key if a.save_samples else None, progress=False)
-        points.append({"key": v.key, "label": v.label, "flags": list(v.flags),
-                       "caption": token if v.caption else None, "run": run,
-                       "image_similarity": result["image_similarity"],
-                       "text_similarity": result["text_similarity"], "prompts": result["prompts"]})
-        C.log.info("%s: image %.4f, text %.4f", v.key, points[-1]["image_similarity"],
-                   points[-1]["text_similarity"])
+        result = E.evaluate(
+            model,
+            scorer,
+            train_images,
+            token,
+            E.EDITING_PROMPTS,
+            E.RECONSTRUCTION_PROMPT,
+            n=eval_n,
+            steps=eval_steps,
+            scale=scale,
+            eta=E.ETA,
+            size=size,
+            seed=a.seed,
+            batch=min(E.BATCH, eval_n),
+            samples_dir=out / "samples" / v.key if a.save_samples else None,
+            progress=False,
+        )
+        points.append(
+            {
+                "key": v.key,
+                "label": v.label,
+                "flags": list(v.flags),
+                "caption": token if v.caption else None,
+                "run": run,
+                "image_similarity": result["image_similarity"],
+                "text_similarity": result["text_similarity"],
+                "prompts": result["prompts"],
+            }
+        )
+        C.log.info("%s: image %.4f, text %.4f", v.key, points[-1]["image_similarity"], points[-1]["text_similarity"])
     feats = scorer.image_features(train_images)
     reference = 1.0 - _diversity(feats) if len(images) > 1 else None
     model_name = ctx.base().config.name
     clip = "random CLIP: numbers are meaningless" if scorer.weights == E.RANDOM else "CLIP ViT-B/32"
     title = f"{model_name} · {folder.name}: {steps} training steps, {eval_n} samples/prompt, {clip}"
     drawn = plot(points, out / f"{NAME}.png", title, reference)
-    info = {**C.header(ctx, NAME, []), "concept": str(folder), "training_steps": steps,
-            "protocol": {"samples_per_prompt": eval_n, "sampler": "ddim", "steps": eval_steps, "eta": E.ETA,
-                         "guidance": scale, "size": size, "reconstruction_prompt": E.RECONSTRUCTION_PROMPT,
-                         "editing_prompts": list(E.EDITING_PROMPTS), "clip_weights": scorer.weights},
-            "reference_image_similarity": reference, "points": points, "plotted_points": drawn,
-            "seconds": round(time.time() - started, 1)}
+    info = {
+        **C.header(ctx, NAME, []),
+        "concept": str(folder),
+        "training_steps": steps,
+        "protocol": {
+            "samples_per_prompt": eval_n,
+            "sampler": "ddim",
+            "steps": eval_steps,
+            "eta": E.ETA,
+            "guidance": scale,
+            "size": size,
+            "reconstruction_prompt": E.RECONSTRUCTION_PROMPT,
+            "editing_prompts": list(E.EDITING_PROMPTS),
+            "clip_weights": scorer.weights,
+        },
+        "reference_image_similarity": reference,
+        "points": points,
+        "plotted_points": drawn,
+        "seconds": round(time.time() - started, 1),
+    }
     C.save_json(info, out / f"{NAME}.json")
     if a.results and a.results.lower() != "none":
         key = f"{model_name}/{folder.name}"
-        kind = "smoke run — random weights and random CLIP, the numbers only prove the pipeline" if a.smoke \
+        kind = (
+            "smoke run — random weights and random CLIP, the numbers only prove the pipeline"
+            if a.smoke
             else ("random CLIP — numbers meaningless" if scorer.weights == E.RANDOM else "real run")
-        note = (f"{kind}. Written by `python -m experiments.figures tradeoff` on {time.strftime('%Y-%m-%d')}: "
-                f"{steps} training steps at {size} px (seed {a.seed}); evaluation {eval_n} samples per prompt, "
-                f"DDIM {eval_steps} steps, eta 0, guidance {scale:g}, CLIP {scorer.weights}; reference "
-                f"(training images vs each other): {reference if reference is None else f'{reference:.4f}'}.")
-        update_results(Path(a.results), key, f"{model_name} · {folder.name}", note,
-                       {p["label"]: row(p) for p in points}, [v.label for v in variants(steps)])
-    summary = f"{drawn} points; " + ", ".join(f"{p['key']} ({p['text_similarity']:.3f}, "
-                                              f"{p['image_similarity']:.3f})" for p in points[:3]) + " …"
+        )
+        note = (
+            f"{kind}. Written by `python -m experiments.figures tradeoff` on {time.strftime('%Y-%m-%d')}: "
+            f"{steps} training steps at {size} px (seed {a.seed}); evaluation {eval_n} samples per prompt, "
+            f"DDIM {eval_steps} steps, eta 0, guidance {scale:g}, CLIP {scorer.weights}; reference "
+            f"(training images vs each other): {reference if reference is None else f'{reference:.4f}'}."
+        )
+        update_results(
+            Path(a.results),
+            key,
+            f"{model_name} · {folder.name}",
+            note,
+            {p["label"]: row(p) for p in points},
+            [v.label for v in variants(steps)],
+        )
+    summary = (
+        f"{drawn} points; "
+        + ", ".join(f"{p['key']} ({p['text_similarity']:.3f}, {p['image_similarity']:.3f})" for p in points[:3])
+        + " …"
+    )
     return {**info, "png": str(out / f"{NAME}.png"), "summary": summary}
 
 

@@ -1,4 +1,5 @@
 """Object variations (Gal et al. 2022, Fig. 1/4): "a photo of S*" samples beside the concept's training images."""
+
 from __future__ import annotations
 
 import sys
@@ -20,14 +21,18 @@ def run(ctx: C.Context) -> dict:
     prompt = C.prompts_or(a, [PROMPT])[0]
     rows = [("training images", C.concept_images(words[0].concept, ctx.size, limit=max(a.n, 4)))]
     for r in range(max(1, a.rows)):
-        rows.append((f'"{prompt}"' if r == 0 else "",
-                     ctx.sample(model, C.fill(prompt, words), seed=a.seed + r * a.n)))
+        rows.append((f'"{prompt}"' if r == 0 else "", ctx.sample(model, C.fill(prompt, words), seed=a.seed + r * a.n)))
     rows = [r for r in rows if r[1]]
     out = C.out_dir(a, NAME)
-    png = C.save_png(C.grid(rows, title=f"object variations of {words[0].token} ({ctx.base().config.name})"),
-                     out / f"{NAME}.png")
-    info = {**C.header(ctx, NAME, words), "prompt": prompt, "rows": [cap for cap, _ in rows],
-            "samples": sum(len(ims) for cap, ims in rows[1:])}
+    png = C.save_png(
+        C.grid(rows, title=f"object variations of {words[0].token} ({ctx.base().config.name})"), out / f"{NAME}.png"
+    )
+    info = {
+        **C.header(ctx, NAME, words),
+        "prompt": prompt,
+        "rows": [cap for cap, _ in rows],
+        "samples": sum(len(ims) for cap, ims in rows[1:]),
+    }
     C.save_json(info, out / f"{NAME}.json")
     return {**info, "png": str(png), "summary": f"{info['samples']} samples of {prompt!r}"}
 

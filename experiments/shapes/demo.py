@@ -8,6 +8,7 @@ word "shape". Reconstruction = the judge's held-out-shape rate for "a photo of a
 (learned); editability = the rate at which "a <colour> S*" comes out in the asked colour. Ends with one line:
     demo: reconstruction init=NN% learned=NN%; editability=NN%
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,20 @@ OUT = ROOT / "outputs" / "demo-shapes"
 # Inversion recipe for the demo and the CI test (fixed; no retries).
 STEPS = 300
 BATCH = 4
-LR = 5e-3          # base LR; the trainer scales it by batch (official scale_lr)
-N_SAMPLES = 32     # per reconstruction prompt
-N_PER_COLOUR = 8   # per "a <colour> S*" prompt
+LR = 5e-3  # base LR; the trainer scales it by batch (official scale_lr)
+N_SAMPLES = 32  # per reconstruction prompt
+N_PER_COLOUR = 8  # per "a <colour> S*" prompt
 SEED = 0
 RESULTS = ROOT / "experiments" / "RESULTS.md"
 # The paper's variants on the shapes world: (label, run_demo keyword arguments, trainer flags shown).
 VARIANTS = (
     ("Textual inversion (one word)", {}, "—"),
     ("3 vectors", dict(vectors=3), "`--vectors 3`"),
-    ("Progressive (to 3 vectors)", dict(vectors=3, progressive=STEPS // 3),
-     f"`--vectors 3 --progressive {STEPS // 3}`"),
+    (
+        "Progressive (to 3 vectors)",
+        dict(vectors=3, progressive=STEPS // 3),
+        f"`--vectors 3 --progressive {STEPS // 3}`",
+    ),
     ("Regularised toward “shape” (weight 0.1)", dict(reg_weight=0.1), "`--reg-weight 0.1`"),
     ("Regularised toward “shape” (weight 0.01)", dict(reg_weight=0.01), "`--reg-weight 0.01`"),
 )
@@ -63,8 +67,10 @@ class DemoResult:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        return (f"demo: reconstruction init={round(100 * self.init_rate)}% "
-                f"learned={round(100 * self.learned_rate)}%; editability={round(100 * self.edit_rate)}%")
+        return (
+            f"demo: reconstruction init={round(100 * self.init_rate)}% "
+            f"learned={round(100 * self.learned_rate)}%; editability={round(100 * self.edit_rate)}%"
+        )
 
 
 def write_concept(folder: Path = CONCEPT_DIR) -> list[Path]:
@@ -72,8 +78,9 @@ def write_concept(folder: Path = CONCEPT_DIR) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, lab in enumerate(world.concept_labels(), 1):
-        path = folder / (f"{world.HELD_OUT}-{i}-{world.COLOUR_NAMES[lab.colour]}-on-"
-                         f"{world.BACKGROUND_NAMES[lab.background]}.png")
+        path = folder / (
+            f"{world.HELD_OUT}-{i}-{world.COLOUR_NAMES[lab.colour]}-on-{world.BACKGROUND_NAMES[lab.background]}.png"
+        )
         world.render(lab).save(path)
         paths.append(path)
     return paths
@@ -94,14 +101,31 @@ def save_grid(rows: list[list[Image.Image]], path: Path, zoom: int = 3) -> Path:
 
 def _sample(model, prompts: list[str], seed: int) -> list[Image.Image]:
     size = model.config.image_size
-    return model.sample(prompts, steps=model.config.steps, scale=model.config.guidance, seed=seed,
-                        height=size, width=size, progress=False)
+    return model.sample(
+        prompts,
+        steps=model.config.steps,
+        scale=model.config.guidance,
+        seed=seed,
+        height=size,
+        width=size,
+        progress=False,
+    )
 
 
-def run_demo(model_path: Path = MODEL_PATH, out: Path = OUT, steps: int = STEPS, batch: int = BATCH,
-             lr: float = LR, vectors: int = 1, progressive: int = 0, reg_weight: float = 0.0,
-             n_samples: int = N_SAMPLES, n_per_colour: int = N_PER_COLOUR, seed: int = SEED,
-             changes: dict | None = None) -> DemoResult:
+def run_demo(
+    model_path: Path = MODEL_PATH,
+    out: Path = OUT,
+    steps: int = STEPS,
+    batch: int = BATCH,
+    lr: float = LR,
+    vectors: int = 1,
+    progressive: int = 0,
+    reg_weight: float = 0.0,
+    n_samples: int = N_SAMPLES,
+    n_per_colour: int = N_PER_COLOUR,
+    seed: int = SEED,
+    changes: dict | None = None,
+) -> DemoResult:
     """Init rate → textual inversion with inversion.train → learned and editability rates, grids in `out`."""
     import ldm
     from experiments.shapes import judge
@@ -116,10 +140,27 @@ def run_demo(model_path: Path = MODEL_PATH, out: Path = OUT, steps: int = STEPS,
     init_rate = (judge.score(init_images)[0] == held_out).float().mean().item()
 
     run_dir = out / "run"
-    config = TrainConfig(concept=str(CONCEPT_DIR), ckpt=str(model_path), init=world.GENERIC_WORD, token=TOKEN,
-                         steps=steps, batch=batch, lr=lr, vectors=vectors, progressive=progressive,
-                         reg_weight=reg_weight, seed=seed, out=str(run_dir), overwrite=True, save_every=steps,
-                         val_every=0, latent_cache="", device="cpu", no_progress=True, **(changes or {}))
+    config = TrainConfig(
+        concept=str(CONCEPT_DIR),
+        ckpt=str(model_path),
+        init=world.GENERIC_WORD,
+        token=TOKEN,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        vectors=vectors,
+        progressive=progressive,
+        reg_weight=reg_weight,
+        seed=seed,
+        out=str(run_dir),
+        overwrite=True,
+        save_every=steps,
+        val_every=0,
+        latent_cache="",
+        device="cpu",
+        no_progress=True,
+        **(changes or {}),
+    )
     train(config, model=model)
     vecs = load_embedding_file(run_dir / "learned_embeds.safetensors", token=TOKEN)[TOKEN]
     model.extra_embeddings = vecs.to(model.device, model.dtype)
@@ -132,13 +173,22 @@ def run_demo(model_path: Path = MODEL_PATH, out: Path = OUT, steps: int = STEPS,
     want = torch.arange(len(world.COLOUR_NAMES)).repeat_interleave(n_per_colour)
     per_row = min(n_samples, 16)
     grids = [
-        save_grid([init_images[i:i + per_row] for i in range(0, n_samples, per_row)], out / "init-shape.png"),
-        save_grid([learned_images[i:i + per_row] for i in range(0, n_samples, per_row)], out / "learned-S.png"),
-        save_grid([edit_images[i:i + n_per_colour] for i in range(0, len(edit_images), n_per_colour)],
-                  out / "edit-colours.png"),
+        save_grid([init_images[i : i + per_row] for i in range(0, n_samples, per_row)], out / "init-shape.png"),
+        save_grid([learned_images[i : i + per_row] for i in range(0, n_samples, per_row)], out / "learned-S.png"),
+        save_grid(
+            [edit_images[i : i + n_per_colour] for i in range(0, len(edit_images), n_per_colour)],
+            out / "edit-colours.png",
+        ),
     ]
-    return DemoResult(init_rate, learned_rate, (ec == want).float().mean().item(),
-                      (es == held_out).float().mean().item(), run_dir, grids, time.time() - t0)
+    return DemoResult(
+        init_rate,
+        learned_rate,
+        (ec == want).float().mean().item(),
+        (es == held_out).float().mean().item(),
+        run_dir,
+        grids,
+        time.time() - t0,
+    )
 
 
 def run_variants(model_path: Path = MODEL_PATH, out: Path = OUT, results: Path = RESULTS) -> list[str]:
@@ -147,19 +197,24 @@ def run_variants(model_path: Path = MODEL_PATH, out: Path = OUT, results: Path =
     for label, kwargs, flags in VARIANTS:
         r = run_demo(model_path, out / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"), **kwargs)
         log.warning("%s: %s (%.0f s)", label, r.summary(), r.seconds)
-        rows.append(f"| {label} | {flags} | {100 * r.init_rate:.0f} % | {100 * r.learned_rate:.0f} % | "
-                    f"{100 * r.edit_rate:.0f} % | {100 * r.edit_held_out_rate:.0f} % |")
+        rows.append(
+            f"| {label} | {flags} | {100 * r.init_rate:.0f} % | {100 * r.learned_rate:.0f} % | "
+            f"{100 * r.edit_rate:.0f} % | {100 * r.edit_held_out_rate:.0f} % |"
+        )
     key = f"judged:shapes/{CONCEPT}"
-    block = (f"<!-- {key} -->\n### shapes · {CONCEPT}, judged (the demo's numbers)\n\n"
-             f"Written by `python -m experiments.shapes.demo --variants` on {date.today().isoformat()}: the demo "
-             f"recipe ({STEPS} steps, batch {BATCH}, base LR {LR}, seed {SEED}, init word "
-             f"“{world.GENERIC_WORD}”) per variant; the shipped judge scores {N_SAMPLES} samples of “a photo of "
-             f"a {world.GENERIC_WORD}” (init) and of “a photo of S*” (learned), and {N_PER_COLOUR} of “a <colour> "
-             f"S*” for each of {len(world.COLOUR_NAMES)} colours (editability = in the asked colour; the last "
-             f"column: those samples that are still {world.HELD_OUT}s).\n\n"
-             f"| Variant | Trainer flags | Init word: {world.HELD_OUT} | S*: {world.HELD_OUT} ↑ | "
-             f"“a <colour> S*”: colour ↑ | “a <colour> S*”: {world.HELD_OUT} ↑ |\n|---|---|---|---|---|---|\n"
-             + "\n".join(rows) + f"\n<!-- /{key} -->")
+    block = (
+        f"<!-- {key} -->\n### shapes · {CONCEPT}, judged (the demo's numbers)\n\n"
+        f"Written by `python -m experiments.shapes.demo --variants` on {date.today().isoformat()}: the demo "
+        f"recipe ({STEPS} steps, batch {BATCH}, base LR {LR}, seed {SEED}, init word "
+        f"“{world.GENERIC_WORD}”) per variant; the shipped judge scores {N_SAMPLES} samples of “a photo of "
+        f"a {world.GENERIC_WORD}” (init) and of “a photo of S*” (learned), and {N_PER_COLOUR} of “a <colour> "
+        f"S*” for each of {len(world.COLOUR_NAMES)} colours (editability = in the asked colour; the last "
+        f"column: those samples that are still {world.HELD_OUT}s).\n\n"
+        f"| Variant | Trainer flags | Init word: {world.HELD_OUT} | S*: {world.HELD_OUT} ↑ | "
+        f"“a <colour> S*”: colour ↑ | “a <colour> S*”: {world.HELD_OUT} ↑ |\n|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n<!-- /{key} -->"
+    )
     text = results.read_text()
     pattern = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
@@ -181,9 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reg-weight", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
-    p.add_argument("--variants", action="store_true",
-                   help="run every variant (one word, 3 vectors, progressive, regularised) and record them in "
-                        "experiments/RESULTS.md")
+    p.add_argument(
+        "--variants",
+        action="store_true",
+        help="run every variant (one word, 3 vectors, progressive, regularised) and record them in "
+        "experiments/RESULTS.md",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if a.threads:
@@ -193,10 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.variants:
         print("\n".join(run_variants(Path(a.ckpt), Path(a.out))))
         return 0
-    r = run_demo(Path(a.ckpt), Path(a.out), a.steps, a.batch, a.lr, a.vectors, a.progressive, a.reg_weight,
-                 seed=a.seed)
-    log.warning("grids: %s; run: %s; %.0f s; 'a <colour> S*' judged a %s %.0f%% of the time",
-                ", ".join(str(g) for g in r.grids), r.run_dir, r.seconds, world.HELD_OUT, 100 * r.edit_held_out_rate)
+    r = run_demo(Path(a.ckpt), Path(a.out), a.steps, a.batch, a.lr, a.vectors, a.progressive, a.reg_weight, seed=a.seed)
+    log.warning(
+        "grids: %s; run: %s; %.0f s; 'a <colour> S*' judged a %s %.0f%% of the time",
+        ", ".join(str(g) for g in r.grids),
+        r.run_dir,
+        r.seconds,
+        world.HELD_OUT,
+        100 * r.edit_held_out_rate,
+    )
     print(r.summary(), flush=True)
     return 0
 

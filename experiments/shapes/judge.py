@@ -1,4 +1,5 @@
 """The judge: a small CNN that classifies shape and colour, trained on the world, used only for scoring."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ MARKER = "oneword.shapes-judge"
 class Judge(nn.Module):
     """Conv net with two linear heads (shape, colour) over 32×32 RGB in [-1, 1]."""
 
-    def __init__(self, n_shapes: int = len(world.SHAPES), n_colours: int = len(world.COLOUR_NAMES),
-                 width: int = 16) -> None:
+    def __init__(
+        self, n_shapes: int = len(world.SHAPES), n_colours: int = len(world.COLOUR_NAMES), width: int = 16
+    ) -> None:
         super().__init__()
         w = width
 
@@ -37,9 +39,14 @@ class Judge(nn.Module):
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         self.features = nn.Sequential(
-            *block(3, w), nn.MaxPool2d(2),
-            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.MaxPool2d(2),
+            *block(3, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            *block(4 * w, 4 * w),
+            nn.MaxPool2d(2),
         )
         self.hidden = nn.Linear(4 * w * 16, 128)
         self.shape_head = nn.Linear(128, n_shapes)
@@ -64,8 +71,7 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def train_judge(n_train: int = 16000, epochs: int = 3, seed: int = 0, batch_size: int = 128,
-                lr: float = 2e-3) -> Judge:
+def train_judge(n_train: int = 16000, epochs: int = 3, seed: int = 0, batch_size: int = 128, lr: float = 2e-3) -> Judge:
     """Train on a fresh world (seeded); Adam with cosine decay; returns the model in eval mode."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -81,7 +87,7 @@ def train_judge(n_train: int = 16000, epochs: int = 3, seed: int = 0, batch_size
     for _ in range(epochs):
         perm = torch.randperm(n_train, generator=g)
         for i in range(n_train // batch_size):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
             ls, lc = model(augment(x[idx], g))
             loss = F.cross_entropy(ls, ys[idx]) + F.cross_entropy(lc, yc[idx])
             opt.zero_grad(set_to_none=True)
@@ -117,8 +123,9 @@ def _as_tensor(images: torch.Tensor | np.ndarray | Sequence[Image.Image]) -> tor
 
 
 @torch.no_grad()
-def predict(model: Judge, images: torch.Tensor | np.ndarray | Sequence[Image.Image]
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: Judge, images: torch.Tensor | np.ndarray | Sequence[Image.Image]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(shape ids, colour ids) argmax predictions."""
     x = _as_tensor(images).to(next(model.parameters()).device)
     out_s, out_c = [], []
@@ -132,8 +139,12 @@ def predict(model: Judge, images: torch.Tensor | np.ndarray | Sequence[Image.Ima
 def save_judge(model: Judge, path: str | Path = JUDGE_PATH, **info: object) -> None:
     """safetensors (fp32) with a config marker in the metadata; written atomically."""
     path = Path(path)
-    meta = {"format": MARKER, "config": json.dumps({"shapes": world.SHAPES, "colours": world.COLOUR_NAMES,
-                                                     "resolution": world.RESOLUTION, **info})}
+    meta = {
+        "format": MARKER,
+        "config": json.dumps(
+            {"shapes": world.SHAPES, "colours": world.COLOUR_NAMES, "resolution": world.RESOLUTION, **info}
+        ),
+    }
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)

@@ -9,6 +9,7 @@ captions that name them, then `pretrain.withhold_word` resets the word's row of 
 untrained initial value, as if the word had never appeared. The shipped model can draw a ring, but no word
 in its vocabulary asks for one; textual inversion, started from "shape", has to find one.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ RESOLUTION = 32
 SUPERSAMPLE = 4
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "ring", "cross")
-HELD_OUT = "ring"          # drawn and named in pretraining; its word is withheld from the shipped model
+HELD_OUT = "ring"  # drawn and named in pretraining; its word is withheld from the shipped model
 GENERIC_WORD = "shape"
 GENERIC_PROB = 0.25
 NAMED_SHAPES = tuple(s for s in SHAPES if s != HELD_OUT)
@@ -38,24 +39,47 @@ COLOURS = {
 COLOUR_NAMES = tuple(COLOURS)
 BACKGROUNDS = {"white": (242, 242, 242), "black": (22, 22, 22), "gray": (128, 128, 128)}
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
-SIZES = {"small": (8.0, 9.5), "large": (11.0, 13.5)}    # outer radius in pixels at 32 px
+SIZES = {"small": (8.0, 9.5), "large": (11.0, 13.5)}  # outer radius in pixels at 32 px
 SIZE_NAMES = tuple(SIZES)
 
 # The textual-inversion paper's object templates (Gal et al. 2022; photo, illustration and depiction
 # variants), so that inversion prompts are in the caption distribution the text tower was trained on.
 OBJECT_TEMPLATES = (
-    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
-    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
-    "a cropped photo of a {}", "a photo of the {}", "a good photo of the {}", "a photo of one {}",
-    "a close-up photo of the {}", "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}",
-    "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}",
-    "a photo of the weird {}", "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
 )
-OBJECT_TEMPLATES = tuple(dict.fromkeys(
-    OBJECT_TEMPLATES
-    + tuple(t.replace("a photo of", "an illustration of") for t in OBJECT_TEMPLATES)
-    + tuple(t.replace("a photo of", "a depiction of") for t in OBJECT_TEMPLATES)))
+OBJECT_TEMPLATES = tuple(
+    dict.fromkeys(
+        OBJECT_TEMPLATES
+        + tuple(t.replace("a photo of", "an illustration of") for t in OBJECT_TEMPLATES)
+        + tuple(t.replace("a photo of", "a depiction of") for t in OBJECT_TEMPLATES)
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -94,8 +118,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         pts = [(xi / 16.5, (yi + 2.5) / 16.5) for xi, yi in zip(x, y)]
     elif shape == "cross":
         w = 0.34
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w),
-               (-1, -w), (-w, -w)]
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
         pts = [(x * 0.92, y * 0.92) for x, y in pts]
     else:
         raise ValueError(f"{shape!r} is not a polygonal shape")
@@ -108,8 +144,7 @@ def render(labels: Labels, resolution: int = RESOLUTION) -> Image.Image:
     s = resolution / RESOLUTION * SUPERSAMPLE
     big = resolution * SUPERSAMPLE
     bg = BACKGROUNDS[BACKGROUND_NAMES[labels.background]]
-    fg = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[COLOUR_NAMES[labels.colour]],
-                                                           labels.colour_jitter))
+    fg = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[COLOUR_NAMES[labels.colour]], labels.colour_jitter))
     img = Image.new("RGB", (big, big), bg)
     draw = ImageDraw.Draw(img)
     shape = SHAPES[labels.shape]
@@ -132,8 +167,13 @@ def sample_labels(rng: np.random.Generator) -> Labels:
     margin = radius + 1.0
     cx, cy = (float(v) for v in rng.uniform(margin, RESOLUTION - margin, size=2))
     return Labels(
-        shape=int(rng.integers(len(SHAPES))), colour=int(rng.integers(len(COLOUR_NAMES))),
-        background=int(rng.integers(len(BACKGROUND_NAMES))), size=size, radius=radius, cx=cx, cy=cy,
+        shape=int(rng.integers(len(SHAPES))),
+        colour=int(rng.integers(len(COLOUR_NAMES))),
+        background=int(rng.integers(len(BACKGROUND_NAMES))),
+        size=size,
+        radius=radius,
+        cx=cx,
+        cy=cy,
         angle=float(rng.uniform(-0.2, 0.2)),
         colour_jitter=tuple(int(v) for v in rng.integers(-12, 13, size=3)),
     )
@@ -196,13 +236,27 @@ def label_tensors(labels: list[Labels]) -> tuple[torch.Tensor, torch.Tensor]:
 def concept_labels() -> list[Labels]:
     """The five held-out-concept images: the held-out shape in five colours, both sizes, all backgrounds."""
     held_out = SHAPES.index(HELD_OUT)
-    spec = [("red", "white", "large", 16.0, 16.5, 0.0), ("blue", "black", "large", 14.5, 16.0, 0.1),
-            ("green", "gray", "small", 20.0, 11.0, -0.1), ("yellow", "gray", "large", 16.5, 15.5, 0.05),
-            ("purple", "white", "small", 11.5, 20.5, 0.0)]
+    spec = [
+        ("red", "white", "large", 16.0, 16.5, 0.0),
+        ("blue", "black", "large", 14.5, 16.0, 0.1),
+        ("green", "gray", "small", 20.0, 11.0, -0.1),
+        ("yellow", "gray", "large", 16.5, 15.5, 0.05),
+        ("purple", "white", "small", 11.5, 20.5, 0.0),
+    ]
     out = []
     for colour, bg, size, cx, cy, angle in spec:
         lo, hi = SIZES[size]
-        out.append(Labels(shape=held_out, colour=COLOUR_NAMES.index(colour), background=BACKGROUND_NAMES.index(bg),
-                          size=SIZE_NAMES.index(size), radius=(lo + hi) / 2, cx=cx, cy=cy, angle=angle,
-                          colour_jitter=(0, 0, 0)))
+        out.append(
+            Labels(
+                shape=held_out,
+                colour=COLOUR_NAMES.index(colour),
+                background=BACKGROUND_NAMES.index(bg),
+                size=SIZE_NAMES.index(size),
+                radius=(lo + hi) / 2,
+                cx=cx,
+                cy=cy,
+                angle=angle,
+                colour_jitter=(0, 0, 0),
+            )
+        )
     return out

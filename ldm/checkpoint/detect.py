@@ -1,5 +1,6 @@
 """Detecting the variant of a state dict (SD 1.x, SD 2.x eps or v, LDM-1.4B, or a config marker) from its keys
 and shapes; a file that is none of them is a CheckpointError that says why."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,21 +37,30 @@ def _reject_unsupported(sd: dict[str, Tensor], source: str) -> None:
     """One-line errors for checkpoints of models this project does not (yet) build."""
     u = dk.UNET_PREFIX
     if any(k.startswith(("conditioner.embedders.", u + "label_emb.")) for k in sd):
-        raise CheckpointError(f"{source} is a Stable Diffusion XL checkpoint (conditioner.embedders / label_emb "
-                              "keys); SDXL is not supported — use an SD 1.x or 2.x checkpoint")
+        raise CheckpointError(
+            f"{source} is a Stable Diffusion XL checkpoint (conditioner.embedders / label_emb "
+            "keys); SDXL is not supported — use an SD 1.x or 2.x checkpoint"
+        )
     if not any(k.startswith(u) for k in sd):
         if any(k.startswith((dk.VAE_PREFIX, "encoder.", "decoder.")) for k in sd):
-            raise CheckpointError(f"{source} holds only a VAE (autoencoder); load_model needs a full Stable "
-                                  "Diffusion checkpoint with UNet and text encoder")
-        raise CheckpointError(f"{source} has no key {u}input_blocks.0.0.weight — is this a Stable Diffusion "
-                              "checkpoint?")
+            raise CheckpointError(
+                f"{source} holds only a VAE (autoencoder); load_model needs a full Stable "
+                "Diffusion checkpoint with UNet and text encoder"
+            )
+        raise CheckpointError(
+            f"{source} has no key {u}input_blocks.0.0.weight — is this a Stable Diffusion checkpoint?"
+        )
     first = _need(sd, u + "input_blocks.0.0.weight", source)
     if first.shape[1] == 9:
-        raise CheckpointError(f"{source} is an inpainting model (the UNet takes 9 input channels); inpainting "
-                              "checkpoints are not supported — use the base model")
+        raise CheckpointError(
+            f"{source} is an inpainting model (the UNet takes 9 input channels); inpainting "
+            "checkpoints are not supported — use the base model"
+        )
     if first.shape[1] != 4:
-        raise CheckpointError(f"{source}: the UNet takes {first.shape[1]} input channels (depth/upscaler "
-                              "models?); only text-to-image models with 4 latent channels are supported")
+        raise CheckpointError(
+            f"{source}: the UNet takes {first.shape[1]} input channels (depth/upscaler "
+            "models?); only text-to-image models with 4 latent channels are supported"
+        )
     ctx = [v.shape[1] for k, v in sd.items() if k.startswith(u) and k.endswith("attn2.to_k.weight")]
     if ctx and ctx[0] == 2048:
         raise CheckpointError(f"{source} has cross-attention context 2048 (Stable Diffusion XL); not supported")
@@ -70,14 +80,20 @@ def _derive_unet(sd: dict[str, Tensor], source: str) -> dict:
         block = f"{u}input_blocks.{1 + lv * (nrb + 1)}"
         mult.append(_need(sd, f"{block}.0.out_layers.3.weight", source).shape[0] // mc)
         if f"{block}.1.norm.weight" in sd:
-            attn.append(2 ** lv)
+            attn.append(2**lv)
     mid = f"{u}middle_block.1"
     depth = len(_indices(sd, re.escape(mid) + r"\.transformer_blocks\.(\d+)\."))
-    return dict(in_channels=first.shape[1], out_channels=_need(sd, u + "out.2.weight", source).shape[0],
-                model_channels=mc, attention_resolutions=attn, num_res_blocks=nrb, channel_mult=mult,
-                transformer_depth=depth,
-                context_dim=_need(sd, f"{mid}.transformer_blocks.0.attn2.to_k.weight", source).shape[1],
-                use_linear_in_transformer=_need(sd, f"{mid}.proj_in.weight", source).ndim == 2)
+    return dict(
+        in_channels=first.shape[1],
+        out_channels=_need(sd, u + "out.2.weight", source).shape[0],
+        model_channels=mc,
+        attention_resolutions=attn,
+        num_res_blocks=nrb,
+        channel_mult=mult,
+        transformer_depth=depth,
+        context_dim=_need(sd, f"{mid}.transformer_blocks.0.attn2.to_k.weight", source).shape[1],
+        use_linear_in_transformer=_need(sd, f"{mid}.proj_in.weight", source).ndim == 2,
+    )
 
 
 def _derive_vae(sd: dict[str, Tensor], source: str, resolution: int) -> dict:
@@ -87,13 +103,17 @@ def _derive_vae(sd: dict[str, Tensor], source: str, resolution: int) -> dict:
     ch = conv_in.shape[0]
     levels = _indices(sd, re.escape(v) + r"encoder\.down\.(\d+)\.")
     z = _need(sd, v + "decoder.conv_in.weight", source).shape[1]
-    attn = [resolution // 2 ** i for i in levels if f"{v}encoder.down.{i}.attn.0.norm.weight" in sd]
-    ddconfig = dict(double_z=_need(sd, v + "encoder.conv_out.weight", source).shape[0] == 2 * z, z_channels=z,
-                    in_channels=conv_in.shape[1], out_ch=_need(sd, v + "decoder.conv_out.weight", source).shape[0],
-                    ch=ch, ch_mult=[_need(sd, f"{v}encoder.down.{i}.block.0.conv2.weight", source).shape[0] // ch
-                                    for i in levels],
-                    num_res_blocks=len(_indices(sd, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")),
-                    attn_resolutions=attn)
+    attn = [resolution // 2**i for i in levels if f"{v}encoder.down.{i}.attn.0.norm.weight" in sd]
+    ddconfig = dict(
+        double_z=_need(sd, v + "encoder.conv_out.weight", source).shape[0] == 2 * z,
+        z_channels=z,
+        in_channels=conv_in.shape[1],
+        out_ch=_need(sd, v + "decoder.conv_out.weight", source).shape[0],
+        ch=ch,
+        ch_mult=[_need(sd, f"{v}encoder.down.{i}.block.0.conv2.weight", source).shape[0] // ch for i in levels],
+        num_res_blocks=len(_indices(sd, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")),
+        attn_resolutions=attn,
+    )
     return {"ddconfig": ddconfig, "embed_dim": _need(sd, v + "post_quant_conv.weight", source).shape[1]}
 
 
@@ -102,35 +122,74 @@ def _derive_text(sd: dict[str, Tensor], source: str) -> dict:
     c, o = dk.CLIP_PREFIX + "text_model.", dk.OPENCLIP_PREFIX
     if c + "embeddings.token_embedding.weight" in sd:
         vocab, width = sd[c + "embeddings.token_embedding.weight"].shape
-        return dict(kind="clip", vocab_size=vocab, width=width,
-                    layers=len(_indices(sd, re.escape(c) + r"encoder\.layers\.(\d+)\.")),
-                    context_length=_need(sd, c + "embeddings.position_embedding.weight", source).shape[0])
+        return dict(
+            kind="clip",
+            vocab_size=vocab,
+            width=width,
+            layers=len(_indices(sd, re.escape(c) + r"encoder\.layers\.(\d+)\.")),
+            context_length=_need(sd, c + "embeddings.position_embedding.weight", source).shape[0],
+        )
     if o + "token_embedding.weight" in sd:
         vocab, width = sd[o + "token_embedding.weight"].shape
-        return dict(kind="openclip", vocab_size=vocab, width=width,
-                    layers=len(_indices(sd, re.escape(o) + r"transformer\.resblocks\.(\d+)\.")),
-                    context_length=_need(sd, o + "positional_embedding", source).shape[0])
+        return dict(
+            kind="openclip",
+            vocab_size=vocab,
+            width=width,
+            layers=len(_indices(sd, re.escape(o) + r"transformer\.resblocks\.(\d+)\.")),
+            context_length=_need(sd, o + "positional_embedding", source).shape[0],
+        )
     b = dk.CLIP_PREFIX
     if b + "token_emb.weight" in sd:  # LDM-1.4B: x-transformers encoder, two entries per layer
         vocab, width = sd[b + "token_emb.weight"].shape
         inner = _need(sd, b + "attn_layers.layers.0.1.to_q.weight", source, "LDM-1.4B").shape[0]
-        return dict(kind="ldmbert", vocab_size=vocab, width=width, heads=inner // 64, dim_head=64,
-                    layers=len(_indices(sd, re.escape(b) + r"attn_layers\.layers\.(\d+)\.")) // 2,
-                    max_seq_len=_need(sd, b + "pos_emb.emb.weight", source, "LDM-1.4B").shape[0])
-    raise CheckpointError(f"{source} has no text encoder (no key {c}embeddings.token_embedding.weight or "
-                          f"{o}token_embedding.weight) — is this a Stable Diffusion 1.x/2.x checkpoint?")
+        return dict(
+            kind="ldmbert",
+            vocab_size=vocab,
+            width=width,
+            heads=inner // 64,
+            dim_head=64,
+            layers=len(_indices(sd, re.escape(b) + r"attn_layers\.layers\.(\d+)\.")) // 2,
+            max_seq_len=_need(sd, b + "pos_emb.emb.weight", source, "LDM-1.4B").shape[0],
+        )
+    raise CheckpointError(
+        f"{source} has no text encoder (no key {c}embeddings.token_embedding.weight or "
+        f"{o}token_embedding.weight) — is this a Stable Diffusion 1.x/2.x checkpoint?"
+    )
 
 
 def _signature(cfg_unet: dict, cfg_vae: dict, cfg_text: dict) -> tuple:
     """What shapes can tell about a config: everything but head counts, text depth and output layer."""
     u, d = cfg_unet, cfg_vae["ddconfig"]
-    return ((u["in_channels"], u["out_channels"], u["model_channels"], tuple(sorted(u["attention_resolutions"])),
-             u["num_res_blocks"], tuple(u["channel_mult"]), u.get("transformer_depth", 1), u["context_dim"],
-             bool(u.get("use_linear_in_transformer", False))),
-            (d["ch"], tuple(d["ch_mult"]), d["num_res_blocks"], d["z_channels"], d["in_channels"], d["out_ch"],
-             bool(d["double_z"]), cfg_vae["embed_dim"], len(d.get("attn_resolutions", []))),
-            (cfg_text["kind"], cfg_text["vocab_size"], cfg_text["width"],
-             cfg_text.get("context_length", cfg_text.get("max_seq_len"))))
+    return (
+        (
+            u["in_channels"],
+            u["out_channels"],
+            u["model_channels"],
+            tuple(sorted(u["attention_resolutions"])),
+            u["num_res_blocks"],
+            tuple(u["channel_mult"]),
+            u.get("transformer_depth", 1),
+            u["context_dim"],
+            bool(u.get("use_linear_in_transformer", False)),
+        ),
+        (
+            d["ch"],
+            tuple(d["ch_mult"]),
+            d["num_res_blocks"],
+            d["z_channels"],
+            d["in_channels"],
+            d["out_ch"],
+            bool(d["double_z"]),
+            cfg_vae["embed_dim"],
+            len(d.get("attn_resolutions", [])),
+        ),
+        (
+            cfg_text["kind"],
+            cfg_text["vocab_size"],
+            cfg_text["width"],
+            cfg_text.get("context_length", cfg_text.get("max_seq_len")),
+        ),
+    )
 
 
 _DEFAULTS = {"use_linear_in_transformer": False, "transformer_depth": 1, "attn_resolutions": []}
@@ -154,8 +213,13 @@ def _fitting_heads(unet: dict) -> dict | None:
     return {"num_heads": next(h for h in (8, 4, 2, 1) if all(w % h == 0 for w in widths))}
 
 
-def detect_variant(state_dict: Mapping[str, Tensor], prediction: str | None = None, *,
-                   source: str = "the checkpoint", hints: dict | None = None) -> ModelConfig:
+def detect_variant(
+    state_dict: Mapping[str, Tensor],
+    prediction: str | None = None,
+    *,
+    source: str = "the checkpoint",
+    hints: dict | None = None,
+) -> ModelConfig:
     """The ModelConfig of a state dict in original keys: from its `oneword.config` entry if present, else
     from key names and shapes (a preset when the shapes match one). `prediction` ("eps" | "v") overrides;
     weights alone cannot tell eps from v."""
@@ -171,14 +235,25 @@ def detect_variant(state_dict: Mapping[str, Tensor], prediction: str | None = No
     unet, text = _derive_unet(shapes, source), _derive_text(shapes, source)
     vae = _derive_vae(shapes, source, 256)
     sig = _signature(unet, vae, text)
-    base = next((p for p in (configs.sd1(), configs.sd2(), configs.ldm_1p4b(), configs.tiny())
-                 if _signature(p.unet, p.vae, p.text) == sig), None)
+    base = next(
+        (
+            p
+            for p in (configs.sd1(), configs.sd2(), configs.ldm_1p4b(), configs.tiny())
+            if _signature(p.unet, p.vae, p.text) == sig
+        ),
+        None,
+    )
     custom = base is None
     if custom:
         base = {"clip": configs.sd1, "openclip": configs.sd2, "ldmbert": configs.ldm_1p4b}[text["kind"]]()
         if not ("unet_heads" in hints and "text_heads" in hints):
-            log.warning("%s: sizes match no preset (UNet %s, text %s); head counts guessed from %s",
-                        source, unet, text, base.name)
+            log.warning(
+                "%s: sizes match no preset (UNet %s, text %s); head counts guessed from %s",
+                source,
+                unet,
+                text,
+                base.name,
+            )
     if set(unet["attention_resolutions"]) == set(base.unet["attention_resolutions"]):
         unet["attention_resolutions"] = base.unet["attention_resolutions"]
     unet = _merge(base.unet, unet)
@@ -196,8 +271,14 @@ def detect_variant(state_dict: Mapping[str, Tensor], prediction: str | None = No
     if prediction == "v" and base.name == "sd2":
         base = configs.sd2_v()
     extra = {k: hints[k] for k in ("linear_start", "linear_end", "timesteps", "scale_factor") if k in hints}
-    return base.with_(name=f"{base.name}-custom" if custom else base.name, unet=unet, vae=vae, text=text,
-                      parameterization=prediction or base.parameterization, **extra)
+    return base.with_(
+        name=f"{base.name}-custom" if custom else base.name,
+        unet=unet,
+        vae=vae,
+        text=text,
+        parameterization=prediction or base.parameterization,
+        **extra,
+    )
 
 
 def sha256_of(path: Path) -> str:
@@ -227,5 +308,3 @@ def prediction_from_file(path: Path, known_files: Sequence[Mapping] = ()) -> str
         digest = sha256_of(path)
         return next((e.get("prediction", "eps") for e in same if e.get("sha256") == digest), None)
     return same[0].get("prediction", "eps") if same else None
-
-

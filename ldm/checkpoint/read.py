@@ -1,5 +1,6 @@
 """Reading checkpoints: .safetensors (lazily, no copy), .ckpt/.pt with weights_only, and diffusers folders
 (mapped to the original single-file keys); the errors and the config marker every part shares."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,15 +21,32 @@ from ldm.errors import UserError
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "oneword.config"
-PREFIXES = {"unet": dk.UNET_PREFIX, "vae": dk.VAE_PREFIX, "clip": dk.CLIP_PREFIX, "openclip": dk.OPENCLIP_PREFIX,
-            "ldmbert": dk.CLIP_PREFIX}
-_SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                     "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights")
-KNOWN_EXTRAS = re.compile(r"model_ema\..*|.*\.position_ids|(.*\.)?logit_scale|"
-                          r"cond_stage_model\.transformer\.to_logits\..*|"
-                          + "|".join(map(re.escape, (*_SCHEDULE_BUFFERS, CONFIG_KEY))))
+PREFIXES = {
+    "unet": dk.UNET_PREFIX,
+    "vae": dk.VAE_PREFIX,
+    "clip": dk.CLIP_PREFIX,
+    "openclip": dk.OPENCLIP_PREFIX,
+    "ldmbert": dk.CLIP_PREFIX,
+}
+_SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "lvlb_weights",
+)
+KNOWN_EXTRAS = re.compile(
+    r"model_ema\..*|.*\.position_ids|(.*\.)?logit_scale|"
+    r"cond_stage_model\.transformer\.to_logits\..*|" + "|".join(map(re.escape, (*_SCHEDULE_BUFFERS, CONFIG_KEY)))
+)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Harmless objects that PyTorch Lightning left in some released .ckpt files (e.g. the SD 1.x training
 # checkpoints); weights_only refuses them, so they are unpickled into an inert stand-in instead.
@@ -68,9 +86,20 @@ def config_from_tensor(t: Tensor) -> ModelConfig:
 # -- reading -------------------------------------------------------------------------------------------------
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 class LazyStateDict(Mapping[str, Tensor]):
@@ -104,8 +133,10 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     def mapped(self, recipes: dict[str, dk.Recipe]) -> LazyStateDict:
         """The same tensors under other keys (diffusers → original), transformed on access."""
-        return LazyStateDict({k: dk.apply(r, self.shapes.__getitem__) for k, r in recipes.items()},
-                             lambda k: dk.apply(recipes[k], self.__getitem__))
+        return LazyStateDict(
+            {k: dk.apply(r, self.shapes.__getitem__) for k, r in recipes.items()},
+            lambda k: dk.apply(recipes[k], self.__getitem__),
+        )
 
 
 def read_state_dict(path: str | Path, allow_pickle: bool = False) -> Mapping[str, Tensor]:
@@ -129,8 +160,9 @@ def read_checkpoint(path: Path, allow_pickle: bool) -> tuple[LazyStateDict, dict
         return LazyStateDict.of(_read_pickle(path, allow_pickle, head)), {}
     if head[8:9] == b"{":
         return _read_safetensors(path), {}
-    raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors, .ckpt, .pt, .pth or a "
-                          "diffusers folder")
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format; expected .safetensors, .ckpt, .pt, .pth or a diffusers folder"
+    )
 
 
 def _head(path: Path) -> bytes:
@@ -161,8 +193,9 @@ def _read_safetensors(path: Path) -> LazyStateDict:
                 raise ValueError(f"{name} ends at byte {base + end} but the file has {size}")
             entries[name] = (dtype, shape, base + begin, nbytes)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path} is not a readable .safetensors file ({type(e).__name__}: {e}) — is it "
-                              "truncated? Download it again") from None
+        raise CheckpointError(
+            f"{path} is not a readable .safetensors file ({type(e).__name__}: {e}) — is it truncated? Download it again"
+        ) from None
 
     def load(name: str) -> Tensor:
         dtype, shape, offset, nbytes = entries[name]
@@ -182,8 +215,9 @@ def _read_pickle(path: Path, allow_pickle: bool, head: bytes) -> dict[str, Tenso
     """torch.load with weights_only (no code from the file runs) unless allow_pickle; mmap for zip files."""
     is_zip = head[:2] == b"PK"
     if not is_zip and head[:1] != b"\x80":
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {head[:8]!r}, neither a "
-                              "zip archive nor a pickle)")
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (it starts with {head[:8]!r}, neither a zip archive nor a pickle)"
+        )
     stubs = [(_Inert, name) for name in _LIGHTNING_LEFTOVERS]
     try:
         with torch.serialization.safe_globals(stubs):
@@ -196,12 +230,12 @@ def _read_pickle(path: Path, allow_pickle: bool, head: bytes) -> dict[str, Tenso
             raise CheckpointError(
                 f"{path} contains pickled Python objects that only code execution could rebuild{why}; nothing "
                 "was executed. Use a .safetensors file instead, or pass allow_pickle=True only if you trust "
-                "where this file came from") from None
+                "where this file came from"
+            ) from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({text.splitlines()[0]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, ImportError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}) — is it truncated?"
-                              ) from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}) — is it truncated?") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -250,8 +284,10 @@ def _unet_heads_hint(unet_cfg: dict) -> dict:
 def _read_diffusers(path: Path, allow_pickle: bool) -> tuple[LazyStateDict, dict]:
     """A diffusers Stable Diffusion folder → original single-file keys plus hints from its config files."""
     if not (path / "unet").is_dir():
-        raise CheckpointError(f"{path} is a folder but not a diffusers model folder (no unet/ inside); give a "
-                              ".safetensors or .ckpt file, or a diffusers folder")
+        raise CheckpointError(
+            f"{path} is a folder but not a diffusers model folder (no unet/ inside); give a "
+            ".safetensors or .ckpt file, or a diffusers folder"
+        )
     index = _json(path / "model_index.json")
     if "XL" in str(index.get("_class_name", "")) or (path / "text_encoder_2").is_dir():
         raise CheckpointError(f"{path} is a Stable Diffusion XL folder; SDXL is not supported (SD 1.x/2.x only)")
@@ -276,21 +312,27 @@ def _read_diffusers(path: Path, allow_pickle: bool) -> tuple[LazyStateDict, dict
     if prediction in ("epsilon", "v_prediction"):
         hints["prediction"] = "v" if prediction == "v_prediction" else "eps"
     if sched_cfg.get("beta_schedule", "scaled_linear") == "scaled_linear":
-        for ours, theirs in (("linear_start", "beta_start"), ("linear_end", "beta_end"),
-                             ("timesteps", "num_train_timesteps")):
+        for ours, theirs in (
+            ("linear_start", "beta_start"),
+            ("linear_end", "beta_end"),
+            ("timesteps", "num_train_timesteps"),
+        ):
             if theirs in sched_cfg:
                 hints[ours] = sched_cfg[theirs]
     elif sched_cfg:
-        log.warning("%s: scheduler beta_schedule=%r is not LDM's scaled linear; using scaled linear",
-                    path, sched_cfg["beta_schedule"])
+        log.warning(
+            "%s: scheduler beta_schedule=%r is not LDM's scaled linear; using scaled linear",
+            path,
+            sched_cfg["beta_schedule"],
+        )
     if "scaling_factor" in vae_cfg:
         hints["scale_factor"] = vae_cfg["scaling_factor"]
     try:
-        sd = LazyStateDict.union(unet.mapped(dk.unet_to_original(unet)), vae.mapped(dk.vae_to_original(vae)),
-                                 text.mapped(dk.openclip_from_hf(text) if openclip else dk.clip_to_original(text)))
+        sd = LazyStateDict.union(
+            unet.mapped(dk.unet_to_original(unet)),
+            vae.mapped(dk.vae_to_original(vae)),
+            text.mapped(dk.openclip_from_hf(text) if openclip else dk.clip_to_original(text)),
+        )
     except dk.KeyMapError as e:
-        raise CheckpointError(f"{path}: {e.args[0]} — is this a Stable Diffusion 1.x/2.x diffusers folder?"
-                              ) from None
+        raise CheckpointError(f"{path}: {e.args[0]} — is this a Stable Diffusion 1.x/2.x diffusers folder?") from None
     return sd, hints
-
-

@@ -3,6 +3,7 @@
 `CALLS` counts eager launches by kernel name so tests can prove a fused path ran; `count` skips itself while
 torch.compile traces (a global side effect there would break the graph), so compiled graphs hold no counter.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,8 +53,9 @@ def kernel_backend(backend: str | None) -> str:
     """Resolve a norm/GEGLU backend: the argument, else $ONEWORD_KERNELS, else "auto"."""
     name = backend or os.environ.get("ONEWORD_KERNELS", "auto")
     if name not in KERNEL_BACKENDS:
-        raise SettingError(f"kernel backend {name!r} (argument or ONEWORD_KERNELS); "
-                         f"choose one of {', '.join(KERNEL_BACKENDS)}")
+        raise SettingError(
+            f"kernel backend {name!r} (argument or ONEWORD_KERNELS); choose one of {', '.join(KERNEL_BACKENDS)}"
+        )
     return name
 
 
@@ -75,8 +77,7 @@ def use_triton(name: str, tensors: tuple[torch.Tensor, ...], what: str) -> bool:
     explicit = name == "triton"
     ok = all(t.dtype in KERNEL_DTYPES and device_ok(t, explicit) for t in tensors)
     if not ok and explicit:
-        log.debug("%s: triton cannot run on %s; using the reference", what,
-                  [(t.device.type, t.dtype) for t in tensors])
+        log.debug("%s: triton cannot run on %s; using the reference", what, [(t.device.type, t.dtype) for t in tensors])
     return ok
 
 

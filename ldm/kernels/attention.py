@@ -17,6 +17,7 @@ Contract
 
 Which inputs "auto" sends here is decided in `ldm.kernels.routing` from recorded GPU measurements.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,6 +30,7 @@ from ldm.kernels.flash import LOG2E, MAX_HEAD_DIM, attn_bwd_delta, attn_bwd_dkdv
 
 log = logging.getLogger(__name__)
 
+
 def split_head_dim(d: int) -> tuple[int, int]:
     """(DA, DB): DA the largest power of two ≤ d (≥ 16), DB the power of two (≥ 16, or 0) covering the rest."""
     da = max(16, 1 << (d.bit_length() - 1))
@@ -40,17 +42,37 @@ def split_head_dim(d: int) -> tuple[int, int]:
 # the sm_80/sm_90 compile figures (bench/RESULTS.md): fp16/bf16 tiles that never spill, two or more stages so the
 # main loops load with cp.async, and on sm_90 64-row tiles in every dot so Hopper issues wgmma.
 _TILES = {
-    ("fwd", 64, 90): (128, 64, 4, 3), ("fwd", 128, 90): (128, 64, 8, 3), ("fwd", 256, 90): (128, 32, 8, 2),
-    ("fwd", 64, 80): (128, 64, 8, 3), ("fwd", 128, 80): (128, 64, 8, 3), ("fwd", 256, 80): (128, 32, 8, 2),
-    ("dkdv", 64, 90): (64, 64, 4, 3), ("dkdv", 128, 90): (64, 64, 4, 2), ("dkdv", 256, 90): (64, 64, 8, 2),
-    ("dkdv", 64, 80): (64, 64, 8, 2), ("dkdv", 128, 80): (64, 32, 8, 2), ("dkdv", 256, 80): (16, 32, 8, 2),
-    ("dq", 64, 90): (64, 64, 4, 3), ("dq", 128, 90): (64, 64, 4, 2), ("dq", 256, 90): (64, 64, 8, 2),
-    ("dq", 64, 80): (64, 64, 4, 3), ("dq", 128, 80): (64, 64, 4, 2), ("dq", 256, 80): (64, 32, 8, 2),
+    ("fwd", 64, 90): (128, 64, 4, 3),
+    ("fwd", 128, 90): (128, 64, 8, 3),
+    ("fwd", 256, 90): (128, 32, 8, 2),
+    ("fwd", 64, 80): (128, 64, 8, 3),
+    ("fwd", 128, 80): (128, 64, 8, 3),
+    ("fwd", 256, 80): (128, 32, 8, 2),
+    ("dkdv", 64, 90): (64, 64, 4, 3),
+    ("dkdv", 128, 90): (64, 64, 4, 2),
+    ("dkdv", 256, 90): (64, 64, 8, 2),
+    ("dkdv", 64, 80): (64, 64, 8, 2),
+    ("dkdv", 128, 80): (64, 32, 8, 2),
+    ("dkdv", 256, 80): (16, 32, 8, 2),
+    ("dq", 64, 90): (64, 64, 4, 3),
+    ("dq", 128, 90): (64, 64, 4, 2),
+    ("dq", 256, 90): (64, 64, 8, 2),
+    ("dq", 64, 80): (64, 64, 4, 3),
+    ("dq", 128, 80): (64, 64, 4, 2),
+    ("dq", 256, 80): (64, 32, 8, 2),
 }
 # fp32 (IEEE products, no tensor cores): small tiles; shared memory ≤ 65 KB at head dim 160, under sm_86/89's 99 KB.
-_TILES_FP32 = {("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (32, 32, 4, 1), ("fwd", 256): (32, 32, 4, 1),
-               ("dkdv", 64): (32, 32, 4, 1), ("dkdv", 128): (32, 32, 4, 1), ("dkdv", 256): (32, 16, 4, 1),
-               ("dq", 64): (32, 32, 4, 1), ("dq", 128): (32, 32, 4, 1), ("dq", 256): (32, 16, 4, 1)}
+_TILES_FP32 = {
+    ("fwd", 64): (64, 32, 4, 2),
+    ("fwd", 128): (32, 32, 4, 1),
+    ("fwd", 256): (32, 32, 4, 1),
+    ("dkdv", 64): (32, 32, 4, 1),
+    ("dkdv", 128): (32, 32, 4, 1),
+    ("dkdv", 256): (32, 16, 4, 1),
+    ("dq", 64): (32, 32, 4, 1),
+    ("dq", 128): (32, 32, 4, 1),
+    ("dq", 256): (32, 16, 4, 1),
+}
 
 
 def tiles(d: int, dtype: torch.dtype, kind: str, cc: int = 90) -> tuple[int, int, int, int]:
@@ -101,20 +123,28 @@ def _shape_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         return False
     b, h, nq, d = q.shape
-    return (k.shape[0] == b and k.shape[1] == h and k.shape[3] == d and 0 < d <= MAX_HEAD_DIM
-            and nq > 0 and k.shape[2] > 0 and q.dtype == k.dtype == v.dtype and q.dtype in KERNEL_DTYPES
-            and q.device == k.device == v.device)
+    return (
+        k.shape[0] == b
+        and k.shape[1] == h
+        and k.shape[3] == d
+        and 0 < d <= MAX_HEAD_DIM
+        and nq > 0
+        and k.shape[2] > 0
+        and q.dtype == k.dtype == v.dtype
+        and q.dtype in KERNEL_DTYPES
+        and q.device == k.device == v.device
+    )
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-             explicit: bool = False) -> bool:
+def supports(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, explicit: bool = False
+) -> bool:
     """Whether the kernels can run these inputs here (shapes, dtypes, device); routing is `ldm.kernels.routing`."""
     del causal
     return _shape_ok(q, k, v) and device_ok(q, explicit)
 
 
-def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, nq, d = q.shape
     nk = k.shape[2]
     da, db = split_head_dim(d)
@@ -123,15 +153,44 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     lse = torch.empty((b * h, nq), dtype=torch.float32, device=q.device)
     with on_device(q):
         attn_fwd[(triton.cdiv(nq, bm) * b * h,)](
-            q, k, v, o, lse, *_heads(q), *_heads(k), *_heads(v), *_heads(o), h, nq, nk, d ** -0.5 * LOG2E,
-            HEAD_DIM=d, DA=da, DB=db, ALIGN=_align(q, k, v, o), CAUSAL=causal, IEEE=_ieee(q.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            q,
+            k,
+            v,
+            o,
+            lse,
+            *_heads(q),
+            *_heads(k),
+            *_heads(v),
+            *_heads(o),
+            h,
+            nq,
+            nk,
+            d**-0.5 * LOG2E,
+            HEAD_DIM=d,
+            DA=da,
+            DB=db,
+            ALIGN=_align(q, k, v, o),
+            CAUSAL=causal,
+            IEEE=_ieee(q.dtype),
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            num_warps=warps,
+            num_stages=stages,
+        )
     return o, lse
 
 
-def _launch_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                do: torch.Tensor, causal: bool, need_q: bool, need_kv: bool
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def _launch_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    causal: bool,
+    need_q: bool,
+    need_kv: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     b, h, nq, d = q.shape
     nk = k.shape[2]
     da, db = split_head_dim(d)
@@ -143,24 +202,63 @@ def _launch_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     dq = dk = dv = None
     with on_device(q):
         bm, _, warps, stages = tiles(d, q.dtype, "delta")
-        attn_bwd_delta[(triton.cdiv(nq, bm) * b * h,)](o, do, delta, *_heads(o), *_heads(do), h, nq, **dims,
-                                                        BLOCK_M=bm, num_warps=warps, num_stages=stages)
+        attn_bwd_delta[(triton.cdiv(nq, bm) * b * h,)](
+            o, do, delta, *_heads(o), *_heads(do), h, nq, **dims, BLOCK_M=bm, num_warps=warps, num_stages=stages
+        )
         common = (*_heads(q), *_heads(k), *_heads(v), *_heads(do))
-        scales = (d ** -0.5 * LOG2E, d ** -0.5)
+        scales = (d**-0.5 * LOG2E, d**-0.5)
         if need_kv:
             dk, dv = torch.empty_like(k), torch.empty_like(v)
             bm, bn, warps, stages = tiles(d, q.dtype, "dkdv", cc)
             attn_bwd_dkdv[(triton.cdiv(nk, bn) * b * h,)](
-                q, k, v, do, lse, delta, dk, dv, *common, *_heads(dk), *_heads(dv), h, nq, nk, *scales,
-                **dims, CAUSAL=causal, IEEE=_ieee(q.dtype), BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=warps, num_stages=stages)
+                q,
+                k,
+                v,
+                do,
+                lse,
+                delta,
+                dk,
+                dv,
+                *common,
+                *_heads(dk),
+                *_heads(dv),
+                h,
+                nq,
+                nk,
+                *scales,
+                **dims,
+                CAUSAL=causal,
+                IEEE=_ieee(q.dtype),
+                BLOCK_M=bm,
+                BLOCK_N=bn,
+                num_warps=warps,
+                num_stages=stages,
+            )
         if need_q:
             dq = torch.empty_like(q)
             bm, bn, warps, stages = tiles(d, q.dtype, "dq", cc)
             attn_bwd_dq[(triton.cdiv(nq, bm) * b * h,)](
-                q, k, v, do, lse, delta, dq, *common, *_heads(dq), h, nq, nk, *scales,
-                **dims, CAUSAL=causal, IEEE=_ieee(q.dtype), BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=warps, num_stages=stages)
+                q,
+                k,
+                v,
+                do,
+                lse,
+                delta,
+                dq,
+                *common,
+                *_heads(dq),
+                h,
+                nq,
+                nk,
+                *scales,
+                **dims,
+                CAUSAL=causal,
+                IEEE=_ieee(q.dtype),
+                BLOCK_M=bm,
+                BLOCK_N=bn,
+                num_warps=warps,
+                num_stages=stages,
+            )
     return dq, dk, dv
 
 
@@ -205,20 +303,22 @@ class _FlashAttention(torch.autograd.Function):
             count("attention_bwd_dkdv")
         if need_q:
             count("attention_bwd_dq")
-        return (dq, (dk if ctx.needs_input_grad[1] else None), (dv if ctx.needs_input_grad[2] else None),
-                None, None)
+        return (dq, (dk if ctx.needs_input_grad[1] else None), (dv if ctx.needs_input_grad[2] else None), None, None)
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                    fallback: tuple | None = None) -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, fallback: tuple | None = None
+) -> torch.Tensor:
     """softmax(QKᵀ/√D)V by FlashAttention-2 in Triton, differentiable in q, k and v; (B, H, Nq, D) out.
 
     `fallback`: the "auto" routing key; a backward launch failure then warns once, takes the key off Triton and
     returns the reference gradients instead of raising.
     """
     if not _shape_ok(q, k, v):
-        raise ValueError(f"flash_attention: unsupported q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} "
-                         f"{k.dtype}, v {tuple(v.shape)} {v.dtype} (same dtype/device, D ≤ {MAX_HEAD_DIM})")
+        raise ValueError(
+            f"flash_attention: unsupported q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} "
+            f"{k.dtype}, v {tuple(v.shape)} {v.dtype} (same dtype/device, D ≤ {MAX_HEAD_DIM})"
+        )
     return _FlashAttention.apply(q, k, v, causal, fallback)
 
 

@@ -1,6 +1,7 @@
 """The FlashAttention-2 device code (Dao 2023): the forward kernel, the backward's Δ = rowsum(dO·O), and the two
 recomputing backward kernels (dK/dV over key blocks, dQ over query blocks). The host side, tiles and dispatch are
 in ldm/kernels/attention.py."""
+
 from __future__ import annotations
 
 import inspect
@@ -14,8 +15,35 @@ LOG2E = 1.4426950408889634
 # ALIGN, so 77-token cross-attention and 4096-token self-attention, any layout, share one compiled kernel per
 # configuration (a GPU run compiles 4 kernels per dtype and head dim, not one per shape), the variant
 # tests/test_kernels_compile.py checks.
-_INT_ARGS = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som", "sdob", "sdoh",
-             "sdom", "sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn", "sdqb", "sdqh", "sdqm", "H", "NQ", "NK"}
+_INT_ARGS = {
+    "sqb",
+    "sqh",
+    "sqm",
+    "skb",
+    "skh",
+    "skn",
+    "svb",
+    "svh",
+    "svn",
+    "sob",
+    "soh",
+    "som",
+    "sdob",
+    "sdoh",
+    "sdom",
+    "sdkb",
+    "sdkh",
+    "sdkn",
+    "sdvb",
+    "sdvh",
+    "sdvn",
+    "sdqb",
+    "sdqh",
+    "sdqm",
+    "H",
+    "NQ",
+    "NK",
+}
 
 
 def _jit(fn):
@@ -76,11 +104,37 @@ def _bh(pid_bh, H, ALIGN: tl.constexpr, sb, sh):
 
 
 @_jit
-def attn_fwd(Q, K, V, O, LSE,
-              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-              H, NQ, NK, qk_scale,
-              HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, ALIGN: tl.constexpr,
-              CAUSAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def attn_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    sqb,
+    sqh,
+    sqm,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    som,
+    H,
+    NQ,
+    NK,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    DA: tl.constexpr,
+    DB: tl.constexpr,
+    ALIGN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One BLOCK_M tile of queries against all keys: online softmax in the log2 domain (FA-2, alg. 1)."""
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid_m = tl.program_id(0) % num_m
@@ -137,9 +191,24 @@ def attn_fwd(Q, K, V, O, LSE,
 
 
 @_jit
-def attn_bwd_delta(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, NQ,
-                    HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, ALIGN: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
+def attn_bwd_delta(
+    O,
+    DO,
+    DELTA,
+    sob,
+    soh,
+    som,
+    sdob,
+    sdoh,
+    sdom,
+    H,
+    NQ,
+    HEAD_DIM: tl.constexpr,
+    DA: tl.constexpr,
+    DB: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """Δ_i = rowsum(dO ∘ O) in fp32 for one BLOCK_M tile of rows (FA-2, alg. 2, line 4)."""
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid_m = tl.program_id(0) % num_m
@@ -172,12 +241,47 @@ def _bwd_p_ds(s, dp, lse, delta, offs_m, offs_n, mask_m, mask_n, CAUSAL: tl.cons
 
 
 @_jit
-def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
-                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                   H, NQ, NK, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, ALIGN: tl.constexpr,
-                   CAUSAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    sqb,
+    sqh,
+    sqm,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sdob,
+    sdoh,
+    sdom,
+    sdkb,
+    sdkh,
+    sdkn,
+    sdvb,
+    sdvh,
+    sdvn,
+    H,
+    NQ,
+    NK,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    DA: tl.constexpr,
+    DB: tl.constexpr,
+    ALIGN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dK, dV for one BLOCK_N tile of keys, recomputing P from the saved log-sum-exp (FA-2, alg. 2)."""
     num_n = tl.cdiv(NK, BLOCK_N)
     pid_n = tl.program_id(0) % num_n
@@ -241,11 +345,43 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @_jit
-def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
-                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
-                 H, NQ, NK, qk_scale, sm_scale,
-                 HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, ALIGN: tl.constexpr,
-                 CAUSAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    sqb,
+    sqh,
+    sqm,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sdob,
+    sdoh,
+    sdom,
+    sdqb,
+    sdqh,
+    sdqm,
+    H,
+    NQ,
+    NK,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    DA: tl.constexpr,
+    DB: tl.constexpr,
+    ALIGN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dQ for one BLOCK_M tile of queries (FA-2, alg. 2, the dQ loop as its own kernel: no atomics)."""
     num_m = tl.cdiv(NQ, BLOCK_M)
     pid_m = tl.program_id(0) % num_m

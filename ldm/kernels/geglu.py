@@ -3,6 +3,7 @@
 Dispatch as `ldm.kernels.norm`: `backend` argument, else $ONEWORD_KERNELS, else "auto" (Triton on CUDA once the
 warm-up in `ldm.kernels.routing` passed). One program per (row, BLOCK columns): contiguous, vectorisable loads.
 """
+
 from __future__ import annotations
 
 import logging

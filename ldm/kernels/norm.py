@@ -10,6 +10,7 @@ passes, fp32) and a second kernel merges the chunks (Chan et al.'s parallel vari
 group of ~1 M elements runs on 64 programs instead of one; the backward reduction is split per (channels, chunk),
 each program reducing up to 16,384 elements of one or more channels of a group.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,23 +30,39 @@ except ImportError:  # the reference twin still works
 log = logging.getLogger(__name__)
 
 
-def group_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                         num_groups: int, eps: float, silu: bool = False) -> torch.Tensor:
+def group_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    silu: bool = False,
+) -> torch.Tensor:
     """Reference: F.group_norm in fp32 (float64 stays float64), then SiLU, cast back to x's dtype."""
     ct = torch.promote_types(x.dtype, torch.float32)
-    y = F.group_norm(x.to(ct), num_groups, None if weight is None else weight.to(ct),
-                     None if bias is None else bias.to(ct), eps)
+    y = F.group_norm(
+        x.to(ct), num_groups, None if weight is None else weight.to(ct), None if bias is None else bias.to(ct), eps
+    )
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)
 
 
-def group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
-               eps: float, silu: bool = False, backend: str | None = None) -> torch.Tensor:
+def group_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    silu: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     """GroupNorm over (N, C, *) with per-channel affine, optionally followed by SiLU, in one pass."""
     if x.dim() < 2 or x.shape[1] % num_groups:
-        raise ValueError(f"group_norm: {x.shape[1] if x.dim() > 1 else '?'} channels of x {tuple(x.shape)} "
-                         f"do not split into {num_groups} groups")
+        raise ValueError(
+            f"group_norm: {x.shape[1] if x.dim() > 1 else '?'} channels of x {tuple(x.shape)} "
+            f"do not split into {num_groups} groups"
+        )
     name = kernel_backend(backend)
     params = tuple(p for p in (weight, bias) if p is not None)
     if x.numel() == 0 or not use_triton(name, (x, *params), "group_norm"):
@@ -131,8 +148,7 @@ if triton is not None:
         tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
 
     @_jit
-    def _gn_apply(X, Y, W, B, MEAN, RSTD, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr,
-                  BLOCK: tl.constexpr):
+    def _gn_apply(X, Y, W, B, MEAN, RSTD, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
         """y = (x − μ)/σ·w + b (then SiLU) for one BLOCK of one (sample, group)."""
         L = _aligned(L, ALIGN)
         nblk = tl.cdiv(L, BLOCK)
@@ -160,8 +176,25 @@ if triton is not None:
         return xhat, dz
 
     @_jit
-    def _gn_bwd_reduce(X, DY, W, B, MEAN, RSTD, PDW, PDB, S, C, CG, G, CHUNK, CPB,
-                       SILU: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    def _gn_bwd_reduce(
+        X,
+        DY,
+        W,
+        B,
+        MEAN,
+        RSTD,
+        PDW,
+        PDB,
+        S,
+        C,
+        CG,
+        G,
+        CHUNK,
+        CPB,
+        SILU: tl.constexpr,
+        ALIGN: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """Per CPB channels (of one group) × one CHUNK of their S positions: partial Σdz·x̂ and Σdz per channel."""
         S = _aligned(S, ALIGN)
         CHUNK = _aligned(CHUNK, ALIGN)
@@ -193,8 +226,9 @@ if triton is not None:
             tl.store(PDB + (nc0 + cl) * split + part, tl.sum(acc_b, 0))
 
     @_jit
-    def _gn_bwd_dx(X, DY, DX, W, B, MEAN, RSTD, C1, C2, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr,
-                   BLOCK: tl.constexpr):
+    def _gn_bwd_dx(
+        X, DY, DX, W, B, MEAN, RSTD, C1, C2, L, S, CG, G, SILU: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr
+    ):
         """dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))/σ for one BLOCK of one (sample, group)."""
         L = _aligned(L, ALIGN)
         nblk = tl.cdiv(L, BLOCK)
@@ -220,8 +254,12 @@ def launch_meta(kernel: str, split: int = 64, align: int = 8) -> dict:
     """Block size, alignment, warps and stages of each launch (`split`: chunks per group, for the combine)."""
     if kernel == "gn_combine":
         return {"BLOCK": max(16, triton.next_power_of_2(split)), "num_warps": 1, "num_stages": 1}
-    meta = {"BLOCK": _BLOCK, "ALIGN": align, "num_warps": 4,
-            "num_stages": 2 if kernel in ("gn_stats", "gn_bwd_reduce") else 1}
+    meta = {
+        "BLOCK": _BLOCK,
+        "ALIGN": align,
+        "num_warps": 4,
+        "num_stages": 2 if kernel in ("gn_stats", "gn_bwd_reduce") else 1,
+    }
     if kernel == "gn_stats":
         meta["FINAL"] = split == 1
     return meta
@@ -257,13 +295,16 @@ class _GroupNormSiLU(torch.autograd.Function):
         align = _align(s, x, y)
         meta = _meta("gn_apply", length, align=align)
         with on_device(x):
-            _gn_stats[(groups * split,)](x, part[0], part[1], length, _CHUNK, eps,
-                                         **_meta("gn_stats", _CHUNK, split, align=align))
+            _gn_stats[(groups * split,)](
+                x, part[0], part[1], length, _CHUNK, eps, **_meta("gn_stats", _CHUNK, split, align=align)
+            )
             if split > 1:
-                _gn_combine[(groups,)](part[0], part[1], mean, rstd, length, _CHUNK, eps,
-                                       **_meta("gn_combine", 0, split))
+                _gn_combine[(groups,)](
+                    part[0], part[1], mean, rstd, length, _CHUNK, eps, **_meta("gn_combine", 0, split)
+                )
             _gn_apply[(groups * triton.cdiv(length, meta["BLOCK"]),)](
-                x, y, weight, bias, mean, rstd, length, s, cg, num_groups, SILU=silu, **meta)
+                x, y, weight, bias, mean, rstd, length, s, cg, num_groups, SILU=silu, **meta
+            )
         count("group_norm_fwd")
         if silu:
             count("group_norm_silu_fwd")
@@ -287,9 +328,24 @@ class _GroupNormSiLU(torch.autograd.Function):
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         align = _align(s, x, dy, *(() if dx is None else (dx,)))
         with on_device(x):
-            _gn_bwd_reduce[(n * c // cpb * split,)](x, dy, weight, bias, mean, rstd, part[0], part[1], s, c, cg, g,
-                                                    chunk, cpb, SILU=ctx.silu,
-                                                    **_meta("gn_bwd_reduce", chunk, align=align))
+            _gn_bwd_reduce[(n * c // cpb * split,)](
+                x,
+                dy,
+                weight,
+                bias,
+                mean,
+                rstd,
+                part[0],
+                part[1],
+                s,
+                c,
+                cg,
+                g,
+                chunk,
+                cpb,
+                SILU=ctx.silu,
+                **_meta("gn_bwd_reduce", chunk, align=align),
+            )
         dw, db = part.view(2, n, c, split).sum(-1)  # per (sample, channel) Σdz·x̂, Σdz
         wf = weight.float()
         c1 = (wf * db).view(n * g, cg).sum(-1) / length  # mean(dx̂) per group
@@ -298,7 +354,8 @@ class _GroupNormSiLU(torch.autograd.Function):
             meta = _meta("gn_bwd_dx", length, align=align)
             with on_device(x):
                 _gn_bwd_dx[(n * g * triton.cdiv(length, meta["BLOCK"]),)](
-                    x, dy, dx, weight, bias, mean, rstd, c1, c2, length, s, cg, g, SILU=ctx.silu, **meta)
+                    x, dy, dx, weight, bias, mean, rstd, c1, c2, length, s, cg, g, SILU=ctx.silu, **meta
+                )
         count("group_norm_bwd")
         if ctx.silu:
             count("group_norm_silu_bwd")

@@ -15,6 +15,7 @@ Contract
     configurations already warmed eagerly go to Triton.
   * Explicit backends ("triton") never come here: their errors reach the caller.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,7 @@ _ARCH: dict[int, str] = {}
 
 
 def arch(device: torch.device) -> str:
-    """"sm_XY" of a CUDA device, else the device type."""
+    """ "sm_XY" of a CUDA device, else the device type."""
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -68,8 +69,11 @@ def measured_faster(arch_name: str, dtype: torch.dtype, head_dim: int) -> Measur
     """The recorded row showing Triton attention no slower than SDPA for this configuration, or None."""
     name = str(dtype).removeprefix("torch.")
     for row in MEASURED:
-        if (row.arch, row.dtype, row.head_dim) == (arch_name, name, head_dim) \
-                and row.triton_fwd_ms <= row.sdpa_fwd_ms and row.triton_fwdbwd_ms <= row.sdpa_fwdbwd_ms:
+        if (
+            (row.arch, row.dtype, row.head_dim) == (arch_name, name, head_dim)
+            and row.triton_fwd_ms <= row.sdpa_fwd_ms
+            and row.triton_fwdbwd_ms <= row.sdpa_fwdbwd_ms
+        ):
             return row
     return None
 
@@ -90,8 +94,12 @@ def warm(key: tuple, check: Callable[[], None], fallback: str) -> bool:
         check()
     except Exception as err:  # any failure of a compiler toolchain we do not control: fall back, say so once
         _WARM[key] = False
-        log.warning("triton %s failed its warm-up (%s); using %s for it in this process",
-                    "/".join(map(str, key)), _one_line(err), fallback)
+        log.warning(
+            "triton %s failed its warm-up (%s); using %s for it in this process",
+            "/".join(map(str, key)),
+            _one_line(err),
+            fallback,
+        )
         return False
     _WARM[key] = True
     return True
@@ -100,8 +108,9 @@ def warm(key: tuple, check: Callable[[], None], fallback: str) -> bool:
 def failed(key: tuple, err: BaseException, fallback: str) -> None:
     """A launch of a warmed configuration failed: warn once and use the fallback from now on."""
     if _WARM.get(key) is not False:
-        log.warning("triton %s failed (%s); using %s for it in this process", "/".join(map(str, key)),
-                    _one_line(err), fallback)
+        log.warning(
+            "triton %s failed (%s); using %s for it in this process", "/".join(map(str, key)), _one_line(err), fallback
+        )
     _WARM[key] = False
 
 
@@ -162,8 +171,13 @@ def group_norm_key(x: torch.Tensor, weight: torch.Tensor, silu: bool) -> tuple |
     """The routing key when "auto" should run the fused GroupNorm on x, else None (use the reference)."""
     if not eligible(x):
         return None
-    key = ("group_norm", arch(x.device), str(x.dtype).removeprefix("torch."),
-           str(weight.dtype).removeprefix("torch."), "silu" if silu else "plain")
+    key = (
+        "group_norm",
+        arch(x.device),
+        str(x.dtype).removeprefix("torch."),
+        str(weight.dtype).removeprefix("torch."),
+        "silu" if silu else "plain",
+    )
     ok = warm(key, lambda: _check_group_norm(x.device, x.dtype, weight.dtype, silu), "the reference")
     return key if ok else None
 
@@ -190,5 +204,14 @@ def geglu_key(h: torch.Tensor) -> tuple | None:
     return key if warm(key, lambda: _check_geglu(h.device, h.dtype), "the reference") else None
 
 
-__all__ = ["MEASURED", "Measured", "arch", "attention_key", "group_norm_key", "geglu_key", "warm", "failed",
-           "measured_faster"]
+__all__ = [
+    "MEASURED",
+    "Measured",
+    "arch",
+    "attention_key",
+    "group_norm_key",
+    "geglu_key",
+    "warm",
+    "failed",
+    "measured_faster",
+]
