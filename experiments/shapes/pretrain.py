@@ -13,6 +13,7 @@ threads take ~27 min, but there torch's CPU kernels round differently from one p
 loss logs part at the 6th digit after ~50 steps), so a rerun reproduces the shipped metrics within TOLERANCE,
 not the bits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,16 @@ METRICS_PATH = Path(__file__).resolve().parent / "pretrain-metrics.json"
 # A rerun must land within this many points (absolute, on rates in [0, 1]) of the shipped metrics: the
 # sampled evaluation has ~4 points of binomial noise, and other CPUs round differently.
 TOLERANCE = 0.10
-REPRODUCED = ("shape_acc", "colour_acc", "joint_acc", "generic_held_out_rate", "withheld_word_rate",
-              "held_out_rate_before_withholding")
+REPRODUCED = (
+    "shape_acc",
+    "colour_acc",
+    "joint_acc",
+    "generic_held_out_rate",
+    "withheld_word_rate",
+    "held_out_rate_before_withholding",
+)
 CAPTION_DROPOUT = 0.1
-THREADS = 2   # ≤ 30 min; 1 gives bit-identical reruns (see the module docstring)
+THREADS = 2  # ≤ 30 min; 1 gives bit-identical reruns (see the module docstring)
 
 
 @dataclass
@@ -66,7 +73,7 @@ class Settings:
     lr: float = 1e-3
     warmup: int = 200
     ema: float = 0.995
-    snr_gamma: float = 0.0        # 0: plain ε-MSE
+    snr_gamma: float = 0.0  # 0: plain ε-MSE
     eval_per_prompt: int = 4
     snapshots: tuple[int, ...] = ()
 
@@ -105,7 +112,7 @@ class TrainLog:
             ax.plot(steps, loss, lw=0.5, alpha=0.4)
             w = max(5, len(loss) // 50)
             if len(loss) > w:
-                ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), lw=1.5)
+                ax.plot(steps[w - 1 :], np.convolve(loss, np.ones(w) / w, mode="valid"), lw=1.5)
             ax.set_yscale("log")
             ax.set_title(title)
             ax.set_xlabel("step")
@@ -125,6 +132,7 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 # -- stage 1: the autoencoder ------------------------------------------------------------------------------
+
 
 def train_vae(vae: nn.Module, images: torch.Tensor, s: Settings, tlog: TrainLog) -> nn.Module:
     """KL autoencoder: L1 + L2 reconstruction + kl_weight · KL per latent element (LDM's AutoencoderKL)."""
@@ -163,12 +171,25 @@ def encode_all(vae: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torc
 
 # -- stage 2: UNet + text tower ----------------------------------------------------------------------------
 
+
 def caption_vocabulary(tokenizer) -> list[int]:
     """Every token id the caption language can produce (BOS, EOS/pad and the words of all parts)."""
     words = set(" ".join(t.format("") for t in world.OBJECT_TEMPLATES).split())
     words |= set(world.SHAPES) | set(world.COLOUR_NAMES) | set(world.SIZE_NAMES) | set(world.BACKGROUND_NAMES)
-    words |= {world.GENERIC_WORD, "a", "on", "background", "in", "the", "center", "left", "right", "at",
-              "top", "bottom"}
+    words |= {
+        world.GENERIC_WORD,
+        "a",
+        "on",
+        "background",
+        "in",
+        "the",
+        "center",
+        "left",
+        "right",
+        "at",
+        "top",
+        "bottom",
+    }
     ids = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
     for w in sorted(words):
         ids.update(tokenizer.encode(w))
@@ -201,9 +222,19 @@ class CaptionTokens:
         return r
 
 
-def train_diffusion(unet: nn.Module, text: nn.Module, schedule, tokens: CaptionTokens, means: torch.Tensor,
-                    stds: torch.Tensor, labels: list[world.Labels], scale_factor: float, s: Settings,
-                    tlog: TrainLog, snapshot=None) -> tuple[nn.Module, nn.Module]:
+def train_diffusion(
+    unet: nn.Module,
+    text: nn.Module,
+    schedule,
+    tokens: CaptionTokens,
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    labels: list[world.Labels],
+    scale_factor: float,
+    s: Settings,
+    tlog: TrainLog,
+    snapshot=None,
+) -> tuple[nn.Module, nn.Module]:
     """Joint ε-MSE training with EMA weights; returns the EMA copies.
 
     Only the caption vocabulary's rows of the token table are trained (as a small (n, width) table written
@@ -220,8 +251,7 @@ def train_diffusion(unet: nn.Module, text: nn.Module, schedule, tokens: CaptionT
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     ema_words = words.detach().clone()
-    ema_params = (list(ema_unet.parameters()) + [dict(ema_text.named_parameters())[n] for n in text_names]
-                  + [ema_words])
+    ema_params = list(ema_unet.parameters()) + [dict(ema_text.named_parameters())[n] for n in text_names] + [ema_words]
     unet.train()
     text.train()
     T = schedule.num_timesteps
@@ -262,8 +292,9 @@ def train_diffusion(unet: nn.Module, text: nn.Module, schedule, tokens: CaptionT
     return ema_unet.eval(), _with_words(ema_unet, ema_text, vocab, ema_words)[1].eval()
 
 
-def _with_words(unet: nn.Module, text: nn.Module, vocab: torch.Tensor, words: torch.Tensor
-                ) -> tuple[nn.Module, nn.Module]:
+def _with_words(
+    unet: nn.Module, text: nn.Module, vocab: torch.Tensor, words: torch.Tensor
+) -> tuple[nn.Module, nn.Module]:
     """The text tower with the trained caption-vocabulary rows written into its token table."""
     with torch.no_grad():
         text.token_embedding.weight[vocab] = words
@@ -272,13 +303,21 @@ def _with_words(unet: nn.Module, text: nn.Module, vocab: torch.Tensor, words: to
 
 # -- evaluation ---------------------------------------------------------------------------------------------
 
+
 def _judged(model, prompts: list[str], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample prompts on the model's own defaults and return the judge's (shape ids, colour ids)."""
     from experiments.shapes import judge
 
     size = model.config.image_size
-    images = model.sample(prompts, steps=model.config.steps, scale=model.config.guidance, seed=seed, height=size,
-                          width=size, progress=False)
+    images = model.sample(
+        prompts,
+        steps=model.config.steps,
+        scale=model.config.guidance,
+        seed=seed,
+        height=size,
+        width=size,
+        progress=False,
+    )
     return judge.score(images)
 
 
@@ -312,8 +351,17 @@ def evaluate(model, n_per_prompt: int = 4, seed: int = 1000) -> dict[str, float]
 def held_out_ids(tokenizer) -> list[int]:
     """The token ids of the held-out word (checked to be used by no other caption word)."""
     ids = tokenizer.encode(world.HELD_OUT)
-    others = {i for w in (*world.NAMED_SHAPES, *world.COLOUR_NAMES, *world.SIZE_NAMES, *world.BACKGROUND_NAMES,
-                          world.GENERIC_WORD) for i in tokenizer.encode(w)}
+    others = {
+        i
+        for w in (
+            *world.NAMED_SHAPES,
+            *world.COLOUR_NAMES,
+            *world.SIZE_NAMES,
+            *world.BACKGROUND_NAMES,
+            world.GENERIC_WORD,
+        )
+        for i in tokenizer.encode(w)
+    }
     if others & set(ids):
         raise ValueError(f"the held-out word {world.HELD_OUT!r} shares tokens with other caption words")
     return ids
@@ -327,14 +375,18 @@ def withhold_word(text: nn.Module, ids: list[int], initial_rows: torch.Tensor) -
 
 # -- saving -------------------------------------------------------------------------------------------------
 
+
 def state_dict_for(model, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The original single-file layout (model.diffusion_model., first_stage_model.,
     cond_stage_model.transformer.) plus the oneword.config marker."""
     from ldm.checkpoint import CONFIG_KEY, config_to_tensor
 
     sd = {}
-    for prefix, module in (("model.diffusion_model.", model.unet), ("first_stage_model.", model.vae),
-                           ("cond_stage_model.transformer.", model.text_encoder)):
+    for prefix, module in (
+        ("model.diffusion_model.", model.unet),
+        ("first_stage_model.", model.vae),
+        ("cond_stage_model.transformer.", model.text_encoder),
+    ):
         for k, v in module.state_dict().items():
             sd[prefix + k] = v.detach().to(dtype).contiguous()
     sd[CONFIG_KEY] = config_to_tensor(model.config)
@@ -360,8 +412,13 @@ def assemble(cfg, unet, vae, text):
     return model.eval().requires_grad_(False)
 
 
-def pretrain(s: Settings, out: Path = MODEL_PATH, log_path: Path = LOG_PATH, plot_path: Path = PLOT_PATH,
-             evaluate_after: bool = True) -> dict[str, float]:
+def pretrain(
+    s: Settings,
+    out: Path = MODEL_PATH,
+    log_path: Path = LOG_PATH,
+    plot_path: Path = PLOT_PATH,
+    evaluate_after: bool = True,
+) -> dict[str, float]:
     """The whole recipe: world → VAE → cached latents → UNet + text → EMA model → file (+ metrics)."""
     from ldm.pipeline import build_modules, build_tokenizer
     from ldm.schedule import Schedule
@@ -379,8 +436,12 @@ def pretrain(s: Settings, out: Path = MODEL_PATH, log_path: Path = LOG_PATH, plo
     sample_z = means[:4096] + stds[:4096] * torch.randn(means[:4096].shape, generator=g)
     scale_factor = float(1.0 / sample_z.std())
     cfg = cfg.with_(scale_factor=round(scale_factor, 5))
-    log.info("VAE done in %.0f s; latent std %.4f → scale_factor %.5f", time.time() - t0, float(sample_z.std()),
-             cfg.scale_factor)
+    log.info(
+        "VAE done in %.0f s; latent std %.4f → scale_factor %.5f",
+        time.time() - t0,
+        float(sample_z.std()),
+        cfg.scale_factor,
+    )
     tokens = CaptionTokens(build_tokenizer(cfg))
     withheld = held_out_ids(tokens.tokenizer)
     initial_rows = text.token_embedding.weight.detach()[withheld].clone()
@@ -392,8 +453,9 @@ def pretrain(s: Settings, out: Path = MODEL_PATH, log_path: Path = LOG_PATH, plo
         save_model(assemble(cfg, copy.deepcopy(modules[0]), vae, snap_text), path)
         log.info("snapshot %s", path)
 
-    unet, text = train_diffusion(unet, text, Schedule.from_config(cfg), tokens, means, stds, labels,
-                                 cfg.scale_factor, s, tlog, snapshot)
+    unet, text = train_diffusion(
+        unet, text, Schedule.from_config(cfg), tokens, means, stds, labels, cfg.scale_factor, s, tlog, snapshot
+    )
     train_s = time.time() - t0
     model = assemble(cfg, unet, vae, text)
     metrics = {"train_seconds": train_s}
@@ -434,14 +496,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(a.threads)
     shipped = json.loads(METRICS_PATH.read_text()) if METRICS_PATH.is_file() else None  # read before a rerun
-    s = Settings(seed=a.seed, steps=a.steps, vae_steps=a.vae_steps, batch=a.batch, n_images=a.n_images,
-                 lr=a.lr, kl_weight=a.kl_weight, snr_gamma=a.snr_gamma,
-                 snapshots=tuple(int(v) for v in a.snapshots.split(",") if v))
+    s = Settings(
+        seed=a.seed,
+        steps=a.steps,
+        vae_steps=a.vae_steps,
+        batch=a.batch,
+        n_images=a.n_images,
+        lr=a.lr,
+        kl_weight=a.kl_weight,
+        snr_gamma=a.snr_gamma,
+        snapshots=tuple(int(v) for v in a.snapshots.split(",") if v),
+    )
     metrics = pretrain(s, Path(a.out), Path(a.log), Path(a.plot), evaluate_after=not a.no_eval)
     log.info("pretrain-shapes: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     if not a.no_eval:
-        Path(a.metrics).write_text(json.dumps({"settings": asdict(s), "threads": a.threads, **metrics},
-                                              indent=2) + "\n")
+        Path(a.metrics).write_text(
+            json.dumps({"settings": asdict(s), "threads": a.threads, **metrics}, indent=2) + "\n"
+        )
         if shipped is not None:
             for k in (k for k in REPRODUCED if k in shipped):
                 ok = abs(metrics[k] - shipped[k]) <= TOLERANCE
