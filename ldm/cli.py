@@ -14,7 +14,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "tiny")
+MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "instances", "tiny")
+LOCAL_MODELS = {"shapes": "pretrain-shapes", "instances": "pretrain-instances"}   # offline worlds → make target
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ROOT = Path(__file__).resolve().parent.parent
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -64,8 +65,8 @@ def check_writable(folder: Path) -> Path:
 
 def model_path(model: str) -> Path:
     """The checkpoint file behind a MODEL name (downloaded ones live in weights/)."""
-    if model == "shapes":
-        return ROOT / "weights" / "shapes.safetensors"
+    if model in LOCAL_MODELS:
+        return ROOT / "weights" / f"{model}.safetensors"
     from weights.download import DownloadError, local_path
 
     try:
@@ -91,8 +92,8 @@ def load(model: str | None, ckpt: str | None, device: torch.device, dtype: torch
         return ldm.tiny_model(seed=0).to(device=device, dtype=dtype)
     path = model_path(model)
     if not path.exists():
-        if model == "shapes":
-            raise UsageError(f"{path} is missing; run `make pretrain-shapes` to rebuild it")
+        if model in LOCAL_MODELS:
+            raise UsageError(f"{path} is missing; run `make {LOCAL_MODELS[model]}` to rebuild it")
         raise UsageError(f"no weights for MODEL={model} at {path}; download them with `make weights MODEL={model}`, "
                          "or try the offline `make demo` (MODEL=shapes)")
     if prediction is None and model == "sd21-v":

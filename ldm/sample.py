@@ -83,7 +83,7 @@ def model_hash(args: argparse.Namespace) -> tuple[str, str]:
     model = args.model or "sd15"
     if args.ckpt is None and model == "tiny":
         return "tiny", "tiny"
-    if args.ckpt is None and model != "shapes":
+    if args.ckpt is None and model not in cli.LOCAL_MODELS:
         from weights.download import manifest
 
         entry = manifest()[model]
