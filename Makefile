@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 # make variables → CLI flags, passed only when set
 opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
 
-.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes bench lint clean help
+.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes pretrain-instances bench lint clean help
 help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
 	@echo "make test                    ruff + the whole pytest suite (CPU; Triton kernels interpreted)"
@@ -16,6 +16,7 @@ help:
 	@echo "make train CONCEPT=cat       [MODEL=] [STEPS=] [BATCH=] [LR=] [INIT=] [TOKEN=] [VECTORS=] ..."
 	@echo "make weights MODEL=sd15      download a public checkpoint (sha256-verified, resumable)"
 	@echo "make pretrain-shapes         retrain the shipped shapes model from scratch (2 CPU cores, ~27 min)"
+	@echo "make pretrain-instances      train the instances-world model (resumable; [SEED=] [STEPS=] [THREADS=])"
 
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
@@ -86,6 +87,10 @@ demo: $(STAMP) weights/shapes.safetensors
 
 pretrain-shapes: $(STAMP)
 	$(PYTHON) -m experiments.shapes.pretrain $(call opt,--seed,$(SEED)) $(call opt,--steps,$(STEPS)) $(ARGS)
+
+pretrain-instances: $(STAMP)
+	$(PYTHON) -m experiments.instances.pretrain $(call opt,--seed,$(SEED)) $(call opt,--steps,$(STEPS)) \
+		$(call opt,--threads,$(THREADS)) $(ARGS)
 
 bench: $(STAMP)
 	$(PYTHON) -m bench.run $(call opt,--device,$(DEVICE)) $(call opt,--threads,$(THREADS)) $(call opt,--out,$(OUT)) \

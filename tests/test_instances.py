@@ -123,19 +123,48 @@ def test_pretrain_resumes_bit_identically(tmp_path, monkeypatch):
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     with pytest.raises(ipretrain.WorkFolderError, match="other settings"):
         ipretrain.pretrain(replace(s, steps=5), tmp_path / "work", tmp_path / "c.safetensors", **kw)
+    (tmp_path / "work" / "diffusion.pt").unlink()   # the VAE alone is reused by a run with other diffusion settings
+    ipretrain.pretrain(replace(s, steps=3), tmp_path / "work", tmp_path / "c.safetensors", **kw)
+    with pytest.raises(ipretrain.WorkFolderError, match="other settings"):
+        ipretrain.pretrain(replace(s, vae_steps=3), tmp_path / "work", tmp_path / "d.safetensors", **kw)
     torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not judge.JUDGE_PATH.is_file(), reason="the instances judge is not shipped in this checkout")
 def test_shipped_judge_accuracy_reproduces():
-    """The judge's held-out accuracy recorded in its file is re-measured within 0.03 (fp16 weights)."""
+    """The judge's held-out accuracy recorded in its file (100 instances, 40 lookalike sets) holds on the first
+    50 instances and 10 lookalike sets, within 0.05 (subset noise, fp16 weights)."""
     from safetensors import safe_open
 
     with safe_open(str(judge.JUDGE_PATH), "pt") as f:
         shipped = json.loads(f.metadata()["config"])
     torch.set_num_threads(1)
-    now = judge.accuracy(judge.shipped())
-    for key in ("identification_top1", "heldout_reconstruction", "background_acc", "companion_acc"):
-        assert abs(now[key] - shipped[key]) <= 0.03, (key, now[key], shipped[key])
+    now = judge.accuracy(judge.shipped(), n_instances=50, n_lookalike=10)
+    for key in ("identification_top1", "heldout_reconstruction", "background_acc", "position_acc", "companion_acc"):
+        assert now[key] >= shipped[key] - 0.05, (key, now[key], shipped[key])
     assert now["identification_top1"] > 0.5 and now["heldout_reconstruction"] > 0.8
     assert now["background_acc"] > 0.9
+
+
+@pytest.mark.skipif(not judge.JUDGE_PATH.is_file(), reason="the instances judge is not shipped in this checkout")
+def test_autoencoder_reconstruction_of_an_identity_autoencoder():
+    """An identity autoencoder keeps everything: its score is the renders' own."""
+
+    class Post:
+        def __init__(self, x):
+            self.mean = x
+
+    class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return Post(x)
+
+        def decode(self, z):
+            return z
+
+    j = judge.shipped()
+    kept, ceiling = judge.autoencoder_reconstruction(j, Identity(), n_eval=4)
+    assert kept == ceiling > 0.8

@@ -189,6 +189,26 @@ def render_all(labels: list[world.Labels]) -> np.ndarray:
 
 
 @torch.no_grad()
+def autoencoder_reconstruction(model: InstanceJudge, vae: nn.Module, n_eval: int = 16) -> tuple[float, float]:
+    """How much identity an autoencoder keeps: the mean reconstruction score of its decoded held-out renders
+    (3 views of each of n_eval large instances nobody trains on, against 3 other views and 8 lookalikes), and
+    the same score of the renders themselves (the ceiling)."""
+    was_training = vae.training
+    vae.eval()
+    dec, orig = [], []
+    dtype = next(vae.parameters()).dtype
+    for i in range(n_eval):
+        labs = world.views(world.JUDGE_EVAL_BASE + 50_000 + i, 6, size=world.SIZE_NAMES.index("large"))
+        own = render_all(labs)
+        decoded = vae.decode(vae.encode(world.to_tensor(own[3:]).to(dtype)).mean).float().clamp(-1, 1)
+        others = [render_all(v) for v in lookalike_views(labs[0].instance, 8, 3, seed=500 + i)]
+        dec.append(reconstruction(model, decoded, own[:3], others))
+        orig.append(reconstruction(model, own[3:], own[:3], others))
+    vae.train(was_training)
+    return float(np.mean(dec)), float(np.mean(orig))
+
+
+@torch.no_grad()
 def accuracy(model: InstanceJudge, n_instances: int = 100, views: int = 6, n_lookalike: int = 40
              ) -> dict[str, float]:
     """Held-out renders: identification top-1 among n_instances (centroid of 3 views vs 3 others), the

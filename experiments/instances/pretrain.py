@@ -61,15 +61,22 @@ class WorkFolderError(ValueError):
     """The work folder holds a run with other settings."""
 
 
+VAE_FIELDS = ("seed", "n_instances", "views", "vae_steps", "vae_batch", "vae_lr", "kl_weight")
+
+
 def _check_work(work: Path, s: Settings) -> None:
-    """The work folder belongs to these settings (or is new)."""
+    """The work folder belongs to these settings, or is new, or holds only a VAE trained with these VAE settings
+    (then the diffusion stage starts fresh with the new ones)."""
     work.mkdir(parents=True, exist_ok=True)
     marker = work / "settings.json"
-    want = json.dumps(asdict(s), sort_keys=True)
-    if marker.is_file() and marker.read_text() != want:
-        raise WorkFolderError(f"--work {work} holds a run with other settings ({marker.read_text()}); "
-                              "give another --work or delete it")
-    marker.write_text(want)
+    want = asdict(s)
+    if marker.is_file():
+        have = json.loads(marker.read_text())
+        vae_same = all(have.get(k) == want[k] for k in VAE_FIELDS)
+        if have != want and (not vae_same or (work / "diffusion.pt").is_file()):
+            raise WorkFolderError(f"--work {work} holds a run with other settings ({marker.read_text()}); "
+                                  "give another --work or delete it")
+    marker.write_text(json.dumps(want, sort_keys=True))
 
 
 def pretrain(s: Settings, work: Path = WORK, out: Path = MODEL_PATH, log_path: Path = LOG_PATH,
@@ -160,14 +167,7 @@ def evaluate(model, n_per_prompt: int = 4, seed: int = 1000, n_vae: int = 24) ->
         hits.setdefault(head, []).append(bool(pred[head][i] == want))
     out = {f"asked_{head}_acc": float(np.mean(v)) for head, v in hits.items()}
     out["asked_mean_acc"] = float(np.mean([out[f"asked_{h}_acc"] for h in hits]))
-    recs = []
-    for i in range(n_vae):
-        labs = world.views(world.JUDGE_EVAL_BASE + 50_000 + i, 6, size=world.SIZE_NAMES.index("large"))
-        own = judge.render_all(labs)
-        decoded = model.decode_latents(model.encode_images(world.to_tensor(own[3:]), sample=False)).float().clamp(-1, 1)
-        others = [judge.render_all(v) for v in judge.lookalike_views(labs[0].instance, 8, 3, seed=500 + i)]
-        recs.append(judge.reconstruction(j, decoded, own[:3], others))
-    out["vae_reconstruction"] = float(np.mean(recs))
+    out["vae_reconstruction"], out["renders_reconstruction"] = judge.autoencoder_reconstruction(j, model.vae, n_vae)
     return out
 
 
