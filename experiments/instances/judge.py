@@ -103,7 +103,7 @@ def _flip(x: torch.Tensor, y: dict[str, torch.Tensor], flip: torch.Tensor) -> tu
     return x, {**y, "position": torch.where(flip, swapped, pos)}
 
 
-def train_judge(n_instances: int = 600, views: int = 8, epochs: int = 6, seed: int = 0, batch_size: int = 128,
+def train_judge(n_instances: int = 1000, views: int = 8, epochs: int = 12, seed: int = 0, batch_size: int = 128,
                 lr: float = 2e-3) -> InstanceJudge:
     """Instance classification (cosine softmax) + label heads on a fresh world; Adam, one-cycle."""
     torch.manual_seed(seed)
@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Train the instances judge (identity embedding + label heads).")
     p.add_argument("--out", default=str(JUDGE_PATH))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-instances", type=int, default=600)
+    p.add_argument("--n-instances", type=int, default=1000)
     p.add_argument("--views", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
