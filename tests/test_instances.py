@@ -174,3 +174,32 @@ def test_autoencoder_reconstruction_of_an_identity_autoencoder():
     j = judge.shipped()
     kept, ceiling = judge.autoencoder_reconstruction(j, Identity(), n_eval=4)
     assert kept == ceiling > 0.8
+
+
+def test_score_prints_the_contract_fields(tmp_path, capsys):
+    """On a tiny pretrained model: concept → inversion.train → score prints one JSON line with every field."""
+    from experiments.instances import score
+    from inversion import train as trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    s = ipretrain.Settings(n_instances=6, views=2, vae_steps=2, vae_batch=4, steps=2, batch=2)
+    model = tmp_path / "tiny.safetensors"
+    ipretrain.pretrain(s, tmp_path / "work", model, tmp_path / "log.csv", tmp_path / "loss.png")
+    concept.write_concept(0, tmp_path / "c0")
+    run = tmp_path / "run"
+    trainer.train(trainer.resolve_args([
+        "--concept", str(tmp_path / "c0"), "--ckpt", str(model), "--init", world.NOUN, "--token", "<c0>",
+        "--steps", "2", "--batch", "1", "--out", str(run), "--save-every", "2", "--val-every", "0",
+        "--latent-cache", "", "--device", "cpu", "--no-progress"]))
+    capsys.readouterr()
+    assert score.main(["--concept", str(tmp_path / "c0"), "--run", str(run), "--samples", "2", "--steps", "2",
+                       "--threads", "1"]) == 0
+    torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    for key in ("reconstruction", "editability", "init_reconstruction", "caption_short", "caption_long"):
+        assert 0.0 <= out[key] <= 1.0, (key, out)
+    assert out["samples"] == 2 and out["steps"] == 2 and out["token"] == "<c0>"
+    assert score.main(["--concept", str(tmp_path / "c0"), "--run", str(run), "--samples", "0"]) == 2

@@ -1,6 +1,7 @@
 """Score a textual-inversion run on an instances concept with the instance judge; one JSON line on stdout.
 
     python -m experiments.instances.score --concept DIR --run RUN_DIR [--samples 32] [--seed S] [--ckpt PATH]
+                                          [--steps N]
 
 Reconstruction (judge.reconstruction: the fraction of (sample, lookalike) pairs in which a sample is nearer the
 concept's held-out renders than an instance sharing all its worded attributes; 0.5 = a caption's worth) of
@@ -8,7 +9,8 @@ concept's held-out renders than an instance sharing all its worded attributes; 0
 (`init_reconstruction`), and of the concept's two human captions in place of S* (`caption_short`,
 `caption_long`). Editability: the judge's context classifier on "S*" prompts that each ask for one context
 (three backgrounds, a companion ball or block, left or right): the fraction in the asked context. Fixed seeds:
-every prompt set is sampled from `--seed`; the model is the run's (args.json) unless `--ckpt` is given.
+every prompt set is sampled from `--seed` with the model's own sampling steps and guidance (`--steps`
+overrides the steps); the model is the run's (args.json) unless `--ckpt` is given.
 """
 from __future__ import annotations
 
@@ -41,9 +43,9 @@ def edit_prompts(word: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def _sample(model, prompts: list[str], seed: int):
+def _sample(model, prompts: list[str], seed: int, steps: int | None = None):
     size = model.config.image_size
-    return model.sample(prompts, steps=model.config.steps, scale=model.config.guidance, seed=seed, height=size,
+    return model.sample(prompts, steps=steps or model.config.steps, scale=model.config.guidance, seed=seed, height=size,
                         width=size, progress=False)
 
 
@@ -62,7 +64,8 @@ def _run_model(run: Path, ckpt: str | None):
 
 
 @torch.no_grad()
-def score(concept: Path, run: Path, samples: int = 32, seed: int = 0, ckpt: str | None = None) -> dict:
+def score(concept: Path, run: Path, samples: int = 32, seed: int = 0, ckpt: str | None = None,
+          steps: int | None = None) -> dict:
     """Every number of the JSON line (see the module docstring)."""
     info = load_concept(concept)
     j = judge.shipped()
@@ -76,7 +79,7 @@ def score(concept: Path, run: Path, samples: int = 32, seed: int = 0, ckpt: str 
 
     def rec(word: str, extra: bool) -> float:
         model.extra_embeddings = vecs.to(model.device, model.dtype) if extra else None
-        return judge.reconstruction(j, _sample(model, [PHOTO.format(word)] * samples, seed), ref, others)
+        return judge.reconstruction(j, _sample(model, [PHOTO.format(word)] * samples, seed, steps), ref, others)
 
     out = {"reconstruction": rec(token, True),
            "init_reconstruction": rec(f"a {info['init_word']}", False),
@@ -85,11 +88,12 @@ def score(concept: Path, run: Path, samples: int = 32, seed: int = 0, ckpt: str 
     asks = edit_prompts(token)
     per = max(1, samples // len(asks))
     model.extra_embeddings = vecs.to(model.device, model.dtype)
-    pred = judge.classify(j, _sample(model, [p for p, _, _ in asks for _ in range(per)], seed + 1))
+    pred = judge.classify(j, _sample(model, [p for p, _, _ in asks for _ in range(per)], seed + 1, steps))
     hits = [bool(pred[head][i * per + k] == want) for i, (_, head, want) in enumerate(asks) for k in range(per)]
     model.extra_embeddings = None
     out["editability"] = float(np.mean(hits))
-    out.update({"samples": samples, "seed": seed, "edit_samples_per_prompt": per, "concept_seed": info["seed"],
+    out.update({"samples": samples, "seed": seed, "steps": steps or model.config.steps,
+                "edit_samples_per_prompt": per, "concept_seed": info["seed"],
                 "token": token, "lookalikes": N_LOOKALIKES})
     return out
 
@@ -101,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt", default=None, help="model file (default: the run's)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default the model's)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if a.samples < 1:
-        print(f"error: --samples={a.samples} must be ≥ 1", file=sys.stderr)
-        return 2
+    for name, value in (("--samples", a.samples), ("--steps", a.steps), ("--threads", a.threads)):
+        if value is not None and value < 1:
+            print(f"error: {name}={value} must be ≥ 1", file=sys.stderr)
+            return 2
     for name, folder, need in (("--concept", a.concept, "concept.json"), ("--run", a.run, "args.json")):
         if not (Path(folder) / need).is_file():
             print(f"error: {name} {folder} has no {need}", file=sys.stderr)
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --run {a.run} has no learned_embeds.safetensors (has it saved yet?)", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
-    result = score(Path(a.concept), Path(a.run), a.samples, a.seed, a.ckpt)
+    result = score(Path(a.concept), Path(a.run), a.samples, a.seed, a.ckpt, a.steps)
     sys.stdout.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}) + "\n")
     return 0
 
