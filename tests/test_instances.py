@@ -77,6 +77,8 @@ def test_concept_tool(tmp_path, capsys):
     assert info["caption_short"] == f"a {world.COLOUR_NAMES[info['instance']['colour']]} {world.NOUN}"
     assert info["caption_long"].startswith(info["caption_short"][:-len(world.NOUN)])
     assert world.instance_from_dict(info["instance"]) == world.sample_instance(world.concept_id(3))
+    large, none = world.SIZE_NAMES.index("large"), world.COMPANIONS.index("none")
+    assert all(e["scene"]["size"] == large and e["scene"]["companion"] == none for e in info["train"] + info["heldout"])
     train = find_images(resolve_concept(str(out)))
     assert [p.name for p in train] == [f"train-{i}.png" for i in range(1, 6)]
     assert len(list((out / "heldout").glob("*.png"))) == concept.HELD_OUT

@@ -11,7 +11,7 @@ weights/instances-train-log.csv, experiments/instances/pretrain-loss.png and, wi
 experiments/instances/pretrain-metrics.json.
 
 Status: no model of this recipe is shipped. Its 500-step autoencoder keeps too little of an object's identity
-(judge.autoencoder_reconstruction 0.57, chance 0.5; the renders score 1.00) for the paper's phenomena to
+(judge.autoencoder_reconstruction 0.62, chance 0.5; the renders score 1.00) for the paper's phenomena to
 show; experiments/instances/README.md has the measurements and what to change.
 """
 from __future__ import annotations

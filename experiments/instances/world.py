@@ -187,10 +187,11 @@ def lookalike(instance: Instance, instance_id: int) -> Instance:
 
 
 def sample_scene(rng: np.random.Generator, **fixed: int) -> Scene:
-    """A random context; keyword arguments pin fields. A companion only sits beside a small off-centre object."""
+    """A random context; keyword arguments pin fields. A companion only sits beside a small off-centre object:
+    a drawn companion makes the object small unless the size is pinned, a pinned large size has none."""
     size = int(fixed.get("size", rng.integers(len(SIZE_NAMES))))
     companion = int(fixed.get("companion", rng.choice(len(COMPANIONS), p=[0.6, 0.2, 0.2])))
-    if COMPANIONS[companion] != "none":
+    if COMPANIONS[companion] != "none" and "size" not in fixed:
         size = SIZE_NAMES.index("small")
     if SIZE_NAMES[size] == "large":
         position = POSITIONS.index("center")
