@@ -10,9 +10,9 @@ Writes weights/instances.safetensors (fp16, the original single-file layout with
 weights/instances-train-log.csv, experiments/instances/pretrain-loss.png and, with the judge present,
 experiments/instances/pretrain-metrics.json.
 
-Status: no model of this recipe is shipped. Its 500-step autoencoder keeps too little of an object's identity
-(judge.autoencoder_reconstruction 0.62, chance 0.5; the renders score 1.00) for the paper's phenomena to
-show; experiments/instances/README.md has the measurements and what to change.
+Status: no model of this recipe is shipped yet. The autoencoder defaults (f=4, 8 latent channels, 2,000 steps)
+come from experiments/instances/README.md's study: the first recipe's (4 channels, 500 steps) kept too little
+of an object's identity (judge.autoencoder_reconstruction 0.62, chance 0.5), this design kept 0.96.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class Settings:
     seed: int = 0
     n_instances: int = 4000
     views: int = 3
-    vae_steps: int = 500
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 3e-3
     kl_weight: float = 1e-5
