@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -45,12 +46,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    try:
+        ch_mult = [int(v) for v in a.ch_mult.split(",")]
+    except ValueError:
+        ch_mult = []
+    if not ch_mult or min(ch_mult) < 1:
+        print(f"error: --ch-mult={a.ch_mult!r} must be comma-separated integers ≥ 1, e.g. 1,1,1", file=sys.stderr)
+        return 2
+    for name, value in (("--z", a.z), ("--steps", a.steps), ("--batch", a.batch), ("--eval-every", a.eval_every),
+                        ("--n-instances", a.n_instances), ("--threads", a.threads)):
+        if value < 1:
+            print(f"error: {name}={value} must be ≥ 1", file=sys.stderr)
+            return 2
+    if a.res_blocks < 0:
+        print(f"error: --res-blocks={a.res_blocks} must be ≥ 0", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    dd = {**instances().vae["ddconfig"], "ch_mult": [int(v) for v in a.ch_mult.split(",")], "z_channels": a.z,
+    dd = {**instances().vae["ddconfig"], "ch_mult": ch_mult, "z_channels": a.z,
           "num_res_blocks": a.res_blocks}
     vae = AutoencoderKL(ddconfig=dd, embed_dim=a.z)
     j = judge.load_judge(a.judge)
