@@ -9,7 +9,8 @@ export PYTHONUNBUFFERED := 1
 # make variables → CLI flags, passed only when set
 opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
 
-.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes bench lint format clean help gpu-wheels
+.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes pretrain-instances bench lint format \
+	clean help gpu-wheels
 help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
 	@echo "make test                    ruff + the whole pytest suite (CPU; Triton kernels interpreted)"
@@ -27,6 +28,7 @@ help:
 	@echo "make bench                   oneword vs diffusers on the same random SD1.5-size weights [DEVICE=] [QUICK=1]"
 	@echo "make gpu-wheels              wheels for bash bench/gpu.sh on a bare GPU machine (into bench/wheels/)"
 	@echo "make clean                   remove outputs/ and the tool caches"
+	@echo "make pretrain-instances      train the instances-world model (resumable; [SEED=] [STEPS=] [THREADS=])"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -123,6 +125,9 @@ gpu-wheels: $(STAMP)
 		--implementation cp --abi cp312 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
 		-r bench/gpu-wheels.txt
 	@ls $(GPU_WHEELS)/*.whl | wc -l | xargs echo "wheels in $(GPU_WHEELS):"; du -sh $(GPU_WHEELS)
+pretrain-instances: $(STAMP)
+	$(PYTHON) -m experiments.instances.pretrain $(call opt,--seed,$(SEED)) $(call opt,--steps,$(STEPS)) \
+		$(call opt,--threads,$(THREADS)) $(ARGS)
 
 bench: $(STAMP)
 	$(PYTHON) -m bench.run $(call opt,--device,$(DEVICE)) $(call opt,--threads,$(THREADS)) $(call opt,--out,$(OUT)) \

@@ -1,5 +1,6 @@
-"""The MODEL= names (sd15, sd21, sd21-v, ldm-1.4b, shapes, tiny) resolved to checkpoints through weights/, loaded,
-and identified for the files that record which model they belong to (A1111's `sd_checkpoint`, PNG metadata)."""
+"""The MODEL= names (sd15, sd21, sd21-v, ldm-1.4b, shapes, instances, tiny) resolved to checkpoints through
+weights/, loaded, and identified for the files that record which model they belong to (A1111's `sd_checkpoint`,
+PNG metadata)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import ldm
 from ldm.cli import UsageError
 from weights.download import WEIGHTS_DIR, DownloadError, local_path, manifest
 
-MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "tiny")
-SHIPPED = {"shapes": "make pretrain-shapes"}  # models this repository builds itself, and how
+MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "instances", "tiny")
+SHIPPED = {"shapes": "make pretrain-shapes", "instances": "make pretrain-instances"}  # built here, and how
 
 
 def model_path(model: str) -> Path:

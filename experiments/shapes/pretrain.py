@@ -172,11 +172,11 @@ def encode_all(vae: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torc
 # -- stage 2: UNet + text tower ----------------------------------------------------------------------------
 
 
-def caption_vocabulary(tokenizer) -> list[int]:
-    """Every token id the caption language can produce (BOS, EOS/pad and the words of all parts)."""
+def shapes_words() -> set[str]:
+    """Every word a shapes caption can contain."""
     words = set(" ".join(t.format("") for t in world.OBJECT_TEMPLATES).split())
     words |= set(world.SHAPES) | set(world.COLOUR_NAMES) | set(world.SIZE_NAMES) | set(world.BACKGROUND_NAMES)
-    words |= {
+    return words | {
         world.GENERIC_WORD,
         "a",
         "on",
@@ -190,6 +190,11 @@ def caption_vocabulary(tokenizer) -> list[int]:
         "top",
         "bottom",
     }
+
+
+def caption_vocabulary(tokenizer, words: set[str] | None = None) -> list[int]:
+    """Every token id the caption language can produce (BOS, EOS/pad and the words of all parts)."""
+    words = shapes_words() if words is None else words
     ids = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
     for w in sorted(words):
         ids.update(tokenizer.encode(w))
@@ -200,9 +205,9 @@ class CaptionTokens:
     """Caption → (77,) ids with a cache (the caption language is small), and the same ids as rows of the
     caption vocabulary, so that training touches only those rows of the 49,408-row table."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, words: set[str] | None = None) -> None:
         self.tokenizer = tokenizer
-        self.vocab = caption_vocabulary(tokenizer)
+        self.vocab = caption_vocabulary(tokenizer, words)
         self.row = torch.full((tokenizer.vocab_size,), -1, dtype=torch.long)
         self.row[torch.tensor(self.vocab)] = torch.arange(len(self.vocab))
         self.cache: dict[str, torch.Tensor] = {}
@@ -229,16 +234,22 @@ def train_diffusion(
     tokens: CaptionTokens,
     means: torch.Tensor,
     stds: torch.Tensor,
-    labels: list[world.Labels],
+    labels: list,
     scale_factor: float,
     s: Settings,
     tlog: TrainLog,
     snapshot=None,
+    caption=world.caption,
+    resume: Path | None = None,
+    save_every: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """Joint ε-MSE training with EMA weights; returns the EMA copies.
 
     Only the caption vocabulary's rows of the token table are trained (as a small (n, width) table written
     back at the end); the other rows keep their initialisation, exactly as a full-table run would leave them.
+    `caption(label, rng)` writes a label's caption. With `resume`, the whole training state (weights, EMA,
+    optimiser, both random streams, the log) is saved there every `save_every` steps and training continues
+    from it when the file exists.
     """
     g = torch.Generator().manual_seed(s.seed + 2)
     rng = np.random.default_rng(s.seed + 3)
@@ -259,13 +270,17 @@ def train_diffusion(
     if s.snr_gamma > 0:  # Min-SNR-γ weighting for ε-prediction (Hang et al. 2023): min(SNR, γ) / SNR
         snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
         weights = (snr.clamp(max=s.snr_gamma) / snr).float()
-    bar = tqdm(range(s.steps), desc="UNet + text", dynamic_ncols=True)
+    start = 0
+    if resume is not None and resume.is_file():
+        start = _load_state(resume, unet, text, words, opt, ema_unet, ema_text, ema_words, g, rng, tlog)
+        log.info("resumed %s at step %d", resume, start)
+    bar = tqdm(range(start, s.steps), desc="UNet + text", dynamic_ncols=True, initial=start, total=s.steps)
     for step in bar:
         lr = lr_at(step, s.steps, s.lr, s.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(labels), (s.batch,), generator=g)
-        captions = ["" if rng.random() < CAPTION_DROPOUT else world.caption(labels[i], rng) for i in idx.tolist()]
+        captions = ["" if rng.random() < CAPTION_DROPOUT else caption(labels[i], rng) for i in idx.tolist()]
         z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)
         x0 = z * scale_factor
         t = torch.randint(T, (s.batch,), generator=g)
@@ -289,7 +304,45 @@ def train_diffusion(
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if snapshot is not None and (step + 1) in s.snapshots:
             snapshot(step + 1, _with_words(ema_unet, ema_text, vocab, ema_words))
+        if resume is not None and save_every and ((step + 1) % save_every == 0 or step + 1 == s.steps):
+            _save_state(resume, step + 1, unet, text, words, opt, ema_unet, ema_text, ema_words, g, rng, tlog)
     return ema_unet.eval(), _with_words(ema_unet, ema_text, vocab, ema_words)[1].eval()
+
+
+def _save_state(path: Path, step: int, unet, text, words, opt, ema_unet, ema_text, ema_words, g, rng, tlog) -> None:
+    """Everything train_diffusion needs to continue bit-for-bit (at one thread), written atomically."""
+    state = {
+        "step": step,
+        "unet": unet.state_dict(),
+        "text": text.state_dict(),
+        "words": words.detach(),
+        "opt": opt.state_dict(),
+        "ema_unet": ema_unet.state_dict(),
+        "ema_text": ema_text.state_dict(),
+        "ema_words": ema_words,
+        "g": g.get_state(),
+        "rng": rng.bit_generator.state,
+        "log": tlog.rows,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, unet, text, words, opt, ema_unet, ema_text, ema_words, g, rng, tlog) -> int:
+    state = torch.load(path, weights_only=False)
+    unet.load_state_dict(state["unet"])
+    text.load_state_dict(state["text"])
+    ema_unet.load_state_dict(state["ema_unet"])
+    ema_text.load_state_dict(state["ema_text"])
+    with torch.no_grad():
+        words.copy_(state["words"])
+        ema_words.copy_(state["ema_words"])
+    opt.load_state_dict(state["opt"])
+    g.set_state(state["g"])
+    rng.bit_generator.state = state["rng"]
+    tlog.rows = [r for r in state["log"]]
+    return int(state["step"])
 
 
 def _with_words(
@@ -393,12 +446,12 @@ def state_dict_for(model, dtype: torch.dtype = torch.float16) -> dict[str, torch
     return sd
 
 
-def save_model(model, path: Path) -> None:
+def save_model(model, path: Path, world_name: str = "shapes") -> None:
     """safetensors, fp16 weights, written atomically."""
     from safetensors.torch import save_file
 
     tmp = path.with_suffix(".tmp")
-    save_file(state_dict_for(model), str(tmp), metadata={"format": "pt", "oneword": "shapes"})
+    save_file(state_dict_for(model), str(tmp), metadata={"format": "pt", "oneword": world_name})
     os.replace(tmp, path)
     path.chmod(0o644)
 

@@ -1,0 +1,157 @@
+"""Score a textual-inversion run on an instances concept with the instance judge; one JSON line on stdout.
+
+    python -m experiments.instances.score --concept DIR --run RUN_DIR [--samples 32] [--seed S] [--ckpt PATH]
+                                          [--steps N]
+
+Reconstruction (judge.reconstruction: the fraction of (sample, lookalike) pairs in which a sample is nearer the
+concept's held-out renders than an instance sharing all its worded attributes; 0.5 = a caption's worth) of
+`--samples` samples of "a photo of S*" (`reconstruction`), of the init word "a photo of a toy"
+(`init_reconstruction`), and of the concept's two human captions in place of S* (`caption_short`,
+`caption_long`). Editability: the judge's context classifier on "S*" prompts that each ask for one context
+(three backgrounds, a companion ball or block, left or right): the fraction in the asked context. Fixed seeds:
+every prompt set is sampled from `--seed` with the model's own sampling steps and guidance (`--steps`
+overrides the steps); the model is the run's (args.json) unless `--ckpt` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from experiments.instances import judge, world
+from experiments.instances.concept import load_concept
+
+log = logging.getLogger(__name__)
+
+N_LOOKALIKES = 16
+LOOKALIKE_VIEWS = 3
+PHOTO = "a photo of {}"
+
+
+def edit_prompts(word: str) -> list[tuple[str, str, int]]:
+    """(prompt, judge head, wanted class): each prompt asks for one context."""
+    small = f"a small {word}" if not word.startswith("a ") else word.replace("a ", "a small ", 1)
+    out = [(f"a photo of {word} on a {bg} background", "background", k) for k, bg in enumerate(world.BACKGROUND_NAMES)]
+    out += [(f"a photo of {small} next to a {c}", "companion", k) for k, c in enumerate(world.COMPANIONS) if k]
+    out += [
+        (f"a photo of {small} {world.POSITION_PHRASES[p]}", "position", world.POSITIONS.index(p))
+        for p in ("left", "right")
+    ]
+    return out
+
+
+def _sample(model, prompts: list[str], seed: int, steps: int | None = None):
+    size = model.config.image_size
+    return model.sample(
+        prompts,
+        steps=steps or model.config.steps,
+        scale=model.config.guidance,
+        seed=seed,
+        height=size,
+        width=size,
+        progress=False,
+    )
+
+
+def _run_model(run: Path, ckpt: str | None):
+    """The run's model (args.json: --ckpt, else --model) and its learned vectors and token."""
+    from inversion import models
+    from inversion.embedding import load_embedding_file
+    from inversion.rundir import RunDir
+
+    opts = RunDir(run).options()
+    token = opts["token"]
+    vecs = load_embedding_file(run / "learned_embeds.safetensors", token=token)[token]
+    model = models.load(
+        opts.get("model") if not (ckpt or opts.get("ckpt")) else None,
+        ckpt or opts.get("ckpt"),
+        torch.device("cpu"),
+        torch.float32,
+    )
+    return model, token, vecs
+
+
+@torch.no_grad()
+def score(
+    concept: Path, run: Path, samples: int = 32, seed: int = 0, ckpt: str | None = None, steps: int | None = None
+) -> dict:
+    """Every number of the JSON line (see the module docstring)."""
+    info = load_concept(concept)
+    j = judge.shipped()
+    heldout = [concept / h["file"] for h in info["heldout"]]
+    from PIL import Image
+
+    ref = [Image.open(p).convert("RGB") for p in heldout]
+    others = [
+        judge.render_all(v)
+        for v in judge.lookalike_views(info["object"], N_LOOKALIKES, LOOKALIKE_VIEWS, seed=info["seed"])
+    ]
+    model, token, vecs = _run_model(run, ckpt)
+
+    def rec(word: str, extra: bool) -> float:
+        model.extra_embeddings = vecs.to(model.device, model.dtype) if extra else None
+        return judge.reconstruction(j, _sample(model, [PHOTO.format(word)] * samples, seed, steps), ref, others)
+
+    out = {
+        "reconstruction": rec(token, True),
+        "init_reconstruction": rec(f"a {info['init_word']}", False),
+        "caption_short": rec(info["caption_short"], False),
+        "caption_long": rec(info["caption_long"], False),
+    }
+    asks = edit_prompts(token)
+    per = max(1, samples // len(asks))
+    model.extra_embeddings = vecs.to(model.device, model.dtype)
+    pred = judge.classify(j, _sample(model, [p for p, _, _ in asks for _ in range(per)], seed + 1, steps))
+    hits = [bool(pred[head][i * per + k] == want) for i, (_, head, want) in enumerate(asks) for k in range(per)]
+    model.extra_embeddings = None
+    out["editability"] = float(np.mean(hits))
+    out.update(
+        {
+            "samples": samples,
+            "seed": seed,
+            "steps": steps or model.config.steps,
+            "edit_samples_per_prompt": per,
+            "concept_seed": info["seed"],
+            "token": token,
+            "lookalikes": N_LOOKALIKES,
+        }
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--concept", required=True, help="a folder written by experiments.instances.concept")
+    p.add_argument("--run", required=True, help="a run folder written by inversion.train")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt", default=None, help="model file (default: the run's)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default the model's)")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name, value in (("--samples", a.samples), ("--steps", a.steps), ("--threads", a.threads)):
+        if value is not None and value < 1:
+            print(f"error: {name}={value} must be ≥ 1", file=sys.stderr)
+            return 2
+    for name, folder, need in (("--concept", a.concept, "concept.json"), ("--run", a.run, "args.json")):
+        if not (Path(folder) / need).is_file():
+            print(f"error: {name} {folder} has no {need}", file=sys.stderr)
+            return 2
+    if not (Path(a.run) / "learned_embeds.safetensors").is_file():
+        print(f"error: --run {a.run} has no learned_embeds.safetensors (has it saved yet?)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(a.threads)
+    result = score(Path(a.concept), Path(a.run), a.samples, a.seed, a.ckpt, a.steps)
+    sys.stdout.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
