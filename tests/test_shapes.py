@@ -203,7 +203,7 @@ def test_the_shipped_metrics_describe_the_shipped_weights(one_thread):
 
 @needs_shipped_model
 def test_inversion_lifts_the_held_out_shape_and_stays_editable(tmp_path, one_thread):
-    """The issue-7 CI check: init word ≤ 30% held-out shape, S* ≥ 80%, "a <colour> S*" in that colour ≥ 70%."""
+    """The demo's CI check: init word ≤ 30% held-out shape, S* ≥ 80%, "a <colour> S*" in that colour ≥ 70%."""
     from experiments.shapes import demo
 
     r = demo.run_demo(MODEL, tmp_path)
