@@ -238,5 +238,10 @@ def test_score_prints_the_contract_fields(tmp_path, capsys):
     out = json.loads(lines[0])
     for key in ("reconstruction", "editability", "init_reconstruction", "caption_short", "caption_long"):
         assert 0.0 <= out[key] <= 1.0, (key, out)
+    # the word reaches the model as its learned rows, not as the literal characters of "<c0>"
+    model, token, vecs = score._run_model(run, None)
+    vocab = model.text_encoder.token_embedding.weight.shape[0]
+    assert model.tokenizer.encode(token) == list(range(vocab, vocab + vecs.shape[0]))
+    assert torch.equal(model.extra_embeddings, vecs.to(model.dtype))
     assert out["samples"] == 2 and out["steps"] == 2 and out["token"] == "<c0>"
     assert score.main(["--concept", str(tmp_path / "c0"), "--run", str(run), "--samples", "0"]) == 2

@@ -74,6 +74,7 @@ def _run_model(run: Path, ckpt: str | None):
         torch.device("cpu"),
         torch.float32,
     )
+    model.add_embedding(token, vecs)  # the token now tokenizes to its learned rows (prompts without it are unchanged)
     return model, token, vecs
 
 
@@ -94,22 +95,19 @@ def score(
     ]
     model, token, vecs = _run_model(run, ckpt)
 
-    def rec(word: str, extra: bool) -> float:
-        model.extra_embeddings = vecs.to(model.device, model.dtype) if extra else None
-        return judge.reconstruction(j, _sample(model, [PHOTO.format(word)] * samples, seed, steps), ref, others)
+    def rec(words: str) -> float:
+        return judge.reconstruction(j, _sample(model, [PHOTO.format(words)] * samples, seed, steps), ref, others)
 
     out = {
-        "reconstruction": rec(token, True),
-        "init_reconstruction": rec(f"a {info['init_word']}", False),
-        "caption_short": rec(info["caption_short"], False),
-        "caption_long": rec(info["caption_long"], False),
+        "reconstruction": rec(token),
+        "init_reconstruction": rec(f"a {info['init_word']}"),
+        "caption_short": rec(info["caption_short"]),
+        "caption_long": rec(info["caption_long"]),
     }
     asks = edit_prompts(token)
     per = max(1, samples // len(asks))
-    model.extra_embeddings = vecs.to(model.device, model.dtype)
     pred = judge.classify(j, _sample(model, [p for p, _, _ in asks for _ in range(per)], seed + 1, steps))
     hits = [bool(pred[head][i * per + k] == want) for i, (_, head, want) in enumerate(asks) for k in range(per)]
-    model.extra_embeddings = None
     out["editability"] = float(np.mean(hits))
     out.update(
         {
