@@ -157,11 +157,7 @@ def check_args(args: argparse.Namespace) -> None:
             cli.finite("SCALE", args.scale),
             cli.finite("ETA", args.eta, 0.0),
             cli.seed_rule("SEED", args.seed),
-            (
-                args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
-                f"unknown MODEL={args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give CKPT=path",
-            ),
-            (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
+            *models.choice_rules(args.model, args.ckpt),
             (args.dtype in DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(DTYPES)}"),
             (
                 args.attention is None or args.attention in BACKENDS,

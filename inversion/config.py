@@ -18,7 +18,7 @@ from pathlib import Path
 from inversion import data as D
 from inversion import stopping
 from inversion.embedding import InversionError
-from inversion.models import MODEL_CHOICES
+from inversion.models import choice_rules
 from inversion.rundir import RunDir
 from inversion.templates import max_vectors
 from ldm import cli
@@ -166,11 +166,7 @@ class TrainConfig:
                     self.precision in PRECISIONS,
                     f"unknown PRECISION={self.precision!r}; choose one of {', '.join(PRECISIONS)}",
                 ),
-                (self.ckpt is None or Path(self.ckpt).exists(), f"CKPT={self.ckpt}: no such file or folder"),
-                (
-                    self.ckpt is not None or self.model is None or self.model in MODEL_CHOICES,
-                    f"unknown MODEL={self.model!r}; choose one of {', '.join(MODEL_CHOICES)} or give CKPT=path",
-                ),
+                *choice_rules(self.model, self.ckpt),
                 (bool(self.init.strip()), f"INIT={self.init!r} must be a word"),
                 (init_words is None or all(init_words), f"--init-words {self.init_words!r} has an empty word"),
                 (

@@ -238,11 +238,7 @@ def _check(args: argparse.Namespace) -> None:
             cli.seed_rule("SEED", args.seed),
             cli.at_least("--size", args.size, 8),
             (args.dtype in cli.DTYPES, f"unknown DTYPE={args.dtype!r}; choose one of {', '.join(cli.DTYPES)}"),
-            (
-                args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
-                f"unknown MODEL={args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give CKPT=path",
-            ),
-            (args.ckpt is None or Path(args.ckpt).exists(), f"CKPT={args.ckpt}: no such file or folder"),
+            *models.choice_rules(args.model, args.ckpt),
             (args.embedding is None or Path(args.embedding).is_file(), f"--embedding {args.embedding}: no such file"),
         ],
         InversionError,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import ldm
-from ldm.cli import UsageError
+from ldm.cli import UsageError, check
 from weights.download import WEIGHTS_DIR, DownloadError, local_path, manifest
 
 MODEL_CHOICES = ("sd15", "sd21", "sd21-v", "ldm-1.4b", "shapes", "instances", "tiny")
@@ -27,6 +27,20 @@ def model_path(model: str) -> Path:
         raise UsageError(f"{e}; or use MODEL=shapes / MODEL=tiny, or CKPT=path") from None
 
 
+def choice_rules(
+    model: str | None, ckpt: str | None, model_as: str = "MODEL=", ckpt_as: str = "CKPT="
+) -> list[tuple[bool, str]]:
+    """What `load` needs before it loads anything (ldm.cli.check rules): a CKPT that exists, else a known MODEL name
+    (`model_as`/`ckpt_as`: how the tool's user spells the two settings)."""
+    return [
+        (ckpt is None or Path(ckpt).exists(), f"{ckpt_as}{ckpt}: no such file or folder"),
+        (
+            ckpt is not None or model is None or model in MODEL_CHOICES,
+            f"unknown {model_as}{model!r}; choose one of {', '.join(MODEL_CHOICES)} or give {ckpt_as}path",
+        ),
+    ]
+
+
 def load(
     model: str | None,
     ckpt: str | None,
@@ -36,17 +50,13 @@ def load(
     allow_pickle: bool = False,
 ):
     """A LatentDiffusion from MODEL (a known name) or CKPT (a path); missing weights say how to get them."""
+    check(choice_rules(model, ckpt or None))
     known = list(manifest().values())
     if ckpt:
-        path = Path(ckpt)
-        if not path.exists():
-            raise UsageError(f"CKPT={ckpt}: no such file or folder")
         return ldm.load_model(
-            path, device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle, known_files=known
+            Path(ckpt), device=device, dtype=dtype, prediction=prediction, allow_pickle=allow_pickle, known_files=known
         )
     model = model or "sd15"
-    if model not in MODEL_CHOICES:
-        raise UsageError(f"unknown MODEL={model!r}; choose one of {', '.join(MODEL_CHOICES)} or give CKPT=path")
     if model == "tiny":
         return ldm.tiny_model(seed=0).to(device=device, dtype=dtype)
     path = model_path(model)

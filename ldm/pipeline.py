@@ -206,20 +206,25 @@ class LatentDiffusion(nn.Module):
         self,
         prompts: Sequence[str],
         negative_prompts: Sequence[str] | None = None,
-        steps: int = 50,
-        scale: float = 7.5,
+        steps: int | None = None,
+        scale: float | None = None,
         eta: float = 0.0,
         sampler: str = "ddim",
         seed: int = 0,
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = True,
         cuda_graph: bool = False,
     ) -> torch.Tensor:
-        """Sample scaled latents for a batch of prompts; row i is seeded with seed + i.
+        """Sample scaled latents for a batch of prompts; row i is seeded with seed + i. Steps, guidance scale and
+        size default to the model's own (`config.steps`, `config.guidance`, `config.image_size`).
 
         `cuda_graph` captures the guided UNet step once and replays it (CUDA only; eager elsewhere)."""
+        cfg = self.config
+        steps = cfg.steps if steps is None else steps
+        scale = cfg.guidance if scale is None else scale
+        height, width = height or cfg.image_size, width or cfg.image_size
         self._check_sampling(sampler, steps, height, width)
         prompts = list(prompts)
         model_fn = self._guided(prompts, negative_prompts, scale)
@@ -254,13 +259,13 @@ class LatentDiffusion(nn.Module):
         self,
         prompts: str | Sequence[str],
         negative_prompts: Sequence[str] | None = None,
-        steps: int = 50,
-        scale: float = 7.5,
+        steps: int | None = None,
+        scale: float | None = None,
         eta: float = 0.0,
         sampler: str = "ddim",
         seed: int | None = None,
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = True,
         cuda_graph: bool = False,

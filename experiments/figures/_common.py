@@ -92,11 +92,7 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
             cli.at_least("--size", args.size, 8),
             cli.finite("--scale", args.scale),
             cli.seed_rule("--seed", args.seed),
-            (
-                args.ckpt is not None or args.model is None or args.model in models.MODEL_CHOICES,
-                f"unknown --model {args.model!r}; choose one of {', '.join(models.MODEL_CHOICES)} or give --ckpt PATH",
-            ),
-            (args.ckpt is None or Path(args.ckpt).exists(), f"--ckpt {args.ckpt}: no such file or folder"),
+            *models.choice_rules(args.model, args.ckpt, "--model ", "--ckpt "),
             *((Path(r).is_dir(), f"--run {r}: no such run directory") for r in split_list(args.run)),
             (args.prompts is None or bool(prompts_or(args, ())), f"--prompts {args.prompts!r} holds no prompt"),
             (

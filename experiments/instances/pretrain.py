@@ -159,19 +159,6 @@ def pretrain(
     return model
 
 
-def _sample(model, prompts: list[str], seed: int):
-    size = model.config.image_size
-    return model.sample(
-        prompts,
-        steps=model.config.steps,
-        scale=model.config.guidance,
-        seed=seed,
-        height=size,
-        width=size,
-        progress=False,
-    )
-
-
 @torch.no_grad()
 def evaluate(model, n_per_prompt: int = 4, seed: int = 1000, n_vae: int = 24) -> dict[str, float]:
     """The shipped judge on samples of prompts that ask for one attribute or context each (accuracy per asked
@@ -199,7 +186,7 @@ def evaluate(model, n_per_prompt: int = 4, seed: int = 1000, n_vae: int = 24) ->
     for k, name in enumerate(world.POSITIONS):
         asks.append((f"a photo of a small {world.NOUN} {world.POSITION_PHRASES[name]}", "position", k))
     prompts = [p for p, _, _ in asks for _ in range(n_per_prompt)]
-    pred = judge.classify(j, _sample(model, prompts, seed))
+    pred = judge.classify(j, model.sample(prompts, seed=seed, progress=False))
     hits: dict[str, list[bool]] = {}
     for i, (_, head, want) in enumerate(a for a in asks for _ in range(n_per_prompt)):
         hits.setdefault(head, []).append(bool(pred[head][i] == want))

@@ -46,19 +46,6 @@ def edit_prompts(word: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def _sample(model, prompts: list[str], seed: int, steps: int | None = None):
-    size = model.config.image_size
-    return model.sample(
-        prompts,
-        steps=steps or model.config.steps,
-        scale=model.config.guidance,
-        seed=seed,
-        height=size,
-        width=size,
-        progress=False,
-    )
-
-
 def _run_model(run: Path, ckpt: str | None):
     """The run's model (args.json: --ckpt, else --model) and its learned vectors and token."""
     from inversion import models
@@ -96,7 +83,9 @@ def score(
     model, token, vecs = _run_model(run, ckpt)
 
     def rec(words: str) -> float:
-        return judge.reconstruction(j, _sample(model, [PHOTO.format(words)] * samples, seed, steps), ref, others)
+        return judge.reconstruction(
+            j, model.sample([PHOTO.format(words)] * samples, steps=steps, seed=seed, progress=False), ref, others
+        )
 
     out = {
         "reconstruction": rec(token),
@@ -106,7 +95,9 @@ def score(
     }
     asks = edit_prompts(token)
     per = max(1, samples // len(asks))
-    pred = judge.classify(j, _sample(model, [p for p, _, _ in asks for _ in range(per)], seed + 1, steps))
+    pred = judge.classify(
+        j, model.sample([p for p, _, _ in asks for _ in range(per)], steps=steps, seed=seed + 1, progress=False)
+    )
     hits = [bool(pred[head][i * per + k] == want) for i, (_, head, want) in enumerate(asks) for k in range(per)]
     out["editability"] = float(np.mean(hits))
     out.update(

@@ -99,19 +99,6 @@ def save_grid(rows: list[list[Image.Image]], path: Path, zoom: int = 3) -> Path:
     return path
 
 
-def _sample(model, prompts: list[str], seed: int) -> list[Image.Image]:
-    size = model.config.image_size
-    return model.sample(
-        prompts,
-        steps=model.config.steps,
-        scale=model.config.guidance,
-        seed=seed,
-        height=size,
-        width=size,
-        progress=False,
-    )
-
-
 def run_demo(
     model_path: Path = MODEL_PATH,
     out: Path = OUT,
@@ -136,7 +123,7 @@ def run_demo(
     t0 = time.time()
     held_out = world.SHAPES.index(world.HELD_OUT)
     model = ldm.load_model(model_path)
-    init_images = _sample(model, [f"a photo of a {world.GENERIC_WORD}"] * n_samples, seed)
+    init_images = model.sample([f"a photo of a {world.GENERIC_WORD}"] * n_samples, seed=seed, progress=False)
     init_rate = (judge.score(init_images)[0] == held_out).float().mean().item()
 
     run_dir = out / "run"
@@ -165,10 +152,10 @@ def run_demo(
     vecs = load_embedding_file(run_dir / "learned_embeds.safetensors", token=TOKEN)[TOKEN]
     model.extra_embeddings = vecs.to(model.device, model.dtype)
 
-    learned_images = _sample(model, [f"a photo of {TOKEN}"] * n_samples, seed)
+    learned_images = model.sample([f"a photo of {TOKEN}"] * n_samples, seed=seed, progress=False)
     learned_rate = (judge.score(learned_images)[0] == held_out).float().mean().item()
     edit_prompts = [f"a {c} {TOKEN}" for c in world.COLOUR_NAMES for _ in range(n_per_colour)]
-    edit_images = _sample(model, edit_prompts, seed + 1)
+    edit_images = model.sample(edit_prompts, seed=seed + 1, progress=False)
     es, ec = judge.score(edit_images)
     want = torch.arange(len(world.COLOUR_NAMES)).repeat_interleave(n_per_colour)
     per_row = min(n_samples, 16)

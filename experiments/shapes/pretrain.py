@@ -361,17 +361,7 @@ def _judged(model, prompts: list[str], seed: int) -> tuple[torch.Tensor, torch.T
     """Sample prompts on the model's own defaults and return the judge's (shape ids, colour ids)."""
     from experiments.shapes import judge
 
-    size = model.config.image_size
-    images = model.sample(
-        prompts,
-        steps=model.config.steps,
-        scale=model.config.guidance,
-        seed=seed,
-        height=size,
-        width=size,
-        progress=False,
-    )
-    return judge.score(images)
+    return judge.score(model.sample(prompts, seed=seed, progress=False))
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from inversion.templates import OBJECT_TEMPLATES as PAPER_TEMPLATES
+
 RESOLUTION = 32
 SUPERSAMPLE = 4
 
@@ -44,35 +46,7 @@ SIZE_NAMES = tuple(SIZES)
 
 # The textual-inversion paper's object templates (Gal et al. 2022; photo, illustration and depiction
 # variants), so that inversion prompts are in the caption distribution the text tower was trained on.
-OBJECT_TEMPLATES = (
-    "a photo of a {}",
-    "a rendering of a {}",
-    "a cropped photo of the {}",
-    "the photo of a {}",
-    "a photo of a clean {}",
-    "a photo of a dirty {}",
-    "a dark photo of the {}",
-    "a photo of my {}",
-    "a photo of the cool {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a cropped photo of a {}",
-    "a photo of the {}",
-    "a good photo of the {}",
-    "a photo of one {}",
-    "a close-up photo of the {}",
-    "a rendition of the {}",
-    "a photo of the clean {}",
-    "a rendition of a {}",
-    "a photo of a nice {}",
-    "a good photo of a {}",
-    "a photo of the nice {}",
-    "a photo of the small {}",
-    "a photo of the weird {}",
-    "a photo of the large {}",
-    "a photo of a cool {}",
-    "a photo of a small {}",
-)
+OBJECT_TEMPLATES = PAPER_TEMPLATES[: PAPER_TEMPLATES.index("an illustration of a {}")]  # the "photo" ones
 OBJECT_TEMPLATES = tuple(
     dict.fromkeys(
         OBJECT_TEMPLATES
