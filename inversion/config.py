@@ -108,8 +108,7 @@ class TrainConfig:
             return cls.from_run(given["resume"], **{k: v for k, v in given.items() if k in RESUMABLE + ("auto",)})
         if not given.get("concept"):
             raise InversionError("give CONCEPT= (a folder under experiments/concepts/ or a path)")
-        config = cls(**given)
-        return config.replace(steps=config.max_steps) if config.auto else config
+        return cls(**given)
 
     @classmethod
     def from_run(cls, run: str | Path, **overrides) -> TrainConfig:

@@ -168,9 +168,10 @@ class RunDir:
                 f"or continue it with RESUME={path}"
             )
         cli.check_writable(path)
+        run = cls(path)
         if resume:
-            cls(path).remove_stale_temp_files()
-        return cls(path)
+            run.remove_stale_temp_files()
+        return run
 
     # -- reading a run back ----------------------------------------------------------------------------------
 
