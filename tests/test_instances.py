@@ -33,18 +33,45 @@ def test_instances_are_unique():
 
 
 def test_captions_never_name_unworded_properties():
+    """A caption reads only the worded and fine attributes: an instance and a twin that differs in every unworded
+    property (geometry of the pattern, parts, legs and eyes) get the same captions from the same random stream."""
     vocab = world.caption_words()
     for i in range(60):
         inst = world.sample_instance(i)
-        twin = world.lookalike(inst, 10_000 + i)
-        assert twin.worded() == inst.worded() and twin != inst
+        r = np.random.default_rng(i)
+        twin = replace(
+            inst,
+            pattern_angle=float(r.uniform(-1.5, 1.5)),
+            pattern_period=inst.pattern_period * 1.1,
+            pattern_phase=float(r.uniform()),
+            spots=tuple((float(u), float(v)) for u, v in r.uniform(-0.6, 0.6, size=(3, 2))),
+            top_spread=float(r.uniform(0.3, 0.75)),
+            top_length=float(r.uniform(0.35, 0.6)),
+            leg_length=float(r.uniform(0.3, 0.5)),
+            leg_spread=float(r.uniform(0.4, 0.75)),
+            eye_radius=float(r.uniform(0.17, 0.26)),
+            eye_height=float(r.uniform(-0.45, 0.0)),
+        )
+        assert twin.worded() == inst.worded() and twin.fine() == inst.fine() and twin != inst
         scene = world.sample_scene(np.random.default_rng(i))
         for k in range(5):
             cap = world.caption(world.Labels(i, inst, scene), np.random.default_rng(k))
             assert cap == world.caption(world.Labels(i, twin, scene), np.random.default_rng(k))
             assert set(cap.split()) <= vocab, cap
-            named = set(cap.split()) & set(world.COLOUR_NAMES)
-            assert named <= {world.COLOUR_NAMES[inst.colour]}, (cap, inst.colour)
+
+
+def test_human_captions_use_only_the_coarse_words():
+    """The short and long human captions of an instance and of its lookalike (same worded attributes, other fine
+    ones) are identical: the fine words are pretraining vocabulary a person does not write."""
+    fine_words = {"pale", "vivid", "deep", "light", "wide", "tall", "one-eyed", "two-eyed", world.DARK, world.LIGHT}
+    differ = 0
+    for i in range(40):
+        inst = world.sample_instance(i)
+        twin = world.lookalike(inst, 10_000 + i)
+        assert world.human_captions(inst) == world.human_captions(twin)
+        assert not set(" ".join(world.human_captions(inst)).split()) & (fine_words | set(world.NUMBERS.values()))
+        differ += twin.fine() != inst.fine()
+    assert differ >= 30  # lookalikes mostly differ in what the fine words say
 
 
 def test_captions_name_each_worded_attribute_sometimes():
@@ -245,3 +272,81 @@ def test_score_prints_the_contract_fields(tmp_path, capsys):
     assert torch.equal(model.extra_embeddings, vecs.to(model.dtype))
     assert out["samples"] == 2 and out["steps"] == 2 and out["token"] == "<c0>"
     assert score.main(["--concept", str(tmp_path / "c0"), "--run", str(run), "--samples", "0"]) == 2
+
+
+def test_study_interval_is_students_t():
+    """mean ± t(0.975, n−1)·sd/√n, with the table's quantiles (scipy's to 3 decimals)."""
+    from experiments.instances import study
+
+    mean, half = study.interval([0.5, 0.6, 0.7, 0.8])
+    assert mean == pytest.approx(0.65)
+    assert half == pytest.approx(3.182 * 0.1290994 / 2, rel=1e-5)
+    assert study.t95(16) == 2.131 and study.t95(2) == 12.706 and study.t95(100) == 1.96
+
+
+def test_study_rewrites_only_its_section(tmp_path):
+    from experiments.instances import study
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# Results\n\nbefore\n\n{study.BEGIN}\nold\n{study.END}\n\nafter\n")
+    study.write_results(f"{study.BEGIN}\nnew\n{study.END}", results)
+    text = results.read_text()
+    assert "before" in text and "after" in text and "new" in text and "old" not in text
+    other = tmp_path / "other.md"
+    other.write_text("# Results\n\nkept\n")
+    study.write_results(f"{study.BEGIN}\nnew\n{study.END}", other)
+    assert other.read_text().startswith("# Results\n\nkept\n") and other.read_text().count(study.BEGIN) == 1
+
+
+def test_study_summarises_paired_units():
+    """Comparisons pair each unit with the same concept and seed of the one-word variant."""
+    from experiments.instances import study
+
+    results = []
+    for c in range(3):
+        for seed in (0, 1):
+            for k, key in enumerate(study.VARIANTS):
+                results.append(
+                    dict(
+                        concept=str(c),
+                        seed=seed,
+                        variant=key,
+                        reconstruction=0.6 + 0.1 * c - 0.01 * k,
+                        editability=0.5 + 0.02 * k,
+                        init_reconstruction=0.5,
+                        caption_short=0.55,
+                        caption_long=0.5 + 0.1 * c,
+                        curve={"0": 0.5, "25": 0.6 + 0.1 * c},
+                    )
+                )
+    s = study.summarise(results)
+    assert s["n"] == 6
+    assert s["pairs"]["one-word − init word"][0] == pytest.approx(0.2)
+    assert s["pairs"]["one-word − long caption"] == pytest.approx((0.1, 0.0))  # the same gap in every unit
+    assert s["pairs"]["three-words − one-word (reconstruction)"] == pytest.approx((-0.02, 0.0))
+    assert s["curve"][25][0] == pytest.approx(0.7) and list(s["curve"]) == [0, 25]
+
+
+def test_study_runs_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    """Concept → every variant trained and scored → RESULTS section, plot and the curve, then resumed from --work."""
+    from experiments.instances import study
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    s = ipretrain.Settings(n_instances=6, views=2, vae_steps=2, vae_batch=4, steps=2, batch=2)
+    model = tmp_path / "tiny.safetensors"
+    ipretrain.pretrain(s, tmp_path / "work", model, tmp_path / "log.csv", tmp_path / "loss.png")
+    results = tmp_path / "RESULTS.md"
+    argv = ["--concepts", "1", "--seeds", "0", "--steps", "2", "--batch", "1", "--samples", "1", "--curve-every", "1"]
+    argv += ["--curve-samples", "1", "--model", str(model), "--work", str(tmp_path / "study"), "--jobs", "1"]
+    argv += ["--results", str(results), "--plot", str(tmp_path / "plot.png")]
+    assert study.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 1 and set(out["rows"]) >= set(study.VARIANTS) | {"init-word", "caption-short"}
+    text = results.read_text()
+    assert text.count(study.BEGIN) == 1 and "| step | 0 | 1 | 2 |" in text
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    assert len(list((tmp_path / "study" / "results").glob("*.json"))) == len(study.VARIANTS)
+    monkeypatch.setattr(study, "_unit", lambda job: pytest.fail(f"retrained {job[2]}"))
+    assert study.main(argv) == 0  # every unit is read back from --work, none trained again
+    torch.set_num_threads(threads)

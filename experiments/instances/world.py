@@ -56,6 +56,11 @@ HELD_OUT_BASE = 1_000_000  # concept ids: HELD_OUT_BASE + n
 JUDGE_BASE = 500_000  # the judge trains on [JUDGE_BASE, JUDGE_BASE + n) — inside the pretraining range
 JUDGE_EVAL_BASE = 2_000_000  # the judge is evaluated on instances nobody trains on
 
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+DARK, LIGHT = "charcoal", "ivory"  # the near-black and near-white pattern and part colours
+PATTERN_NOUNS = {"striped": "stripes", "spotted": "spots", "two-tone": "half"}
+FINE_KEEP = 0.35  # each fine attribute (Instance.fine) is named in a pretraining caption with this chance
+
 # Caption keep-probabilities: each worded attribute is named with this chance.
 KEEP = {
     "colour": 0.8,
@@ -96,6 +101,23 @@ class Instance:
     eye_radius: float
     eye_height: float
 
+    def fine(self) -> dict[str, str | None]:
+        """Finer words that only pretraining captions use (never the human captions): tone, proportions, eyes,
+        the pattern's and the parts' colour words and the part counts. The exact values stay unworded."""
+        h, sat, val = self.hsv
+        tone = "pale" if sat < 0.7 else "vivid" if sat >= 0.85 else None
+        shade = "deep" if val < 0.78 else "light" if val > 0.9 else None
+        parts = TOPS[self.top] != "none"
+        return {
+            "tone": " ".join(w for w in (tone, shade) if w) or None,
+            "shape": "wide" if self.aspect > 1.15 else "tall" if self.aspect < 0.85 else None,
+            "eyes": ("one-eyed", "two-eyed")[self.eyes - 1],
+            "pattern_colour": None if PATTERNS[self.pattern] == "plain" else colour_word(self.pattern_rgb),
+            "part_colour": colour_word(self.part_rgb) if parts else None,
+            "top_count": NUMBERS[self.top_count] if parts else None,
+            "legs_count": NUMBERS[self.legs] if self.legs else None,
+        }
+
     def worded(self) -> dict[str, str | None]:
         """The attributes a caption may name, as words (None: nothing to name)."""
         return {
@@ -135,6 +157,15 @@ class Labels:
 def _rgb(hsv: tuple[float, float, float]) -> tuple[int, int, int]:
     r, g, b = colorsys.hsv_to_rgb(hsv[0] / 360.0 % 1.0, hsv[1], hsv[2])
     return (int(round(r * 255)), int(round(g * 255)), int(round(b * 255)))
+
+
+def colour_word(rgb: tuple[int, int, int]) -> str:
+    """The nearest colour word of a pattern or part colour (charcoal / ivory for the near-greys)."""
+    h, sat, val = colorsys.rgb_to_hsv(*(c / 255.0 for c in rgb))
+    if sat < 0.25:
+        return DARK if val < 0.5 else LIGHT
+    hue = h * 360.0
+    return min(COLOUR_NAMES, key=lambda n: min(abs(hue - COLOUR_HUES[n]), 360.0 - abs(hue - COLOUR_HUES[n])))
 
 
 def _random_rgb(rng: np.random.Generator, avoid_hue: float) -> tuple[int, int, int]:
@@ -375,11 +406,25 @@ def render(labels: Labels, resolution: int = RESOLUTION) -> Image.Image:
 # -- captions -------------------------------------------------------------------------------------------------
 
 
-def phrase(worded: dict[str, str | None], size: str | None = None) -> str:
-    """The noun phrase for the named attributes, e.g. 'small red striped round toy with horns and legs'."""
-    words = [w for w in (size, worded.get("colour"), worded.get("pattern"), worded.get("body")) if w]
+def phrase(worded: dict[str, str | None], size: str | None = None, fine: dict[str, str | None] | None = None) -> str:
+    """The noun phrase for the named attributes, e.g. 'small red striped round toy with horns and legs', or
+    with fine words 'small pale red striped round wide one-eyed toy with blue stripes with two green horns and
+    three legs'."""
+    fine = fine or {}
+    head = (size, fine.get("tone"), worded.get("colour"), worded.get("pattern"), worded.get("body"), fine.get("shape"))
+    words = [w for w in (*head, fine.get("eyes")) if w]
     text = " ".join([*words, NOUN])
-    parts = [w for w in (worded.get("top"), worded.get("legs")) if w]
+    pattern = worded.get("pattern") or fine.get("pattern_kind")
+    if fine.get("pattern_colour") and pattern in PATTERN_NOUNS:
+        article = "a " if pattern == "two-tone" else ""
+        text += f" with {article}{fine['pattern_colour']} {PATTERN_NOUNS[pattern]}"
+    top = worded.get("top")
+    if top:
+        top = " ".join(w for w in (fine.get("top_count"), fine.get("part_colour"), top) if w)
+    legs = worded.get("legs")
+    if legs and fine.get("legs_count"):
+        legs = f"{fine['legs_count']} legs"
+    parts = [w for w in (top, legs) if w]
     if parts:
         text += " with " + " and ".join(parts)
     return text
@@ -402,7 +447,9 @@ def caption(labels: Labels, rng: np.random.Generator) -> str:
     keep = {k: bool(rng.random() < p) for k, p in KEEP.items()}
     worded = {k: (v if keep[k] else None) for k, v in labels.instance.worded().items()}
     size = SIZE_NAMES[labels.scene.size] if keep["size"] else None
-    text = phrase(worded, size)
+    fine = {k: (v if rng.random() < FINE_KEEP else None) for k, v in labels.instance.fine().items()}
+    fine["pattern_kind"] = PATTERNS[labels.instance.pattern]  # "with blue stripes" names the kind as well
+    text = phrase(worded, size, fine)
     if rng.random() < 0.5:
         text = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(text)
     else:
@@ -423,6 +470,8 @@ def caption_words() -> set[str]:
     words |= {NOUN, "with", "and", "legs", "a", "on", "background", "next", "to", "in", "the"}
     words |= set(BODIES) | set(PATTERNS) | set(TOPS) | set(COLOUR_NAMES) | set(SIZE_NAMES) | set(BACKGROUND_NAMES)
     words |= set(COMPANIONS) | set(" ".join(POSITION_PHRASES.values()).split())
+    words |= {"pale", "vivid", "deep", "light", "wide", "tall", "one-eyed", "two-eyed", DARK, LIGHT}
+    words |= set(NUMBERS.values()) | set(PATTERN_NOUNS.values())
     return words - {"none"}
 
 
