@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 # make variables → CLI flags, passed only when set
 opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
 
-.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes pretrain-instances bench lint format \
+.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes pretrain-instances study-instances bench lint format \
 	clean help gpu-wheels
 help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
@@ -28,7 +28,8 @@ help:
 	@echo "make bench                   oneword vs diffusers on the same random SD1.5-size weights [DEVICE=] [QUICK=1]"
 	@echo "make gpu-wheels              wheels for bash bench/gpu.sh on a bare GPU machine (into bench/wheels/)"
 	@echo "make clean                   remove outputs/ and the tool caches"
-	@echo "make pretrain-instances      train the instances-world model (resumable; [SEED=] [STEPS=] [THREADS=])"
+	@echo "make pretrain-instances      retrain the shipped instances model from scratch (resumable; [SEED=] [STEPS=] [THREADS=])"
+	@echo "make study-instances         the paper's phenomena on 8 held-out instances × 2 seeds → experiments/RESULTS.md"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -128,6 +129,9 @@ gpu-wheels: $(STAMP)
 pretrain-instances: $(STAMP)
 	$(PYTHON) -m experiments.instances.pretrain $(call opt,--seed,$(SEED)) $(call opt,--steps,$(STEPS)) \
 		$(call opt,--threads,$(THREADS)) $(ARGS)
+
+study-instances: $(STAMP)
+	$(PYTHON) -m experiments.instances.study $(ARGS)
 
 bench: $(STAMP)
 	$(PYTHON) -m bench.run $(call opt,--device,$(DEVICE)) $(call opt,--threads,$(THREADS)) $(call opt,--out,$(OUT)) \

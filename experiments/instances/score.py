@@ -65,6 +65,18 @@ def _run_model(run: Path, ckpt: str | None):
     return model, token, vecs
 
 
+def _references(info: dict, concept: Path) -> tuple[list, list]:
+    """(the concept's held-out renders, its lookalikes' renders): what reconstruction is measured against."""
+    from PIL import Image
+
+    ref = [Image.open(concept / h["file"]).convert("RGB") for h in info["heldout"]]
+    others = [
+        judge.render_all(v)
+        for v in judge.lookalike_views(info["object"], N_LOOKALIKES, LOOKALIKE_VIEWS, seed=info["seed"])
+    ]
+    return ref, others
+
+
 @torch.no_grad()
 def score(
     concept: Path, run: Path, samples: int = 32, seed: int = 0, ckpt: str | None = None, steps: int | None = None
@@ -72,14 +84,7 @@ def score(
     """Every number of the JSON line (see the module docstring)."""
     info = load_concept(concept)
     j = judge.shipped()
-    heldout = [concept / h["file"] for h in info["heldout"]]
-    from PIL import Image
-
-    ref = [Image.open(p).convert("RGB") for p in heldout]
-    others = [
-        judge.render_all(v)
-        for v in judge.lookalike_views(info["object"], N_LOOKALIKES, LOOKALIKE_VIEWS, seed=info["seed"])
-    ]
+    ref, others = _references(info, concept)
     model, token, vecs = _run_model(run, ckpt)
 
     def rec(words: str) -> float:
@@ -111,6 +116,28 @@ def score(
             "lookalikes": N_LOOKALIKES,
         }
     )
+    return out
+
+
+@torch.no_grad()
+def curve(concept: Path, run: Path, samples: int = 16, seed: int = 0, steps: int | None = None) -> dict[str, float]:
+    """Reconstruction of the word the run kept at each step (steps/learned_embeds-step<N>.safetensors), by step."""
+    from inversion.embedding import load_embedding_file
+
+    info = load_concept(concept)
+    j = judge.shipped()
+    ref, others = _references(info, concept)
+    model, token, _ = _run_model(run, None)
+    # step 0: S* starts as the init word's row, so "a photo of S*" is then "a photo of <init word>"
+    first = model.sample([PHOTO.format(info["init_word"])] * samples, steps=steps, seed=seed, progress=False)
+    out = {"0": judge.reconstruction(j, first, ref, others)}
+    files = sorted(run.glob("steps/learned_embeds-step*.safetensors"), key=lambda f: int(f.stem.rsplit("step", 1)[1]))
+    for f in files:
+        step = int(f.stem.rsplit("step", 1)[1])
+        word = f"<step{step}>"
+        model.add_embedding(word, load_embedding_file(f, token=token)[token])
+        images = model.sample([PHOTO.format(word)] * samples, steps=steps, seed=seed, progress=False)
+        out[str(step)] = judge.reconstruction(j, images, ref, others)
     return out
 
 

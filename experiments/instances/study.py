@@ -1,0 +1,311 @@
+"""The paper's phenomena on the instances world: ≥ 8 held-out concepts × 2 seeds, 95 % intervals, a Fig. 10 plot.
+
+    python -m experiments.instances.study [--concepts 8] [--seeds 0,1] [--steps 300] [--jobs 2]
+
+For every concept (experiments.instances.concept, never seen in pretraining) and training seed, each variant
+(the trade-off figure's trainer options: one word, 2 and 3 vectors, regularised toward the init word) is
+trained with `inversion.train` on `weights/instances.safetensors` and scored with
+`experiments.instances.score` (reconstruction against lookalikes, editability, the init word and both human
+captions). The one-word runs also keep their word every `--curve-every` steps, and each kept word's
+reconstruction is measured: the curve of §5.3 (c). Every unit is kept as JSON under `--work`, so an
+interrupted study continues where it stopped. The section between the `instances-study` markers of
+experiments/RESULTS.md and `experiments/instances/study-tradeoff.png` are rewritten from those files.
+
+Intervals: mean ± t(0.975, n−1) · sd / √n over the n = concepts × seeds units (for a comparison, over the
+units' paired differences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from experiments.figures.tradeoff import variants as tradeoff_variants
+from experiments.instances import concept as concepts
+from experiments.instances import score as scoring
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "weights" / "instances.safetensors"
+WORK = ROOT / ".cache" / "instances-study"
+RESULTS = ROOT / "experiments" / "RESULTS.md"
+PLOT = Path(__file__).resolve().parent / "study-tradeoff.png"
+BEGIN, END = "<!-- instances-study -->", "<!-- /instances-study -->"
+VARIANTS = ("one-word", "two-words", "three-words", "regularised")
+STEPS = 300
+BATCH = 4
+LR = 5e-3
+CURVE_EVERY = 25
+CURVE_SAMPLES = 16
+
+
+# Student's t quantile 0.975 for 1…30 degrees of freedom (beyond: the normal's 1.96 is within 4 %)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
+T975 += (2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t95(n: int) -> float:
+    """Student's t quantile 0.975 for n − 1 degrees of freedom (n ≥ 2)."""
+    return T975[n - 2] if n - 1 <= len(T975) else 1.96
+
+
+def interval(values) -> tuple[float, float]:
+    """(mean, half-width of the 95 % interval)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), t95(len(v)) * float(v.std(ddof=1)) / math.sqrt(len(v))
+
+
+def _unit(job: tuple) -> dict:
+    """Train one variant on one concept with one seed and score it (one process, one thread)."""
+    import torch
+
+    from inversion.config import TrainConfig
+    from inversion.train import train
+
+    concept_dir, run_dir, key, changes, seed, a = job
+    torch.set_num_threads(1)
+    t0 = time.time()
+    curve = key == "one-word"
+    config = TrainConfig(
+        concept=str(concept_dir),
+        ckpt=str(a["model"]),
+        init=concepts.world.NOUN,
+        token=f"<c{Path(concept_dir).name}>",
+        steps=a["steps"],
+        batch=a["batch"],
+        lr=a["lr"],
+        seed=seed,
+        out=str(run_dir),
+        overwrite=True,
+        save_every=a["curve_every"] if curve else a["steps"],
+        val_every=0,
+        latent_cache="",
+        device="cpu",
+        no_progress=True,
+        **changes,
+    )
+    train(config)
+    train_s = time.time() - t0
+    out = scoring.score(Path(concept_dir), Path(run_dir), a["samples"], seed=a["sample_seed"])
+    out.update(variant=key, seed=seed, concept=Path(concept_dir).name, train_seconds=round(train_s, 1))
+    if curve:
+        out["curve"] = scoring.curve(Path(concept_dir), Path(run_dir), a["curve_samples"], seed=a["sample_seed"])
+    return out
+
+
+def run(a: argparse.Namespace) -> list[dict]:
+    """Every (concept, seed, variant) unit, from --work when already done."""
+    work = Path(a.work)
+    chosen = {v.key: v for v in tradeoff_variants(a.steps) if v.key in VARIANTS}
+    settings = {
+        "model": str(a.model),
+        "steps": a.steps,
+        "batch": a.batch,
+        "lr": a.lr,
+        "samples": a.samples,
+        "sample_seed": a.sample_seed,
+        "curve_every": a.curve_every,
+        "curve_samples": a.curve_samples,
+    }
+    jobs, done = [], []
+    for n in range(a.concepts):
+        cdir = work / "concepts" / str(n)
+        if not (cdir / "concept.json").is_file():
+            concepts.write_concept(n, cdir, overwrite=True)
+        for seed in a.seeds:
+            for key in VARIANTS:
+                result = work / "results" / f"{n}-{seed}-{key}.json"
+                if result.is_file() and json.loads(result.read_text()).get("settings") == settings:
+                    done.append(json.loads(result.read_text()))
+                    continue
+                jobs.append((cdir, work / "runs" / f"{n}-{seed}-{key}", key, chosen[key].changes, seed, settings))
+    log.info("%d units done, %d to run with %d jobs", len(done), len(jobs), a.jobs)
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(a.jobs) if a.jobs > 1 and len(jobs) > 1 else nullcontext() as pool:
+        for i, out in enumerate((pool.map if pool else map)(_unit, jobs), 1):
+            out["settings"] = settings
+            name = f"{out['concept']}-{out['seed']}-{out['variant']}.json"
+            (work / "results" / name).write_text(json.dumps(out) + "\n")
+            log.info(
+                "[%d/%d] concept %s seed %s %s: reconstruction %.3f editability %.3f",
+                i,
+                len(jobs),
+                out["concept"],
+                out["seed"],
+                out["variant"],
+                out["reconstruction"],
+                out["editability"],
+            )
+            done.append(out)
+    return done
+
+
+def summarise(results: list[dict]) -> dict:
+    """Means and 95 % intervals per variant, the paired comparisons of (a), and the mean curve."""
+    by = {
+        k: sorted((r for r in results if r["variant"] == k), key=lambda r: (r["concept"], r["seed"])) for k in VARIANTS
+    }
+    base = by["one-word"]
+    rows = {}
+    for key, rs in by.items():
+        rows[key] = {m: interval([r[m] for r in rs]) for m in ("reconstruction", "editability")}
+    rows["init-word"] = {"reconstruction": interval([r["init_reconstruction"] for r in base])}
+    rows["caption-short"] = {"reconstruction": interval([r["caption_short"] for r in base])}
+    rows["caption-long"] = {"reconstruction": interval([r["caption_long"] for r in base])}
+    pairs = {
+        f"one-word − {other}": interval([r["reconstruction"] - r[field] for r in base])
+        for other, field in (
+            ("init word", "init_reconstruction"),
+            ("short caption", "caption_short"),
+            ("long caption", "caption_long"),
+        )
+    }
+    for key in VARIANTS[1:]:
+        for m in ("reconstruction", "editability"):
+            pairs[f"{key} − one-word ({m})"] = interval([o[m] - b[m] for o, b in zip(by[key], base)])
+    steps = sorted({int(s) for r in base for s in r.get("curve", {})})
+    curve = {s: interval([r["curve"][str(s)] for r in base]) for s in steps}
+    return {"n": len(base), "rows": rows, "pairs": pairs, "curve": curve}
+
+
+def _fmt(mi: tuple[float, float]) -> str:
+    m, h = mi
+    return f"{m:.3f} ± {h:.3f}"
+
+
+def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
+    """The RESULTS.md section (between the markers)."""
+    labels = {v.key: v.label for v in tradeoff_variants(a.steps)}
+    lines = [
+        BEGIN,
+        "## instances world: the paper's phenomena (`python -m experiments.instances.study`)",
+        "",
+        f"{a.concepts} held-out concepts × seeds {','.join(map(str, a.seeds))} = n = {s['n']} units per variant; "
+        f'the paper\'s recipe (AdamW, base LR {a.lr:g} × batch {a.batch}, init word "{concepts.world.NOUN}") for '
+        f"{a.steps} steps on `weights/instances.safetensors`; {a.samples} samples per prompt, fixed seeds. "
+        "Reconstruction: the instance judge, fraction of (sample, lookalike) pairs in which the sample is nearer the "
+        "concept's held-out renders (0.5 = no more than a caption's worth). Editability: the asked context present. "
+        f"Mean ± 95 % interval (t, n − 1). Written by the script in {seconds / 60:.0f} min.",
+        "",
+        "| variant | reconstruction | editability |",
+        "|---|---|---|",
+    ]
+    for key in VARIANTS:
+        r = s["rows"][key]
+        lines.append(f"| {labels[key]} | {_fmt(r['reconstruction'])} | {_fmt(r['editability'])} |")
+    for key, label in (
+        ("init-word", f'Init word ("a {concepts.world.NOUN}")'),
+        ("caption-short", "Human caption (short)"),
+        ("caption-long", "Human caption (long)"),
+    ):
+        lines.append(f"| {label} | {_fmt(s['rows'][key]['reconstruction'])} | |")
+    lines += ["", "Paired differences (mean ± 95 % interval; an interval that excludes 0 is a clear difference):", ""]
+    lines += ["| comparison | difference |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in s["pairs"].items()]
+    if s["curve"]:
+        lines += ["", f"One-word reconstruction every {a.curve_every} steps ({a.curve_samples} samples each):", ""]
+        lines += ["| step | " + " | ".join(str(k) for k in s["curve"]) + " |"]
+        lines += ["|---" * (len(s["curve"]) + 1) + "|"]
+        lines += ["| reconstruction | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in s["curve"].values()) + " |"]
+    lines += ["", f"Plot: `{Path(a.plot).name}` in `experiments/instances/` (rewritten with this section).", END]
+    return "\n".join(lines)
+
+
+def write_results(section: str, path: Path = RESULTS) -> None:
+    """Replace the section between the markers (or append it)."""
+    text = path.read_text() if path.is_file() else "# Results\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def plot(s: dict, a: argparse.Namespace, path: Path = PLOT) -> None:
+    """Fig. 10: reconstruction (y) vs editability (x), one point per variant with its intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {v.key: v.label for v in tradeoff_variants(a.steps)}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for key in VARIANTS:
+        (ry, hy), (ex, hx) = s["rows"][key]["reconstruction"], s["rows"][key]["editability"]
+        ax.errorbar(ex, ry, xerr=hx, yerr=hy, fmt="o", capsize=3, label=labels[key])
+    for key, style in (("init-word", "--"), ("caption-short", ":"), ("caption-long", "-.")):
+        ax.axhline(s["rows"][key]["reconstruction"][0], ls=style, color="grey", lw=1, label=key.replace("-", " "))
+    ax.set_xlabel("editability (asked context present)")
+    ax.set_ylabel("reconstruction (vs lookalikes)")
+    ax.set_title(f"instances world, n = {s['n']} (95 % intervals)")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--concepts", type=int, default=8)
+    p.add_argument("--seeds", default="0,1", help="training seeds, comma-separated")
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--lr", type=float, default=LR, help="base LR (scaled by the batch, as the paper's recipe)")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--curve-every", type=int, default=CURVE_EVERY)
+    p.add_argument("--curve-samples", type=int, default=CURVE_SAMPLES)
+    p.add_argument("--model", default=str(MODEL))
+    p.add_argument("--work", default=str(WORK), help="concepts, runs and per-unit results (resumable)")
+    p.add_argument("--jobs", type=int, default=2, help="processes, one thread each")
+    p.add_argument("--results", default=str(RESULTS), help="RESULTS.md to update ('none' to skip)")
+    p.add_argument("--plot", default=str(PLOT), help="the Fig. 10 plot (PNG)")
+    a = p.parse_args(argv)
+    try:
+        a.seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        print(f"error: --seeds {a.seeds!r} must be integers separated by commas", file=sys.stderr)
+        return 2
+    for name, value in (
+        ("--concepts", a.concepts),
+        ("--steps", a.steps),
+        ("--batch", a.batch),
+        ("--samples", a.samples),
+        ("--curve-every", a.curve_every),
+        ("--curve-samples", a.curve_samples),
+        ("--jobs", a.jobs),
+    ):
+        if value < 1:
+            print(f"error: {name}={value} must be ≥ 1", file=sys.stderr)
+            return 2
+    if not a.seeds:
+        print("error: --seeds names no seed", file=sys.stderr)
+        return 2
+    if not Path(a.model).is_file():
+        print(f"error: --model {a.model} does not exist (make pretrain-instances writes it)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.time()
+    s = summarise(run(a))
+    if a.results != "none":
+        write_results(markdown(s, a, time.time() - t0), Path(a.results))
+        plot(s, a, Path(a.plot))
+    print(json.dumps({"n": s["n"], "rows": s["rows"], "pairs": s["pairs"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
