@@ -41,6 +41,7 @@ PLOT_PATH = Path(__file__).resolve().parent / "pretrain-loss.png"
 METRICS_PATH = Path(__file__).resolve().parent / "pretrain-metrics.json"
 WORK = ROOT / ".cache" / "pretrain-instances"
 THREADS = 2
+EVAL_PER_PROMPT = 8  # samples per asked prompt in the judged evaluation (28 prompts)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Settings:
     vae_batch: int = 16
     vae_lr: float = 3e-3
     kl_weight: float = 1e-5
-    steps: int = 3000
+    steps: int = 4000
     batch: int = 24
     lr: float = 1e-3
     warmup: int = 200
@@ -160,7 +161,7 @@ def pretrain(
 
 
 @torch.no_grad()
-def evaluate(model, n_per_prompt: int = 4, seed: int = 1000, n_vae: int = 24) -> dict[str, float]:
+def evaluate(model, n_per_prompt: int = EVAL_PER_PROMPT, seed: int = 1000, n_vae: int = 24) -> dict[str, float]:
     """The shipped judge on samples of prompts that ask for one attribute or context each (accuracy per asked
     field), and on the autoencoder's reconstructions of held-out renders (reconstruction vs lookalikes: what
     the latent space can keep of an object's identity)."""
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if not judge.JUDGE_PATH.is_file():
             log.warning("no judge at %s: skipping the judged evaluation", judge.JUDGE_PATH)
         else:
-            metrics.update(evaluate(model))
+            metrics.update(evaluate(model), eval_per_prompt=EVAL_PER_PROMPT)
     tmp = Path(a.metrics).with_suffix(".tmp")
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     tmp.replace(a.metrics)
