@@ -350,3 +350,16 @@ def test_study_runs_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(study, "_unit", lambda job: pytest.fail(f"retrained {job[2]}"))
     assert study.main(argv) == 0  # every unit is read back from --work, none trained again
     torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--variants", "two-words"], ["--variants", "one-word,four-words"], ["--concepts", "0"], ["--seeds", "a"]],
+    ids=["no-one-word", "unknown-variant", "no-concepts", "bad-seed"],
+)
+def test_study_refuses_bad_settings_in_one_line(argv, capsys):
+    from experiments.instances import study
+
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and argv[0] in err[0], err

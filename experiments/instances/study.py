@@ -108,7 +108,7 @@ def _unit(job: tuple) -> dict:
 def run(a: argparse.Namespace) -> list[dict]:
     """Every (concept, seed, variant) unit, from --work when already done."""
     work = Path(a.work)
-    chosen = {v.key: v for v in tradeoff_variants(a.steps) if v.key in VARIANTS}
+    chosen = {v.key: v for v in tradeoff_variants(a.steps) if v.key in a.variants}
     settings = {
         "model": str(a.model),
         "steps": a.steps,
@@ -125,7 +125,7 @@ def run(a: argparse.Namespace) -> list[dict]:
         if not (cdir / "concept.json").is_file():
             concepts.write_concept(n, cdir, overwrite=True)
         for seed in a.seeds:
-            for key in VARIANTS:
+            for key in a.variants:
                 result = work / "results" / f"{n}-{seed}-{key}.json"
                 if result.is_file() and json.loads(result.read_text()).get("settings") == settings:
                     done.append(json.loads(result.read_text()))
@@ -154,9 +154,8 @@ def run(a: argparse.Namespace) -> list[dict]:
 
 def summarise(results: list[dict]) -> dict:
     """Means and 95 % intervals per variant, the paired comparisons of (a), and the mean curve."""
-    by = {
-        k: sorted((r for r in results if r["variant"] == k), key=lambda r: (r["concept"], r["seed"])) for k in VARIANTS
-    }
+    keys = [k for k in VARIANTS if any(r["variant"] == k for r in results)]
+    by = {k: sorted((r for r in results if r["variant"] == k), key=lambda r: (r["concept"], r["seed"])) for k in keys}
     base = by["one-word"]
     rows = {}
     for key, rs in by.items():
@@ -172,7 +171,7 @@ def summarise(results: list[dict]) -> dict:
             ("long caption", "caption_long"),
         )
     }
-    for key in VARIANTS[1:]:
+    for key in keys[1:]:
         for m in ("reconstruction", "editability"):
             pairs[f"{key} − one-word ({m})"] = interval([o[m] - b[m] for o, b in zip(by[key], base)])
     steps = sorted({int(s) for r in base for s in r.get("curve", {})})
@@ -202,7 +201,7 @@ def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
         "| variant | reconstruction | editability |",
         "|---|---|---|",
     ]
-    for key in VARIANTS:
+    for key in [k for k in VARIANTS if k in s["rows"]]:
         r = s["rows"][key]
         lines.append(f"| {labels[key]} | {_fmt(r['reconstruction'])} | {_fmt(r['editability'])} |")
     for key, label in (
@@ -243,7 +242,7 @@ def plot(s: dict, a: argparse.Namespace, path: Path = PLOT) -> None:
 
     labels = {v.key: v.label for v in tradeoff_variants(a.steps)}
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for key in VARIANTS:
+    for key in [k for k in VARIANTS if k in s["rows"]]:
         (ry, hy), (ex, hx) = s["rows"][key]["reconstruction"], s["rows"][key]["editability"]
         ax.errorbar(ex, ry, xerr=hx, yerr=hy, fmt="o", capsize=3, label=labels[key])
     for key, style in (("init-word", "--"), ("caption-short", ":"), ("caption-long", "-.")):
@@ -261,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concepts", type=int, default=8)
     p.add_argument("--seeds", default="0,1", help="training seeds, comma-separated")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--lr", type=float, default=LR, help="base LR (scaled by the batch, as the paper's recipe)")
@@ -293,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if not a.seeds:
         print("error: --seeds names no seed", file=sys.stderr)
+        return 2
+    a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in a.variants if v not in VARIANTS]
+    if unknown or "one-word" not in a.variants:
+        print(f"error: --variants must include one-word and name only {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     if not Path(a.model).is_file():
         print(f"error: --model {a.model} does not exist (make pretrain-instances writes it)", file=sys.stderr)
