@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -187,28 +188,54 @@ def test_shipped_judge_accuracy_reproduces():
     assert now["background_acc"] > 0.9
 
 
+class _IdentityVAE(torch.nn.Module):
+    """encode(x).mean = x, decode(z) = z."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, x):
+        return types.SimpleNamespace(mean=x)
+
+    def decode(self, z):
+        return z
+
+
 @pytest.mark.skipif(not judge.JUDGE_PATH.is_file(), reason="the instances judge is not shipped in this checkout")
 def test_autoencoder_reconstruction_of_an_identity_autoencoder():
     """An identity autoencoder keeps everything: its score is the renders' own."""
+    j = judge.shipped()
+    kept, ceiling = judge.autoencoder_reconstruction(j, _IdentityVAE(), n_eval=4)
+    assert kept == ceiling > 0.8
 
-    class Post:
-        def __init__(self, x):
-            self.mean = x
 
-    class Identity(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
+@pytest.mark.skipif(not judge.JUDGE_PATH.is_file(), reason="the instances judge is not shipped in this checkout")
+def test_denoise_reconstruction_of_a_denoiser_that_gives_back_its_input():
+    """A model that hands the noised renders back unchanged (identity autoencoder and denoiser) keeps every
+    instance: the score is the renders' own; it is asked with the long human caption at the given strength."""
+    calls = []
 
-        def encode(self, x):
-            return Post(x)
+    class Model:
+        device, vae_dtype = torch.device("cpu"), torch.float32
+        config = types.SimpleNamespace(steps=25, guidance=3.0)
 
-        def decode(self, z):
+        def encode_images(self, x, sample=True):
+            return x
+
+        def decode_latents(self, z):
             return z
 
+        def edit_latents(self, latents, prompts, *, noise, strength, steps, scale, progress):
+            calls.append((prompts, strength, steps, scale))
+            return latents
+
     j = judge.shipped()
-    kept, ceiling = judge.autoencoder_reconstruction(j, Identity(), n_eval=4)
-    assert kept == ceiling > 0.8
+    kept = judge.denoise_reconstruction(j, Model(), 0.4, n_eval=4)
+    assert kept == judge.autoencoder_reconstruction(j, _IdentityVAE(), n_eval=4)[1] > 0.8
+    ((prompts, strength, steps, scale),) = calls
+    assert (strength, steps, scale) == (0.4, 25, 3.0) and len(prompts) == 12  # 3 views of 4 instances
+    assert prompts[0] == prompts[1] == prompts[2] and all(p.startswith("a ") and world.NOUN in p for p in prompts)
 
 
 def test_score_prints_the_contract_fields(tmp_path, capsys):

@@ -211,6 +211,13 @@ def render_all(labels: list[world.Labels]) -> np.ndarray:
     return np.stack([np.asarray(world.render(lab)) for lab in labels])
 
 
+def _identity_sets(i: int) -> tuple[list[world.Labels], np.ndarray, list[np.ndarray]]:
+    """Held-out instance i of the identity measurements: its 6 large-view labels and renders, and 3 views of
+    each of its 8 lookalikes."""
+    labs = world.views(world.JUDGE_EVAL_BASE + 50_000 + i, 6, size=world.SIZE_NAMES.index("large"))
+    return labs, render_all(labs), [render_all(v) for v in lookalike_views(labs[0].instance, 8, 3, seed=500 + i)]
+
+
 @torch.no_grad()
 def autoencoder_reconstruction(model: InstanceJudge, vae: nn.Module, n_eval: int = 16) -> tuple[float, float]:
     """How much identity an autoencoder keeps: the mean reconstruction score of its decoded held-out renders
@@ -221,14 +228,40 @@ def autoencoder_reconstruction(model: InstanceJudge, vae: nn.Module, n_eval: int
     dec, orig = [], []
     dtype = next(vae.parameters()).dtype
     for i in range(n_eval):
-        labs = world.views(world.JUDGE_EVAL_BASE + 50_000 + i, 6, size=world.SIZE_NAMES.index("large"))
-        own = render_all(labs)
+        _, own, others = _identity_sets(i)
         decoded = vae.decode(vae.encode(world.to_tensor(own[3:]).to(dtype)).mean).float().clamp(-1, 1)
-        others = [render_all(v) for v in lookalike_views(labs[0].instance, 8, 3, seed=500 + i)]
         dec.append(reconstruction(model, decoded, own[:3], others))
         orig.append(reconstruction(model, own[3:], own[:3], others))
     vae.train(was_training)
     return float(np.mean(dec)), float(np.mean(orig))
+
+
+@torch.no_grad()
+def denoise_reconstruction(model: InstanceJudge, ldm_model, strength: float, n_eval: int = 16, seed: int = 0) -> float:
+    """How much identity the diffusion model keeps when it denoises: the renders of autoencoder_reconstruction,
+    encoded, noised to `strength` of the model's own sampling steps and denoised (SDEdit, the model's own
+    guidance) with their long human caption — words a lookalike shares — then scored the same way. The
+    autoencoder's score is the ceiling; near 0.5 the UNet redraws the object from the caption alone, so no word
+    can hold more of an instance than it can draw back from that noise level."""
+    sets = [_identity_sets(i) for i in range(n_eval)]
+    images = world.to_tensor(np.concatenate([own[3:] for _, own, _ in sets]))
+    prompts = [world.human_captions(labs[0].instance)[1] for labs, _, _ in sets for _ in range(3)]
+    dev = ldm_model.device
+    latents = ldm_model.encode_images(images.to(dev, ldm_model.vae_dtype), sample=False)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    steps, scale = ldm_model.config.steps, ldm_model.config.guidance
+    out = ldm_model.edit_latents(
+        latents, prompts, noise=noise, strength=strength, steps=steps, scale=scale, progress=False
+    )
+    decoded = ldm_model.decode_latents(out).float().clamp(-1, 1).cpu()
+    return float(
+        np.mean(
+            [
+                reconstruction(model, decoded[3 * i : 3 * i + 3], own[:3], others)
+                for i, (_, own, others) in enumerate(sets)
+            ]
+        )
+    )
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ METRICS_PATH = Path(__file__).resolve().parent / "pretrain-metrics.json"
 WORK = ROOT / ".cache" / "pretrain-instances"
 THREADS = 2
 EVAL_PER_PROMPT = 8  # samples per asked prompt in the judged evaluation (28 prompts)
+DENOISE_STRENGTHS = (0.2, 0.4, 0.6)  # judge.denoise_reconstruction: identity kept when denoising from there
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,9 @@ def pretrain(
 @torch.no_grad()
 def evaluate(model, n_per_prompt: int = EVAL_PER_PROMPT, seed: int = 1000, n_vae: int = 24) -> dict[str, float]:
     """The shipped judge on samples of prompts that ask for one attribute or context each (accuracy per asked
-    field), and on the autoencoder's reconstructions of held-out renders (reconstruction vs lookalikes: what
-    the latent space can keep of an object's identity)."""
+    field), on the autoencoder's reconstructions of held-out renders (reconstruction vs lookalikes: what
+    the latent space can keep of an object's identity), and on the same renders noised and denoised by the
+    model (what its UNet can draw back of an identity, at each of DENOISE_STRENGTHS)."""
     from experiments.instances import judge
 
     j = judge.shipped()
@@ -194,6 +196,8 @@ def evaluate(model, n_per_prompt: int = EVAL_PER_PROMPT, seed: int = 1000, n_vae
     out = {f"asked_{head}_acc": float(np.mean(v)) for head, v in hits.items()}
     out["asked_mean_acc"] = float(np.mean([out[f"asked_{h}_acc"] for h in hits]))
     out["vae_reconstruction"], out["renders_reconstruction"] = judge.autoencoder_reconstruction(j, model.vae, n_vae)
+    for strength in DENOISE_STRENGTHS:
+        out[f"denoise_reconstruction_{strength}"] = judge.denoise_reconstruction(j, model, strength)
     return out
 
 
