@@ -64,13 +64,12 @@ def test_captions_never_name_unworded_properties():
 def test_human_captions_use_only_the_coarse_words():
     """The short and long human captions of an instance and of its lookalike (same worded attributes, other fine
     ones) are identical: the fine words are pretraining vocabulary a person does not write."""
-    fine_words = {"pale", "vivid", "deep", "light", "wide", "tall", "one-eyed", "two-eyed", world.DARK, world.LIGHT}
     differ = 0
     for i in range(40):
         inst = world.sample_instance(i)
         twin = world.lookalike(inst, 10_000 + i)
         assert world.human_captions(inst) == world.human_captions(twin)
-        assert not set(" ".join(world.human_captions(inst)).split()) & (fine_words | set(world.NUMBERS.values()))
+        assert not set(" ".join(world.human_captions(inst)).split()) & (world.FINE_WORDS | set(world.NUMBERS.values()))
         differ += twin.fine() != inst.fine()
     assert differ >= 30  # lookalikes mostly differ in what the fine words say
 

@@ -32,6 +32,7 @@ import numpy as np
 from experiments.figures.tradeoff import variants as tradeoff_variants
 from experiments.instances import concept as concepts
 from experiments.instances import score as scoring
+from inversion.embedding import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def write_results(section: str, path: Path = RESULTS) -> None:
         text = head + section + rest.split(END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def plot(s: dict, a: argparse.Namespace, path: Path = PLOT) -> None:

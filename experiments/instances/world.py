@@ -58,6 +58,9 @@ JUDGE_EVAL_BASE = 2_000_000  # the judge is evaluated on instances nobody trains
 
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 DARK, LIGHT = "charcoal", "ivory"  # the near-black and near-white pattern and part colours
+FINE_WORDS = frozenset(
+    {"pale", "vivid", "deep", "light", "wide", "tall", "one-eyed", "two-eyed", DARK, LIGHT}
+)  # Instance.fine()
 PATTERN_NOUNS = {"striped": "stripes", "spotted": "spots", "two-tone": "half"}
 FINE_KEEP = 0.35  # each fine attribute (Instance.fine) is named in a pretraining caption with this chance
 
@@ -470,7 +473,7 @@ def caption_words() -> set[str]:
     words |= {NOUN, "with", "and", "legs", "a", "on", "background", "next", "to", "in", "the"}
     words |= set(BODIES) | set(PATTERNS) | set(TOPS) | set(COLOUR_NAMES) | set(SIZE_NAMES) | set(BACKGROUND_NAMES)
     words |= set(COMPANIONS) | set(" ".join(POSITION_PHRASES.values()).split())
-    words |= {"pale", "vivid", "deep", "light", "wide", "tall", "one-eyed", "two-eyed", DARK, LIGHT}
+    words |= FINE_WORDS
     words |= set(NUMBERS.values()) | set(PATTERN_NOUNS.values())
     return words - {"none"}
 
