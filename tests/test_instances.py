@@ -310,20 +310,6 @@ def test_study_interval_is_students_t():
     assert study.t95(16) == 2.131 and study.t95(2) == 12.706 and study.t95(100) == 1.96
 
 
-def test_study_rewrites_only_its_section(tmp_path):
-    from experiments.instances import study
-
-    results = tmp_path / "RESULTS.md"
-    results.write_text(f"# Results\n\nbefore\n\n{study.BEGIN}\nold\n{study.END}\n\nafter\n")
-    study.write_results(f"{study.BEGIN}\nnew\n{study.END}", results)
-    text = results.read_text()
-    assert "before" in text and "after" in text and "new" in text and "old" not in text
-    other = tmp_path / "other.md"
-    other.write_text("# Results\n\nkept\n")
-    study.write_results(f"{study.BEGIN}\nnew\n{study.END}", other)
-    assert other.read_text().startswith("# Results\n\nkept\n") and other.read_text().count(study.BEGIN) == 1
-
-
 def test_study_summarises_paired_units():
     """Comparisons pair each unit with the same concept and seed of the one-word variant."""
     from experiments.instances import study
@@ -355,6 +341,7 @@ def test_study_summarises_paired_units():
 
 def test_study_runs_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     """Concept → every variant trained and scored → RESULTS section, plot and the curve, then resumed from --work."""
+    from experiments import results as results_md
     from experiments.instances import study
 
     threads = torch.get_num_threads()
@@ -370,7 +357,7 @@ def test_study_runs_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["n"] == 1 and set(out["rows"]) >= set(study.VARIANTS) | {"init-word", "caption-short"}
     text = results.read_text()
-    assert text.count(study.BEGIN) == 1 and "| step | 0 | 1 | 2 |" in text
+    assert text.count(results_md.markers(study.SECTION)[0]) == 1 and "| step | 0 | 1 | 2 |" in text
     assert (tmp_path / "plot.png").stat().st_size > 0
     assert len(list((tmp_path / "study" / "results").glob("*.json"))) == len(study.VARIANTS)
     monkeypatch.setattr(study, "_unit", lambda job: pytest.fail(f"retrained {job[2]}"))

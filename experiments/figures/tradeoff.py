@@ -9,13 +9,13 @@ variants train nothing and put a caption where S* stands. Each is scored with th
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.figures import _common as C
+from experiments.results import read_section, write_section
 
 NAME = "tradeoff"
 REG_WEIGHT = 0.1  # ours: the official configs ship embedding_reg_weight 0 (off)
@@ -142,7 +142,6 @@ def plot(points: list[dict], path: Path, title: str, reference: float | None = N
 
 # --- RESULTS.md --------------------------------------------------------------------------------------------
 
-RESULTS_HEADER = "# Results\n\n"
 TABLE_HEAD = "| Variant | Trainer flags | Image similarity ↑ | Text similarity ↑ | Run |\n|---|---|---|---|---|\n"
 
 
@@ -156,30 +155,16 @@ def row(point: dict) -> str:
     return f"| {point['label']} | {flags} | {point['image_similarity']:.4f} | {point['text_similarity']:.4f} | {run} |"
 
 
-def section(key: str, title: str, note: str, rows: list[str]) -> str:
-    return (
-        f"<!-- results:{key} -->\n### {title}\n\n{note}\n\n{TABLE_HEAD}"
-        + "\n".join(rows)
-        + f"\n<!-- /results:{key} -->"
-    )
-
-
 def update_results(path: Path, key: str, title: str, note: str, new_rows: dict[str, str], order: list[str]) -> Path:
     """Rewrite the `key` section (rows of variants not run this time are kept), or append it."""
-    text = path.read_text() if path.is_file() else RESULTS_HEADER
-    pattern = re.compile(rf"<!-- results:{re.escape(key)} -->.*?<!-- /results:{re.escape(key)} -->", re.S)
-    old = pattern.search(text)
     kept = {}
-    if old:
-        for line in old.group(0).splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if line.startswith("| ") and len(cells) == 5 and cells[0] not in ("Variant",):
-                kept[cells[0]] = line
+    for line in (read_section(path, f"results:{key}") or "").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 5 and cells[0] != "Variant":
+            kept[cells[0]] = line
     rows = {**kept, **new_rows}
     ordered = [rows[label] for label in order if label in rows] + [r for lb, r in rows.items() if lb not in order]
-    block = section(key, title, note, ordered)
-    text = pattern.sub(lambda _: block, text) if old else text.rstrip("\n") + "\n\n" + block + "\n"
-    return C.atomic_write(path, lambda f: f.write(text.encode()))
+    return write_section(path, f"results:{key}", f"### {title}\n\n{note}\n\n{TABLE_HEAD}" + "\n".join(ordered))
 
 
 # --- the figure --------------------------------------------------------------------------------------------

@@ -32,16 +32,15 @@ import numpy as np
 from experiments.figures.tradeoff import variants as tradeoff_variants
 from experiments.instances import concept as concepts
 from experiments.instances import score as scoring
-from inversion.embedding import atomic_write
+from experiments.results import RESULTS, write_section
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "weights" / "instances.safetensors"
 WORK = ROOT / ".cache" / "instances-study"
-RESULTS = ROOT / "experiments" / "RESULTS.md"
 PLOT = Path(__file__).resolve().parent / "study-tradeoff.png"
-BEGIN, END = "<!-- instances-study -->", "<!-- /instances-study -->"
+SECTION = "instances-study"  # its markers in RESULTS.md
 VARIANTS = ("one-word", "two-words", "three-words", "regularised")
 STEPS = 300
 BATCH = 4
@@ -186,10 +185,9 @@ def _fmt(mi: tuple[float, float]) -> str:
 
 
 def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
-    """The RESULTS.md section (between the markers)."""
+    """The RESULTS.md section's text (its markers are added by experiments.results)."""
     labels = {v.key: v.label for v in tradeoff_variants(a.steps)}
     lines = [
-        BEGIN,
         "## instances world: the paper's phenomena (`python -m experiments.instances.study`)",
         "",
         f"{a.concepts} held-out concepts × seeds {','.join(map(str, a.seeds))} = n = {s['n']} units per variant; "
@@ -219,19 +217,8 @@ def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
         lines += ["| step | " + " | ".join(str(k) for k in s["curve"]) + " |"]
         lines += ["|---" * (len(s["curve"]) + 1) + "|"]
         lines += ["| reconstruction | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in s["curve"].values()) + " |"]
-    lines += ["", f"Plot: `{Path(a.plot).name}` in `experiments/instances/` (rewritten with this section).", END]
+    lines += ["", f"Plot: `{Path(a.plot).name}` in `experiments/instances/` (rewritten with this section)."]
     return "\n".join(lines)
-
-
-def write_results(section: str, path: Path = RESULTS) -> None:
-    """Replace the section between the markers (or append it)."""
-    text = path.read_text() if path.is_file() else "# Results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def plot(s: dict, a: argparse.Namespace, path: Path = PLOT) -> None:
@@ -307,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     s = summarise(run(a))
     if a.results != "none":
-        write_results(markdown(s, a, time.time() - t0), Path(a.results))
+        write_section(Path(a.results), SECTION, markdown(s, a, time.time() - t0))
         plot(s, a, Path(a.plot))
     print(json.dumps({"n": s["n"], "rows": s["rows"], "pairs": s["pairs"]}))
     return 0

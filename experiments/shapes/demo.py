@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from experiments.results import RESULTS, write_section
 from experiments.shapes import world
 from experiments.shapes.pretrain import MODEL_PATH, ROOT
 from ldm.images import image_grid
@@ -39,7 +40,6 @@ LR = 5e-3  # base LR; the trainer scales it by batch (official scale_lr)
 N_SAMPLES = 32  # per reconstruction prompt
 N_PER_COLOUR = 8  # per "a <colour> S*" prompt
 SEED = 0
-RESULTS = ROOT / "experiments" / "RESULTS.md"
 # The paper's variants on the shapes world: (label, run_demo keyword arguments, trainer flags shown).
 VARIANTS = (
     ("Textual inversion (one word)", {}, "—"),
@@ -188,9 +188,8 @@ def run_variants(model_path: Path = MODEL_PATH, out: Path = OUT, results: Path =
             f"| {label} | {flags} | {100 * r.init_rate:.0f} % | {100 * r.learned_rate:.0f} % | "
             f"{100 * r.edit_rate:.0f} % | {100 * r.edit_held_out_rate:.0f} % |"
         )
-    key = f"judged:shapes/{CONCEPT}"
-    block = (
-        f"<!-- {key} -->\n### shapes · {CONCEPT}, judged (the demo's numbers)\n\n"
+    body = (
+        f"### shapes · {CONCEPT}, judged (the demo's numbers)\n\n"
         f"Written by `python -m experiments.shapes.demo --variants` on {date.today().isoformat()}: the demo "
         f"recipe ({STEPS} steps, batch {BATCH}, base LR {LR}, seed {SEED}, init word "
         f"“{world.GENERIC_WORD}”) per variant; the shipped judge scores {N_SAMPLES} samples of “a photo of "
@@ -200,14 +199,8 @@ def run_variants(model_path: Path = MODEL_PATH, out: Path = OUT, results: Path =
         f"| Variant | Trainer flags | Init word: {world.HELD_OUT} | S*: {world.HELD_OUT} ↑ | "
         f"“a <colour> S*”: colour ↑ | “a <colour> S*”: {world.HELD_OUT} ↑ |\n|---|---|---|---|---|---|\n"
         + "\n".join(rows)
-        + f"\n<!-- /{key} -->"
     )
-    text = results.read_text()
-    pattern = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = results.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(results)
+    write_section(results, f"judged:shapes/{CONCEPT}", body)
     return rows
 
 
