@@ -21,25 +21,23 @@ def markers(key: str) -> tuple[str, str]:
 
 def _pattern(key: str) -> re.Pattern:
     begin, end = markers(key)
-    return re.compile(rf"{re.escape(begin)}.*?{re.escape(end)}", re.S)
+    return re.compile(rf"{re.escape(begin)}\n?(.*?)\n?{re.escape(end)}", re.S)
 
 
 def read_section(path: Path, key: str) -> str | None:
     """The section's text between its markers (markers excluded), or None when the file or section is absent."""
     path = Path(path)
     found = _pattern(key).search(path.read_text()) if path.is_file() else None
-    if found is None:
-        return None
-    begin, end = markers(key)
-    return found.group(0)[len(begin) : -len(end)].strip("\n")
+    return None if found is None else found.group(1).strip("\n")
 
 
 def write_section(path: Path, key: str, body: str) -> Path:
     """Replace the `key` section with `body` (markers added), or append it; the rest of the file is kept."""
     path = Path(path)
     begin, end = markers(key)
-    block = f"{begin}\n{body.strip(chr(10))}\n{end}"
+    block = begin + "\n" + body.strip("\n") + "\n" + end
     text = path.read_text() if path.is_file() else HEADER
-    pattern = _pattern(key)
-    text = pattern.sub(lambda _: block, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    text, found = _pattern(key).subn(lambda _: block, text, count=1)
+    if not found:
+        text = text.rstrip("\n") + "\n\n" + block
     return atomic_write(path, lambda f: f.write((text.rstrip("\n") + "\n").encode()))

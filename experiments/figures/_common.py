@@ -36,7 +36,6 @@ log = logging.getLogger("experiments.figures")
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT_ROOT = Path("outputs") / "figures"
-RESULTS = ROOT / "experiments" / "RESULTS.md"
 SMOKE = {"steps": 4, "size": 32, "sample_steps": 4, "n": 2, "batch": 1, "clip_weights": "random"}
 FULL = {"steps": None, "size": None, "sample_steps": None, "n": 4, "batch": None, "clip_weights": None}
 SHAPES = {**FULL, "steps": 300, "batch": 4, "n": 8}  # the shapes demo's recipe (experiments/shapes/demo.py)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.figures import _common as C
-from experiments.results import read_section, write_section
+from experiments.results import RESULTS, read_section, write_section
 
 NAME = "tradeoff"
 REG_WEIGHT = 0.1  # ours: the official configs ship embedding_reg_weight 0 (off)
@@ -64,7 +64,7 @@ def add_arguments(p) -> None:
     a("--eval-n", type=int, default=None, help="samples per prompt (default 64, the paper's; tiny N)")
     a("--caption-short", default=None, help="short human caption of the concept (default from a table)")
     a("--caption-long", default=None, help="long human caption of the concept")
-    a("--results", default=str(C.RESULTS), help="RESULTS.md to update ('none' to skip)")
+    a("--results", default=str(RESULTS), help="RESULTS.md to update ('none' to skip)")
     a("--save-samples", action="store_true", help="keep one PNG grid per variant and prompt")
 
 
