@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 # make variables → CLI flags, passed only when set
 opt = $(if $(strip $(2)),$(1) "$(strip $(2))")
 
-.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes pretrain-instances study-instances bench lint format \
+.PHONY: install test test-fast demo sample train eval figures weights pretrain-shapes pretrain-instances study-instances bench-concepts bench lint format \
 	clean help gpu-wheels
 help:
 	@echo "make demo                    offline: learn a new word on the shipped shapes model"
@@ -30,6 +30,7 @@ help:
 	@echo "make clean                   remove outputs/ and the tool caches"
 	@echo "make pretrain-instances      train the instances model from scratch (not shipped yet; resumable; [SEED=] [STEPS=] [THREADS=])"
 	@echo "make study-instances         the paper's phenomena on 8 held-out instances × 2 seeds → experiments/RESULTS.md"
+	@echo "make bench-concepts          time to concept: image-passes each training recipe needs on 8 instances"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -132,6 +133,9 @@ pretrain-instances: $(STAMP)
 
 study-instances: $(STAMP)
 	$(PYTHON) -m experiments.instances.study $(ARGS)
+
+bench-concepts: $(STAMP)
+	$(PYTHON) -m experiments.instances.speed $(ARGS)
 
 bench: $(STAMP)
 	$(PYTHON) -m bench.run $(call opt,--device,$(DEVICE)) $(call opt,--threads,$(THREADS)) $(call opt,--out,$(OUT)) \

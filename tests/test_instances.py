@@ -376,3 +376,86 @@ def test_study_refuses_bad_settings_in_one_line(argv, capsys):
     assert study.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and argv[0] in err[0], err
+
+
+def _speed_unit(concept, recipe, curve, stopped_at, passes=4, seconds=10.0):
+    return {
+        "concept": concept,
+        "seed": 0,
+        "recipe": recipe,
+        "curve": {str(k): v for k, v in curve.items()},
+        "stopped_at": stopped_at,
+        "passes_per_step": passes,
+        "train_seconds": seconds,
+        "reconstruction": max(curve.values()),
+        "editability": 0.5,
+        "auto_reconstruction": curve[stopped_at],
+        "auto_editability": 0.6,
+    }
+
+
+def test_speed_bar_crossings_and_auto_stop():
+    """The bar is 90 % of official's final curve value; passes = crossing step × batch; auto-stop ÷ crossing."""
+    from experiments.instances import speed
+
+    results = [
+        _speed_unit("0", "official", {0: 0.5, 25: 0.6, 50: 0.8, 75: 0.9, 100: 1.0}, 100),  # bar 0.9: step 75
+        _speed_unit("0", "lr-x4", {0: 0.5, 25: 0.95, 50: 1.0, 75: 1.0, 100: 1.0}, 50),  # step 25
+        _speed_unit("1", "official", {0: 0.5, 25: 0.55, 50: 0.6, 75: 0.65, 100: 0.7}, 50),  # bar 0.63: step 75
+        _speed_unit("1", "lr-x4", {0: 0.5, 25: 0.55, 50: 0.6, 75: 0.6, 100: 0.6}, 100),  # never
+    ]
+    s = speed.summarise(results)
+    units = {(u["concept"], u["recipe"]): u for u in s["units"]}
+    assert units["0", "official"]["bar"] == pytest.approx(0.9) and units["0", "official"]["crossing_step"] == 75
+    assert units["0", "lr-x4"]["passes_to_bar"] == 100 and units["0", "lr-x4"]["seconds_to_bar"] == 2.5
+    assert units["0", "lr-x4"]["auto_over_crossing"] == 2.0
+    assert units["1", "lr-x4"]["crossing_step"] is None and units["1", "lr-x4"]["passes_to_bar"] is None
+    fast, official = s["recipes"]["lr-x4"], s["recipes"]["official"]
+    assert fast["median_official_over_recipe_passes"] == 3.0 and fast["reached_bar"] == 1
+    assert official["median_official_over_recipe_passes"] == 1.0 and official["auto_in_goal"] == 1
+    # paired with official at full length, same concept and seed: mean of 1.0 − 1.0 and 0.6 − 0.7; 0.6 − 0.5
+    assert fast["auto_minus_official_reconstruction"][0] == pytest.approx(-0.05)
+    assert fast["auto_minus_official_editability"][0] == pytest.approx(0.1)
+    assert speed.first_crossing({"0": 0.9, "25": 0.1}, 0.5) == 0
+
+
+def test_speed_runs_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    """Concept → each recipe's fixed and auto runs → curve, bar, auto-stop → RESULTS section and plot; resumable."""
+    from experiments import results as results_md
+    from experiments.instances import speed
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    s = ipretrain.Settings(n_instances=6, views=2, vae_steps=2, vae_batch=4, steps=2, batch=2)
+    model = tmp_path / "tiny.safetensors"
+    ipretrain.pretrain(s, tmp_path / "work", model, tmp_path / "log.csv", tmp_path / "loss.png")
+    results = tmp_path / "RESULTS.md"
+    argv = ["--concepts", "1", "--steps", "2", "--batch", "1", "--samples", "1", "--curve-every", "1"]
+    argv += ["--curve-samples", "1", "--model", str(model), "--work", str(tmp_path / "speed"), "--jobs", "1"]
+    argv += ["--results", str(results), "--plot", str(tmp_path / "plot.png")]
+    assert speed.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == set(speed.RECIPES) and all(r["units"] == 1 for r in out.values())
+    saved = json.loads((tmp_path / "speed" / "results" / "0-0-official.json").read_text())
+    assert saved["stopped_at"] == 2 and "max-steps" in saved["stop_reason"] and set(saved["curve"]) == {"0", "1", "2"}
+    assert (tmp_path / "speed" / "runs" / "0-0-lr-x4" / "auto" / "stop.json").is_file()
+    text = results.read_text()
+    assert text.count(results_md.markers(speed.SECTION)[0]) == 1 and "| lr-x4 | lr=0.02 |" in text
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    monkeypatch.setattr(speed, "_unit", lambda job: pytest.fail(f"retrained {job[2]}"))
+    assert speed.main(argv) == 0  # every unit is read back from --work
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--recipes", "lr-x4"], ["--recipes", "official,turbo"], ["--curve-every", "30"], ["--jobs", "0"]],
+    ids=["no-official", "unknown-recipe", "curve-every", "jobs"],
+)
+def test_speed_refuses_bad_settings_in_one_line(argv, capsys, tmp_path):
+    from experiments.instances import speed
+
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    assert speed.main([*argv, "--model", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and argv[0] in err[0], err

@@ -67,41 +67,57 @@ def interval(values) -> tuple[float, float]:
     return float(v.mean()), t95(len(v)) * float(v.std(ddof=1)) / math.sqrt(len(v))
 
 
+def train_config(cdir: Path, run_dir: Path, seed: int, a: dict, save_every: int, **changes):
+    """The paper's recipe as the study runs it (init word "toy", the concept's token, a CPU run without progress
+    bar, validation or latent cache) with `changes` (TrainConfig fields) on top."""
+    from inversion.config import TrainConfig
+
+    return TrainConfig(
+        **{
+            "concept": str(cdir),
+            "ckpt": str(a["model"]),
+            "init": concepts.world.NOUN,
+            "token": f"<c{Path(cdir).name}>",
+            "steps": a["steps"],
+            "batch": a["batch"],
+            "lr": a["lr"],
+            "seed": seed,
+            "out": str(run_dir),
+            "overwrite": True,
+            "save_every": save_every,
+            "val_every": 0,
+            "latent_cache": "",
+            "device": "cpu",
+            "no_progress": True,
+            **changes,
+        }
+    )
+
+
+def concept_dir(work: Path, n: int) -> Path:
+    """Concept n's folder under `work`, written on first use."""
+    cdir = work / "concepts" / str(n)
+    if not (cdir / "concept.json").is_file():
+        concepts.write_concept(n, cdir, overwrite=True)
+    return cdir
+
+
 def _unit(job: tuple) -> dict:
     """Train one variant on one concept with one seed and score it (one process, one thread)."""
     import torch
 
-    from inversion.config import TrainConfig
     from inversion.train import train
 
-    concept_dir, run_dir, key, changes, seed, a = job
+    cdir, run_dir, key, changes, seed, a = job
     torch.set_num_threads(1)
     t0 = time.time()
     curve = key == "one-word"
-    config = TrainConfig(
-        concept=str(concept_dir),
-        ckpt=str(a["model"]),
-        init=concepts.world.NOUN,
-        token=f"<c{Path(concept_dir).name}>",
-        steps=a["steps"],
-        batch=a["batch"],
-        lr=a["lr"],
-        seed=seed,
-        out=str(run_dir),
-        overwrite=True,
-        save_every=a["curve_every"] if curve else a["steps"],
-        val_every=0,
-        latent_cache="",
-        device="cpu",
-        no_progress=True,
-        **changes,
-    )
-    train(config)
+    train(train_config(cdir, run_dir, seed, a, a["curve_every"] if curve else a["steps"], **changes))
     train_s = time.time() - t0
-    out = scoring.score(Path(concept_dir), Path(run_dir), a["samples"], seed=a["sample_seed"])
-    out.update(variant=key, seed=seed, concept=Path(concept_dir).name, train_seconds=round(train_s, 1))
+    out = scoring.score(Path(cdir), Path(run_dir), a["samples"], seed=a["sample_seed"])
+    out.update(variant=key, seed=seed, concept=Path(cdir).name, train_seconds=round(train_s, 1))
     if curve:
-        out["curve"] = scoring.curve(Path(concept_dir), Path(run_dir), a["curve_samples"], seed=a["sample_seed"])
+        out["curve"] = scoring.curve(Path(cdir), Path(run_dir), a["curve_samples"], seed=a["sample_seed"])
     return out
 
 
@@ -121,9 +137,7 @@ def run(a: argparse.Namespace) -> list[dict]:
     }
     jobs, done = [], []
     for n in range(a.concepts):
-        cdir = work / "concepts" / str(n)
-        if not (cdir / "concept.json").is_file():
-            concepts.write_concept(n, cdir, overwrite=True)
+        cdir = concept_dir(work, n)
         for seed in a.seeds:
             for key in a.variants:
                 result = work / "results" / f"{n}-{seed}-{key}.json"
@@ -244,6 +258,25 @@ def plot(s: dict, a: argparse.Namespace, path: Path = PLOT) -> None:
     plt.close(fig)
 
 
+def check_common(a: argparse.Namespace, *specific: str | None) -> str | None:
+    """The options the study and the speed benchmark share (parses --seeds in place), then the caller's `specific`
+    problems, then --model: the first problem, or None."""
+    try:
+        a.seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        return f"--seeds {a.seeds!r} must be integers separated by commas"
+    for name in ("concepts", "steps", "batch", "samples", "curve_every", "curve_samples", "jobs"):
+        if getattr(a, name) < 1:
+            return f"--{name.replace('_', '-')}={getattr(a, name)} must be ≥ 1"
+    if not a.seeds:
+        return "--seeds names no seed"
+    if any(specific):
+        return next(e for e in specific if e)
+    if not Path(a.model).is_file():
+        return f"--model {a.model} does not exist (make pretrain-instances writes it)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--concepts", type=int, default=8)
@@ -262,33 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(RESULTS), help="RESULTS.md to update ('none' to skip)")
     p.add_argument("--plot", default=str(PLOT), help="the Fig. 10 plot (PNG)")
     a = p.parse_args(argv)
-    try:
-        a.seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
-    except ValueError:
-        print(f"error: --seeds {a.seeds!r} must be integers separated by commas", file=sys.stderr)
-        return 2
-    for name, value in (
-        ("--concepts", a.concepts),
-        ("--steps", a.steps),
-        ("--batch", a.batch),
-        ("--samples", a.samples),
-        ("--curve-every", a.curve_every),
-        ("--curve-samples", a.curve_samples),
-        ("--jobs", a.jobs),
-    ):
-        if value < 1:
-            print(f"error: {name}={value} must be ≥ 1", file=sys.stderr)
-            return 2
-    if not a.seeds:
-        print("error: --seeds names no seed", file=sys.stderr)
-        return 2
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    unknown = [v for v in a.variants if v not in VARIANTS]
-    if unknown or "one-word" not in a.variants:
-        print(f"error: --variants must include one-word and name only {', '.join(VARIANTS)}", file=sys.stderr)
-        return 2
-    if not Path(a.model).is_file():
-        print(f"error: --model {a.model} does not exist (make pretrain-instances writes it)", file=sys.stderr)
+    bad = any(v not in VARIANTS for v in a.variants) or "one-word" not in a.variants
+    error = check_common(a, f"--variants must include one-word and name only {', '.join(VARIANTS)}" if bad else None)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()

@@ -1,0 +1,327 @@
+"""Time to concept: how many UNet image-passes each training recipe needs to learn an instances concept.
+
+    python -m experiments.instances.speed [--concepts 8] [--seeds 0] [--recipes official,lr-x4] [--steps 300]
+
+(`make bench-concepts`.) For every held-out concept, seed and recipe, two runs of `inversion.train` on
+`weights/instances.safetensors`:
+
+- a fixed-length run that keeps its word every `--curve-every` steps: the reconstruction curve
+  (`experiments.instances.score.curve`) and, at its last step, reconstruction and editability
+  (`experiments.instances.score.score`);
+- a `STEPS=auto` run capped at the same length: where the stop rule stopped it (stop.json), and its word's
+  reconstruction and editability. An auto run that stops at step S holds exactly the vectors of the fixed run
+  at S; `--curve-every` divides the rule's 50-step evaluations, so S is a point of the curve.
+
+The bar of a (concept, seed) is 90 % of the official recipe's final reconstruction on the curve. A recipe's cost
+to the bar is the image-passes (optimiser steps × batch × accumulation: a bigger batch is no shortcut) at the
+first curve point at or above it, and the wall seconds of training scaled to that step. Every unit is kept as
+JSON under `--work` (resumable). The section between the `instances-speed` markers of experiments/RESULTS.md and
+`experiments/instances/speed-curves.png` (reconstruction vs image-passes, one line per concept and recipe) are
+rewritten from those files.
+
+Recipes are named sets of trainer options. `official` is the paper's recipe as the study runs it; every other
+row is a candidate for `--recipe fast`, kept only if its ablation row here shows it earns its place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from experiments.instances import score as scoring
+from experiments.instances import study
+from experiments.results import RESULTS, write_section
+from inversion import stopping
+
+log = logging.getLogger(__name__)
+
+WORK = study.ROOT / ".cache" / "instances-speed"
+PLOT = Path(__file__).resolve().parent / "speed-curves.png"
+SECTION = "instances-speed"
+BAR = 0.9  # the bar: this fraction of the official recipe's final reconstruction
+AUTO_LATE = 1.5  # the goal: auto-stop at most this many times the first crossing
+RECIPES = {
+    "official": {},  # the study's recipe: AdamW, base LR × batch, constant LR, init word "toy"
+    "lr-x4": {"lr": 4 * study.LR},  # candidate: the same steps, four times the step size
+}
+
+
+def _unit(job: tuple) -> dict:
+    """One (concept, seed, recipe): the fixed run with its curve and final scores, then the auto run's stop."""
+    import torch
+
+    from inversion.train import train
+
+    cdir, run_dir, recipe, seed, a = job
+    torch.set_num_threads(1)
+    config = study.train_config(cdir, run_dir / "fixed", seed, a, a["curve_every"], **RECIPES[recipe])
+    t0 = time.time()
+    train(config)
+    train_s = time.time() - t0
+    out = scoring.score(Path(cdir), run_dir / "fixed", a["samples"], seed=a["sample_seed"])
+    out["curve"] = scoring.curve(Path(cdir), run_dir / "fixed", a["curve_samples"], seed=a["sample_seed"])
+    auto = config.replace(out=str(run_dir / "auto"), auto=True, max_steps=a["steps"], save_every=a["steps"])
+    train(auto)
+    stop = json.loads((run_dir / "auto" / "stop.json").read_text())
+    at_stop = scoring.score(Path(cdir), run_dir / "auto", a["samples"], seed=a["sample_seed"])
+    out.update(
+        auto_reconstruction=at_stop["reconstruction"],
+        auto_editability=at_stop["editability"],
+        recipe=recipe,
+        seed=seed,
+        concept=Path(cdir).name,
+        train_seconds=round(train_s, 1),
+        passes_per_step=config.batch * config.accum,
+        stopped_at=stop["stopped_at"],
+        stop_reason=stop["reason"],
+    )
+    return out
+
+
+def run(a: argparse.Namespace) -> list[dict]:
+    """Every (concept, seed, recipe) unit, from --work when already done with the same settings."""
+    work = Path(a.work)
+    settings = {
+        "model": str(a.model),
+        "steps": a.steps,
+        "batch": a.batch,
+        "lr": a.lr,
+        "samples": a.samples,
+        "sample_seed": a.sample_seed,
+        "curve_every": a.curve_every,
+        "curve_samples": a.curve_samples,
+    }
+    jobs, done = [], []
+    for n in range(a.concepts):
+        cdir = study.concept_dir(work, n)
+        for seed in a.seeds:
+            for recipe in a.recipes:
+                result = work / "results" / f"{n}-{seed}-{recipe}.json"
+                if result.is_file():
+                    saved = json.loads(result.read_text())
+                    if saved.get("settings") == settings and saved.get("options") == RECIPES[recipe]:
+                        done.append(saved)
+                        continue
+                jobs.append((cdir, work / "runs" / f"{n}-{seed}-{recipe}", recipe, seed, settings))
+    log.info("%d units done, %d to run with %d jobs", len(done), len(jobs), a.jobs)
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(a.jobs) if a.jobs > 1 and len(jobs) > 1 else nullcontext() as pool:
+        for i, out in enumerate((pool.map if pool else map)(_unit, jobs), 1):
+            out.update(settings=settings, options=RECIPES[out["recipe"]])
+            name = f"{out['concept']}-{out['seed']}-{out['recipe']}.json"
+            (work / "results" / name).write_text(json.dumps(out) + "\n")
+            log.info(
+                "[%d/%d] concept %s seed %s %s: reconstruction %.3f, auto-stop at %d",
+                i,
+                len(jobs),
+                out["concept"],
+                out["seed"],
+                out["recipe"],
+                out["reconstruction"],
+                out["stopped_at"],
+            )
+            done.append(out)
+    return done
+
+
+def first_crossing(curve: dict[str, float], bar: float) -> int | None:
+    """The first step whose reconstruction is at or above `bar` (None: never)."""
+    return next((s for s in sorted(map(int, curve)) if curve[str(s)] >= bar), None)
+
+
+def summarise(results: list[dict]) -> dict:
+    """Per unit: the bar, each recipe's first crossing in steps, image-passes and seconds, and its auto-stop;
+    per recipe: medians and 95 % intervals over the units."""
+    units: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        units.setdefault((r["concept"], r["seed"]), {})[r["recipe"]] = r
+    rows = []
+    for (concept, seed), by in sorted(units.items()):
+        final = by["official"]["curve"][str(max(map(int, by["official"]["curve"])))]
+        bar = BAR * final
+        for recipe, r in by.items():
+            cross = first_crossing(r["curve"], bar)
+            steps = max(map(int, r["curve"]))
+            rows.append(
+                {
+                    "concept": concept,
+                    "seed": seed,
+                    "recipe": recipe,
+                    "bar": bar,
+                    "crossing_step": cross,
+                    "passes_to_bar": None if cross is None else cross * r["passes_per_step"],
+                    "seconds_to_bar": None if cross is None else r["train_seconds"] * cross / steps,
+                    "stopped_at": r["stopped_at"],
+                    "auto_over_crossing": None if not cross else r["stopped_at"] / cross,
+                    "auto_reconstruction": r["auto_reconstruction"],
+                    "auto_editability": r["auto_editability"],
+                    "reconstruction": r["reconstruction"],
+                    "editability": r["editability"],
+                    "curve": r["curve"],
+                    "passes_per_step": r["passes_per_step"],
+                }
+            )
+    recipes = [k for k in RECIPES if any(u["recipe"] == k for u in rows)]
+    official = {(u["concept"], u["seed"]): u for u in rows if u["recipe"] == "official"}
+    per: dict[str, dict] = {}
+    for recipe in recipes:
+        mine = [u for u in rows if u["recipe"] == recipe]
+        ratios = [
+            official[u["concept"], u["seed"]]["passes_to_bar"] / u["passes_to_bar"]
+            for u in mine
+            if u["passes_to_bar"] and official[u["concept"], u["seed"]]["passes_to_bar"]
+        ]
+        late = [u["auto_over_crossing"] for u in mine if u["auto_over_crossing"] is not None]
+        per[recipe] = {
+            "units": len(mine),
+            "reached_bar": sum(u["crossing_step"] is not None for u in mine),
+            "crossed_at_init": sum(u["crossing_step"] == 0 for u in mine),
+            "median_official_over_recipe_passes": float(np.median(ratios)) if ratios else None,
+            "median_passes_to_bar": _median([u["passes_to_bar"] for u in mine]),
+            "median_seconds_to_bar": _median([u["seconds_to_bar"] for u in mine]),
+            "auto_over_crossing_min_max": (min(late), max(late)) if late else None,
+            "auto_in_goal": sum(1.0 <= x <= AUTO_LATE for x in late),
+            "reconstruction": study.interval([u["reconstruction"] for u in mine]),
+            "editability": study.interval([u["editability"] for u in mine]),
+            "auto_reconstruction": study.interval([u["auto_reconstruction"] for u in mine]),
+            "auto_editability": study.interval([u["auto_editability"] for u in mine]),
+            **{
+                f"auto_minus_official_{m}": study.interval(
+                    [u[f"auto_{m}"] - official[u["concept"], u["seed"]][m] for u in mine]
+                )
+                for m in ("reconstruction", "editability")
+            },
+        }
+    return {"units": rows, "recipes": per}
+
+
+def _median(values: list) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.median(kept)) if kept else None
+
+
+def _num(v, fmt: str = "{:.0f}") -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
+    """The RESULTS.md section's text (its markers are added by experiments.results)."""
+    fmt = study._fmt
+    lines = [
+        "## instances world: time to concept (`make bench-concepts`)",
+        "",
+        f"{a.concepts} held-out concepts × seeds {','.join(map(str, a.seeds))}; each recipe trained {a.steps} steps "
+        f"(batch {a.batch}) on `weights/instances.safetensors`, its word kept every {a.curve_every} steps and "
+        f"scored with {a.curve_samples} samples; final scores with {a.samples}. Bar: {BAR:.0%} of the official "
+        "recipe's final reconstruction on the curve, per concept and seed. Image-passes: optimiser steps × batch × "
+        f"accumulation. Auto-stop: a `STEPS=auto` run capped at {a.steps} steps. Written by the script in "
+        f"{seconds / 60:.0f} min.",
+        "",
+        "| recipe | options | reached the bar | median image-passes to it | median s to it | official ÷ recipe "
+        "passes (median) | auto-stop ÷ crossing (min–max) | auto-stop within 1–1.5× | final reconstruction | "
+        "final editability | auto-stopped reconstruction | auto-stopped editability | auto-stopped − official "
+        "final: reconstruction | editability |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for recipe, p in s["recipes"].items():
+        options = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in RECIPES[recipe].items())
+        mm = p["auto_over_crossing_min_max"]
+        at_init = f" ({p['crossed_at_init']} at init)" if p["crossed_at_init"] else ""
+        lines.append(
+            f"| {recipe} | {options or 'the paper'} | {p['reached_bar']}/{p['units']}{at_init} "
+            f"| {_num(p['median_passes_to_bar'])} | {_num(p['median_seconds_to_bar'], '{:.1f}')} "
+            f"| {_num(p['median_official_over_recipe_passes'], '{:.2f}')} "
+            f"| {'—' if mm is None else f'{mm[0]:.2f}–{mm[1]:.2f}'} | {p['auto_in_goal']}/{p['units']} "
+            f"| {fmt(p['reconstruction'])} | {fmt(p['editability'])} | {fmt(p['auto_reconstruction'])} "
+            f"| {fmt(p['auto_editability'])} | {fmt(p['auto_minus_official_reconstruction'])} "
+            f"| {fmt(p['auto_minus_official_editability'])} |"
+        )
+    lines += ["", "Per unit (crossing step / auto-stop step):", ""]
+    lines += ["| concept | seed | bar | " + " | ".join(s["recipes"]) + " |"]
+    lines += ["|---|---|---|" + "---|" * len(s["recipes"])]
+    for concept, seed in sorted({(u["concept"], u["seed"]) for u in s["units"]}):
+        mine = {u["recipe"]: u for u in s["units"] if (u["concept"], u["seed"]) == (concept, seed)}
+        cells = [
+            f"{_num(mine[r]['crossing_step'])} / {mine[r]['stopped_at']}" if r in mine else "" for r in s["recipes"]
+        ]
+        lines.append(f"| {concept} | {seed} | {next(iter(mine.values()))['bar']:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", f"Plot: `{Path(a.plot).name}` in `experiments/instances/` (rewritten with this section)."]
+    return "\n".join(lines)
+
+
+def plot(s: dict, path: Path = PLOT) -> None:
+    """Reconstruction vs image-passes: one line per concept and recipe (official solid, candidates dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({(u["concept"], u["seed"]) for u in s["units"]})
+    styles = ["-", "--", ":", "-."]
+    for u in s["units"]:
+        steps = sorted(map(int, u["curve"]))
+        colour = f"C{keys.index((u['concept'], u['seed'])) % 10}"
+        style = styles[list(s["recipes"]).index(u["recipe"]) % len(styles)]
+        label = f"{u['recipe']}" if (u["concept"], u["seed"]) == keys[0] else None
+        passes = [t * u["passes_per_step"] for t in steps]
+        ax.plot(passes, [u["curve"][str(t)] for t in steps], style, color=colour, lw=1, label=label)
+    ax.set_xlabel("UNet image-passes")
+    ax.set_ylabel("reconstruction (vs lookalikes)")
+    ax.set_title("time to concept: one colour per concept and seed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--concepts", type=int, default=8)
+    p.add_argument("--seeds", default="0", help="training seeds, comma-separated")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
+    p.add_argument("--steps", type=int, default=study.STEPS, help="steps of every fixed run and auto cap")
+    p.add_argument("--batch", type=int, default=study.BATCH)
+    p.add_argument("--lr", type=float, default=study.LR, help="the official base LR (scaled by the batch)")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--curve-every", type=int, default=study.CURVE_EVERY)
+    p.add_argument("--curve-samples", type=int, default=study.CURVE_SAMPLES)
+    p.add_argument("--model", default=str(study.MODEL))
+    p.add_argument("--work", default=str(WORK), help="concepts, runs and per-unit results (resumable)")
+    p.add_argument("--jobs", type=int, default=2, help="processes, one thread each")
+    p.add_argument("--results", default=str(RESULTS), help="RESULTS.md to update ('none' to skip)")
+    p.add_argument("--plot", default=str(PLOT), help="reconstruction vs image-passes (PNG)")
+    a = p.parse_args(argv)
+    a.recipes = [r.strip() for r in a.recipes.split(",") if r.strip()]
+    bad = any(r not in RECIPES for r in a.recipes) or "official" not in a.recipes
+    error = study.check_common(
+        a,
+        f"--recipes must include official and name only {', '.join(RECIPES)}" if bad else None,
+        f"--curve-every {a.curve_every} must divide the stop rule's {stopping.EVERY}-step evaluations"
+        if a.curve_every >= 1 and stopping.EVERY % a.curve_every
+        else None,
+    )
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.time()
+    s = summarise(run(a))
+    if a.results != "none":
+        write_section(Path(a.results), SECTION, markdown(s, a, time.time() - t0))
+        plot(s, Path(a.plot))
+    print(json.dumps(s["recipes"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
