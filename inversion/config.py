@@ -65,6 +65,7 @@ class TrainConfig:
     init: str = "sculpture"
     init_words: str | None = None
     random_init: bool = False
+    init_search: int = 0  # check this many vocabulary words against INIT and start from the best (0: INIT)
     token: str | None = None  # None: <concept folder name>
     vectors: int = 1
     progressive: int = 0
@@ -181,6 +182,11 @@ class TrainConfig:
                     not (self.random_init and self.init_words),
                     "--random-init and --init-words exclude each other; give one",
                 ),
+                (self.init_search >= 0, f"--init-search {self.init_search} must be ≥ 0"),
+                (
+                    not (self.init_search and (self.random_init or self.init_words)),
+                    "--init-search starts from INIT's row; it excludes --random-init and --init-words",
+                ),
                 (
                     self.token is None or (self.token.strip() and not any(c.isspace() for c in self.token)),
                     f"TOKEN={self.token!r} must be one word without spaces, e.g. '<my-concept>'",
@@ -296,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--init", help="one-token init word (INIT=, official default 'sculpture')")
     a("--init-words", help="comma-separated one-token words spread over the vectors")
     a("--random-init", action="store_true", help="random init scaled to the token table's mean norm")
+    a(
+        "--init-search",
+        type=int,
+        help="measure INIT and the N vocabulary words a first-order estimate ranks best on the fixed batch; start "
+        "from the best (default 0: INIT)",
+    )
     a("--token", help="the new word (TOKEN=, default '<concept>')")
     a("--vectors", type=int, help="vectors per token (VECTORS=, default 1)")
     a(

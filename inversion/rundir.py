@@ -9,6 +9,7 @@
     loss.csv, loss.png          per-step loss log, and its plot at the end
     state.pt                    RESUME state: vectors, optimiser, scaler, step, counters, every RNG state
     stop.json                   STEPS=auto: where and why the run stopped, with the objective's history
+    init_search.json            --init-search: the words measured, the one chosen, the image-passes it cost
 
 Every file is written atomically (temp file + rename, see `atomic_write`); a kill leaves the previous version,
 and the temp files of an interrupted save are removed when the run resumes.

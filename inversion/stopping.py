@@ -48,16 +48,32 @@ class DeterministicObjective:
             for j in range(timesteps)
         ]
 
+    @property
+    def size(self) -> int:
+        """UNet image-passes of one evaluation."""
+        return len(self.prompts)
+
+    def _chunks(self, active: int):
+        """(loss, detached ε-MSE, share of the batch), chunk by chunk."""
+        dev = self.batches.device
+        for s in range(0, self.size, self.batch):
+            e = min(self.size, s + self.batch)
+            ids = self.batches.tokenize(self.prompts[s:e], active).to(dev)
+            loss, mse = self.loss_fn(ids, self.latents[s:e].to(dev), self.t[s:e].to(dev), self.noise[s:e].to(dev))
+            yield loss, mse, (e - s) / self.size
+
     @torch.no_grad()
     def __call__(self, active: int) -> float:
-        dev = self.batches.device
-        total, count = 0.0, len(self.prompts)
-        for s in range(0, count, self.batch):
-            e = min(count, s + self.batch)
-            ids = self.batches.tokenize(self.prompts[s:e], active).to(dev)
-            _, mse = self.loss_fn(ids, self.latents[s:e].to(dev), self.t[s:e].to(dev), self.noise[s:e].to(dev))
-            total += float(mse) * (e - s)
-        return total / count
+        return sum(float(mse) * share for _, mse, share in self._chunks(active))
+
+    def gradient(self, active: int) -> torch.Tensor:
+        """d(objective)/d(every learned row) where the rows are their initial values (there the regulariser's
+        gradient is zero), without touching the rows' .grad; for inversion/initsearch.py."""
+        vectors = self.loss_fn.words.vectors
+        total = torch.zeros_like(vectors)
+        for loss, _, share in self._chunks(active):
+            total += torch.autograd.grad(loss * share, vectors)[0]
+        return total
 
 
 @dataclass

@@ -24,6 +24,7 @@ ldm/determinism.py for what it guarantees on each device.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -40,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from inversion import data as D
-from inversion import models, stopping
+from inversion import initsearch, models, stopping
 from inversion.batches import Batches
 from inversion.config import TrainConfig
 from inversion.distributed import Dist, GracefulStop, any_rank, barrier, init_distributed
@@ -318,6 +319,20 @@ def setup(config: TrainConfig, model=None) -> Session:
     autocast = (
         torch.autocast(device.type, dtype=DTYPES[config.precision]) if config.precision != "fp32" else nullcontext()
     )
+    objective = None
+    if config.auto or config.init_search:
+        objective = stopping.DeterministicObjective(
+            loss_fn, batches, fixed_latents(model, images, cache), config.seed, batch=config.batch
+        )
+    if config.init_search:
+        searched = out.path / initsearch.FILE
+        if config.resume and searched.is_file():
+            initsearch.resume(model, words, json.loads(searched.read_text()))
+        else:
+            with autocast:
+                record = initsearch.search(model, words, objective, config.init, config.init_search)
+            if d.main:
+                out.write_json(initsearch.FILE, record)
     optimizer = torch.optim.AdamW([words.vectors], lr=lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     s = Session(
@@ -333,12 +348,10 @@ def setup(config: TrainConfig, model=None) -> Session:
         lr,
         autocast,
         checkpoint_identity(config) if d.main else (None, None),
+        objective=objective,
     )
     if config.auto:
         s.rule = stopping.StopRule(config.stop_window, config.stop_threshold)
-        s.objective = stopping.DeterministicObjective(
-            loss_fn, batches, fixed_latents(model, images, cache), config.seed, batch=config.batch
-        )
     if config.resume:
         s.restore()
     if d.main:

@@ -386,6 +386,7 @@ def _speed_unit(concept, recipe, curve, stopped_at, passes=4, seconds=10.0):
         "curve": {str(k): v for k, v in curve.items()},
         "stopped_at": stopped_at,
         "passes_per_step": passes,
+        "search_passes": 0,
         "train_seconds": seconds,
         "reconstruction": max(curve.values()),
         "editability": 0.5,
@@ -439,6 +440,8 @@ def test_speed_runs_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     saved = json.loads((tmp_path / "speed" / "results" / "0-0-official.json").read_text())
     assert saved["stopped_at"] == 2 and "max-steps" in saved["stop_reason"] and set(saved["curve"]) == {"0", "1", "2"}
     assert (tmp_path / "speed" / "runs" / "0-0-lr-x4" / "auto" / "stop.json").is_file()
+    searched = json.loads((tmp_path / "speed" / "results" / "0-0-init-search.json").read_text())
+    assert searched["search_passes"] > 0 and searched["init_chosen"]
     text = results.read_text()
     assert text.count(results_md.markers(speed.SECTION)[0]) == 1 and "| lr-x4 | lr=0.02 |" in text
     assert (tmp_path / "plot.png").stat().st_size > 0

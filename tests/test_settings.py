@@ -78,6 +78,8 @@ TRAIN = [  # (option, extra argv, text the one line must hold, when)
     ("--init", ["--init", "golden retriever"], "init word", POST),
     ("--init-words", ["--init-words", "a,b,c", "--vectors", "2"], "--init-words", PRE),
     ("--random-init", ["--random-init", "--init-words", "cat"], "--random-init", PRE),
+    ("--init-search", ["--init-search", "-1"], "--init-search", PRE),
+    ("--init-search", ["--init-search", "2", "--random-init"], "--init-search", PRE),
     ("--token", ["--token", "my cat"], "TOKEN=", PRE),
     ("--token", ["--token", "cat"], "TOKEN=", POST),
     ("--vectors", ["--vectors", "0"], "VECTORS=", PRE),

@@ -1,6 +1,6 @@
 """Time to concept: how many UNet image-passes each training recipe needs to learn an instances concept.
 
-    python -m experiments.instances.speed [--concepts 8] [--seeds 0] [--recipes official,lr-x4] [--steps 300]
+    python -m experiments.instances.speed [--concepts 8] [--seeds 0] [--recipes official,lr-x4,init-search] [--steps 300]
 
 (`make bench-concepts`.) For every held-out concept, seed and recipe, two runs of `inversion.train` on
 `weights/instances.safetensors`:
@@ -13,8 +13,9 @@
   at S; `--curve-every` divides the rule's 50-step evaluations, so S is a point of the curve.
 
 The bar of a (concept, seed) is 90 % of the official recipe's final reconstruction on the curve. A recipe's cost
-to the bar is the image-passes (optimiser steps × batch × accumulation: a bigger batch is no shortcut) at the
-first curve point at or above it, and the wall seconds of training scaled to that step. Every unit is kept as
+to the bar is the image-passes (optimiser steps × batch × accumulation: a bigger batch is no shortcut; plus
+what `--init-search` spent before the first step) at the first curve point at or above it, and the wall seconds
+of training scaled to that step. Every unit is kept as
 JSON under `--work` (resumable). The section between the `instances-speed` markers of experiments/RESULTS.md and
 `experiments/instances/speed-curves.png` (reconstruction vs image-passes, one line per concept and recipe) are
 rewritten from those files.
@@ -39,7 +40,7 @@ import numpy as np
 from experiments.instances import score as scoring
 from experiments.instances import study
 from experiments.results import RESULTS, write_section
-from inversion import stopping
+from inversion import initsearch, stopping
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ AUTO_LATE = 1.5  # the goal: auto-stop at most this many times the first crossin
 RECIPES = {
     "official": {},  # the study's recipe: AdamW, base LR × batch, constant LR, init word "toy"
     "lr-x4": {"lr": 4 * study.LR},  # candidate: the same steps, four times the step size
+    "init-search": {"init_search": 8},  # candidate: start from the best of "toy" and 8 ranked vocabulary words
 }
 
 
@@ -71,6 +73,8 @@ def _unit(job: tuple) -> dict:
     auto = config.replace(out=str(run_dir / "auto"), auto=True, max_steps=a["steps"], save_every=a["steps"])
     train(auto)
     stop = json.loads((run_dir / "auto" / "stop.json").read_text())
+    searched = run_dir / "fixed" / initsearch.FILE
+    search = json.loads(searched.read_text()) if searched.is_file() else {"image_passes": 0, "chosen": None}
     at_stop = scoring.score(Path(cdir), run_dir / "auto", a["samples"], seed=a["sample_seed"])
     out.update(
         auto_reconstruction=at_stop["reconstruction"],
@@ -80,6 +84,8 @@ def _unit(job: tuple) -> dict:
         concept=Path(cdir).name,
         train_seconds=round(train_s, 1),
         passes_per_step=config.batch * config.accum,
+        search_passes=search["image_passes"],
+        init_chosen=search["chosen"],
         stopped_at=stop["stopped_at"],
         stop_reason=stop["reason"],
     )
@@ -157,7 +163,7 @@ def summarise(results: list[dict]) -> dict:
                     "recipe": recipe,
                     "bar": bar,
                     "crossing_step": cross,
-                    "passes_to_bar": None if cross is None else cross * r["passes_per_step"],
+                    "passes_to_bar": None if cross is None else cross * r["passes_per_step"] + r["search_passes"],
                     "seconds_to_bar": None if cross is None else r["train_seconds"] * cross / steps,
                     "stopped_at": r["stopped_at"],
                     "auto_over_crossing": None if not cross else r["stopped_at"] / cross,
@@ -167,6 +173,7 @@ def summarise(results: list[dict]) -> dict:
                     "editability": r["editability"],
                     "curve": r["curve"],
                     "passes_per_step": r["passes_per_step"],
+                    "search_passes": r["search_passes"],
                 }
             )
     recipes = [k for k in RECIPES if any(u["recipe"] == k for u in rows)]
@@ -222,8 +229,8 @@ def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
         f"(batch {a.batch}) on `weights/instances.safetensors`, its word kept every {a.curve_every} steps and "
         f"scored with {a.curve_samples} samples; final scores with {a.samples}. Bar: {BAR:.0%} of the official "
         "recipe's final reconstruction on the curve, per concept and seed. Image-passes: optimiser steps × batch × "
-        f"accumulation. Auto-stop: a `STEPS=auto` run capped at {a.steps} steps. Written by the script in "
-        f"{seconds / 60:.0f} min.",
+        f"accumulation, plus an init search's. Auto-stop: a `STEPS=auto` run capped at {a.steps} steps. Written "
+        f"by the script in {seconds / 60:.0f} min.",
         "",
         "| recipe | options | reached the bar | median image-passes to it | median s to it | official ÷ recipe "
         "passes (median) | auto-stop ÷ crossing (min–max) | auto-stop within 1–1.5× | final reconstruction | "
@@ -272,7 +279,7 @@ def plot(s: dict, path: Path = PLOT) -> None:
         colour = f"C{keys.index((u['concept'], u['seed'])) % 10}"
         style = styles[list(s["recipes"]).index(u["recipe"]) % len(styles)]
         label = f"{u['recipe']}" if (u["concept"], u["seed"]) == keys[0] else None
-        passes = [t * u["passes_per_step"] for t in steps]
+        passes = [t * u["passes_per_step"] + u["search_passes"] for t in steps]
         ax.plot(passes, [u["curve"][str(t)] for t in steps], style, color=colour, lw=1, label=label)
     ax.set_xlabel("UNet image-passes")
     ax.set_ylabel("reconstruction (vs lookalikes)")
