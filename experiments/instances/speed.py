@@ -1,6 +1,6 @@
 """Time to concept: how many UNet image-passes each training recipe needs to learn an instances concept.
 
-    python -m experiments.instances.speed [--concepts 8] [--seeds 0] [--recipes official,lr-x4,init-search] [--steps 300]
+    python -m experiments.instances.speed [--concepts 8] [--seeds 0] [--recipes official,…] [--steps 300]
 
 (`make bench-concepts`.) For every held-out concept, seed and recipe, two runs of `inversion.train` on
 `weights/instances.safetensors`:
