@@ -132,12 +132,30 @@ def test_model_name_resolves():
     assert models.model_path("instances") == models.WEIGHTS_DIR / "instances.safetensors"
 
 
-def test_pretrain_resumes_bit_identically(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny instances model pretrained for two steps at one thread (file path)."""
+    tmp = tmp_path_factory.mktemp("tiny-instances")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    s = ipretrain.Settings(n_instances=6, views=2, vae_steps=2, vae_batch=4, steps=2, batch=2)
+    ipretrain.pretrain(s, tmp / "work", tmp / "tiny.safetensors", tmp / "log.csv", tmp / "loss.png")
+    torch.set_num_threads(threads)
+    return tmp / "tiny.safetensors"
+
+
+def test_pretrain_resumes_bit_identically(tmp_path, monkeypatch, one_thread):
     """A run stopped after a saved step and started again ends in the same file as an uninterrupted one."""
     from experiments.shapes import pretrain as base
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     s = ipretrain.Settings(n_instances=6, views=2, vae_steps=2, vae_batch=4, steps=4, batch=2)
     saved = []
     real_save = base._save_state
@@ -168,7 +186,6 @@ def test_pretrain_resumes_bit_identically(tmp_path, monkeypatch):
     ipretrain.pretrain(replace(s, steps=3), tmp_path / "work", tmp_path / "c.safetensors", **kw)
     with pytest.raises(ipretrain.WorkFolderError, match="other settings"):
         ipretrain.pretrain(replace(s, vae_steps=3), tmp_path / "work", tmp_path / "d.safetensors", **kw)
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not judge.JUDGE_PATH.is_file(), reason="the instances judge is not shipped in this checkout")
@@ -237,16 +254,12 @@ def test_denoise_reconstruction_of_a_denoiser_that_gives_back_its_input():
     assert prompts[0] == prompts[1] == prompts[2] and all(p.startswith("a ") and world.NOUN in p for p in prompts)
 
 
-def test_score_prints_the_contract_fields(tmp_path, capsys):
+def test_score_prints_the_contract_fields(tmp_path, tiny_model, one_thread, capsys):
     """On a tiny pretrained model: concept → inversion.train → score prints one JSON line with every field."""
     from experiments.instances import score
     from inversion import train as trainer
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    s = ipretrain.Settings(n_instances=6, views=2, vae_steps=2, vae_batch=4, steps=2, batch=2)
-    model = tmp_path / "tiny.safetensors"
-    ipretrain.pretrain(s, tmp_path / "work", model, tmp_path / "log.csv", tmp_path / "loss.png")
+    model = tiny_model
     concept.write_concept(0, tmp_path / "c0")
     run = tmp_path / "run"
     trainer.train(
@@ -285,7 +298,6 @@ def test_score_prints_the_contract_fields(tmp_path, capsys):
         )
         == 0
     )
-    torch.set_num_threads(threads)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     out = json.loads(lines[0])
@@ -339,16 +351,12 @@ def test_study_summarises_paired_units():
     assert s["curve"][25][0] == pytest.approx(0.7) and list(s["curve"]) == [0, 25]
 
 
-def test_study_runs_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+def test_study_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model, one_thread, capsys, monkeypatch):
     """Concept → every variant trained and scored → RESULTS section, plot and the curve, then resumed from --work."""
     from experiments import results as results_md
     from experiments.instances import study
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    s = ipretrain.Settings(n_instances=6, views=2, vae_steps=2, vae_batch=4, steps=2, batch=2)
-    model = tmp_path / "tiny.safetensors"
-    ipretrain.pretrain(s, tmp_path / "work", model, tmp_path / "log.csv", tmp_path / "loss.png")
+    model = tiny_model
     results = tmp_path / "RESULTS.md"
     argv = ["--concepts", "1", "--seeds", "0", "--steps", "2", "--batch", "1", "--samples", "1", "--curve-every", "1"]
     argv += ["--curve-samples", "1", "--model", str(model), "--work", str(tmp_path / "study"), "--jobs", "1"]
@@ -362,7 +370,6 @@ def test_study_runs_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     assert len(list((tmp_path / "study" / "results").glob("*.json"))) == len(study.VARIANTS)
     monkeypatch.setattr(study, "_unit", lambda job: pytest.fail(f"retrained {job[2]}"))
     assert study.main(argv) == 0  # every unit is read back from --work, none trained again
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
@@ -420,16 +427,12 @@ def test_speed_bar_crossings_and_auto_stop():
     assert speed.first_crossing({"0": 0.9, "25": 0.1}, 0.5) == 0
 
 
-def test_speed_runs_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+def test_speed_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model, one_thread, capsys, monkeypatch):
     """Concept → each recipe's fixed and auto runs → curve, bar, auto-stop → RESULTS section and plot; resumable."""
     from experiments import results as results_md
     from experiments.instances import speed
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    s = ipretrain.Settings(n_instances=6, views=2, vae_steps=2, vae_batch=4, steps=2, batch=2)
-    model = tmp_path / "tiny.safetensors"
-    ipretrain.pretrain(s, tmp_path / "work", model, tmp_path / "log.csv", tmp_path / "loss.png")
+    model = tiny_model
     results = tmp_path / "RESULTS.md"
     argv = ["--concepts", "1", "--steps", "2", "--batch", "1", "--samples", "1", "--curve-every", "1"]
     argv += ["--curve-samples", "1", "--model", str(model), "--work", str(tmp_path / "speed"), "--jobs", "1"]
@@ -447,7 +450,6 @@ def test_speed_runs_end_to_end_on_a_tiny_model(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "plot.png").stat().st_size > 0
     monkeypatch.setattr(speed, "_unit", lambda job: pytest.fail(f"retrained {job[2]}"))
     assert speed.main(argv) == 0  # every unit is read back from --work
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

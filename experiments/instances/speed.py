@@ -31,8 +31,6 @@ import json
 import logging
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +60,9 @@ def _unit(job: tuple) -> dict:
 
     from inversion.train import train
 
-    cdir, run_dir, recipe, seed, a = job
+    cdir, run_dir, recipe, changes, seed, a = job
     torch.set_num_threads(1)
-    config = study.train_config(cdir, run_dir / "fixed", seed, a, a["curve_every"], **RECIPES[recipe])
+    config = study.train_config(cdir, run_dir / "fixed", seed, a, a["curve_every"], **changes)
     t0 = time.time()
     train(config)
     train_s = time.time() - t0
@@ -93,49 +91,13 @@ def _unit(job: tuple) -> dict:
 
 
 def run(a: argparse.Namespace) -> list[dict]:
-    """Every (concept, seed, recipe) unit, from --work when already done with the same settings."""
-    work = Path(a.work)
-    settings = {
-        "model": str(a.model),
-        "steps": a.steps,
-        "batch": a.batch,
-        "lr": a.lr,
-        "samples": a.samples,
-        "sample_seed": a.sample_seed,
-        "curve_every": a.curve_every,
-        "curve_samples": a.curve_samples,
-    }
-    jobs, done = [], []
-    for n in range(a.concepts):
-        cdir = study.concept_dir(work, n)
-        for seed in a.seeds:
-            for recipe in a.recipes:
-                result = work / "results" / f"{n}-{seed}-{recipe}.json"
-                if result.is_file():
-                    saved = json.loads(result.read_text())
-                    if saved.get("settings") == settings and saved.get("options") == RECIPES[recipe]:
-                        done.append(saved)
-                        continue
-                jobs.append((cdir, work / "runs" / f"{n}-{seed}-{recipe}", recipe, seed, settings))
-    log.info("%d units done, %d to run with %d jobs", len(done), len(jobs), a.jobs)
-    (work / "results").mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(a.jobs) if a.jobs > 1 and len(jobs) > 1 else nullcontext() as pool:
-        for i, out in enumerate((pool.map if pool else map)(_unit, jobs), 1):
-            out.update(settings=settings, options=RECIPES[out["recipe"]])
-            name = f"{out['concept']}-{out['seed']}-{out['recipe']}.json"
-            (work / "results" / name).write_text(json.dumps(out) + "\n")
-            log.info(
-                "[%d/%d] concept %s seed %s %s: reconstruction %.3f, auto-stop at %d",
-                i,
-                len(jobs),
-                out["concept"],
-                out["seed"],
-                out["recipe"],
-                out["reconstruction"],
-                out["stopped_at"],
-            )
-            done.append(out)
-    return done
+    """Every (concept, seed, recipe) unit of the benchmark."""
+    return study.run_units(
+        a,
+        {r: RECIPES[r] for r in a.recipes},
+        _unit,
+        lambda out: f"reconstruction {out['reconstruction']:.3f}, auto-stop at {out['stopped_at']}",
+    )
 
 
 def first_crossing(curve: dict[str, float], bar: float) -> int | None:

@@ -121,10 +121,11 @@ def _unit(job: tuple) -> dict:
     return out
 
 
-def run(a: argparse.Namespace) -> list[dict]:
-    """Every (concept, seed, variant) unit, from --work when already done."""
+def run_units(a: argparse.Namespace, options: dict[str, dict], unit, describe) -> list[dict]:
+    """Every (concept, seed, key of `options`) unit: read back from --work when it was done with the same settings
+    and trainer options, else `unit((concept dir, run dir, key, options, seed, settings))` in --jobs processes,
+    each result kept as JSON as soon as it is done; `describe(result)` is its log line."""
     work = Path(a.work)
-    chosen = {v.key: v for v in tradeoff_variants(a.steps) if v.key in a.variants}
     settings = {
         "model": str(a.model),
         "steps": a.steps,
@@ -139,31 +140,35 @@ def run(a: argparse.Namespace) -> list[dict]:
     for n in range(a.concepts):
         cdir = concept_dir(work, n)
         for seed in a.seeds:
-            for key in a.variants:
+            for key, changes in options.items():
                 result = work / "results" / f"{n}-{seed}-{key}.json"
-                if result.is_file() and json.loads(result.read_text()).get("settings") == settings:
-                    done.append(json.loads(result.read_text()))
-                    continue
-                jobs.append((cdir, work / "runs" / f"{n}-{seed}-{key}", key, chosen[key].changes, seed, settings))
+                if result.is_file():
+                    saved = json.loads(result.read_text())
+                    if saved.get("settings") == settings and saved.get("options") == changes:
+                        done.append(saved)
+                        continue
+                jobs.append((cdir, work / "runs" / f"{n}-{seed}-{key}", key, changes, seed, settings))
     log.info("%d units done, %d to run with %d jobs", len(done), len(jobs), a.jobs)
     (work / "results").mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(a.jobs) if a.jobs > 1 and len(jobs) > 1 else nullcontext() as pool:
-        for i, out in enumerate((pool.map if pool else map)(_unit, jobs), 1):
-            out["settings"] = settings
-            name = f"{out['concept']}-{out['seed']}-{out['variant']}.json"
-            (work / "results" / name).write_text(json.dumps(out) + "\n")
-            log.info(
-                "[%d/%d] concept %s seed %s %s: reconstruction %.3f editability %.3f",
-                i,
-                len(jobs),
-                out["concept"],
-                out["seed"],
-                out["variant"],
-                out["reconstruction"],
-                out["editability"],
-            )
+        for i, (job, out) in enumerate(zip(jobs, (pool.map if pool else map)(unit, jobs), strict=True), 1):
+            cdir, _, key, changes, seed, _ = job
+            out.update(settings=settings, options=changes)
+            (work / "results" / f"{Path(cdir).name}-{seed}-{key}.json").write_text(json.dumps(out) + "\n")
+            log.info("[%d/%d] concept %s seed %s %s: %s", i, len(jobs), Path(cdir).name, seed, key, describe(out))
             done.append(out)
     return done
+
+
+def run(a: argparse.Namespace) -> list[dict]:
+    """Every (concept, seed, variant) unit of the study."""
+    chosen = {v.key: v.changes for v in tradeoff_variants(a.steps) if v.key in a.variants}
+    return run_units(
+        a,
+        chosen,
+        _unit,
+        lambda out: f"reconstruction {out['reconstruction']:.3f} editability {out['editability']:.3f}",
+    )
 
 
 def summarise(results: list[dict]) -> dict:
