@@ -445,6 +445,7 @@ def test_speed_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model, one_thread,
     assert (tmp_path / "speed" / "runs" / "0-0-lr-x4" / "auto" / "stop.json").is_file()
     searched = json.loads((tmp_path / "speed" / "results" / "0-0-init-search.json").read_text())
     assert searched["search_passes"] > 0 and searched["init_chosen"]
+    assert not (tmp_path / "speed" / "runs" / "0-0-init-search" / "auto" / "init_search.json").exists()  # searched once
     text = results.read_text()
     assert text.count(results_md.markers(speed.SECTION)[0]) == 1 and "| lr-x4 | lr=0.02 |" in text
     assert (tmp_path / "plot.png").stat().st_size > 0

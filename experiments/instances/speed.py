@@ -68,11 +68,12 @@ def _unit(job: tuple) -> dict:
     train_s = time.time() - t0
     out = scoring.score(Path(cdir), run_dir / "fixed", a["samples"], seed=a["sample_seed"])
     out["curve"] = scoring.curve(Path(cdir), run_dir / "fixed", a["curve_samples"], seed=a["sample_seed"])
-    auto = config.replace(out=str(run_dir / "auto"), auto=True, max_steps=a["steps"], save_every=a["steps"])
-    train(auto)
-    stop = json.loads((run_dir / "auto" / "stop.json").read_text())
     searched = run_dir / "fixed" / initsearch.FILE
     search = json.loads(searched.read_text()) if searched.is_file() else {"image_passes": 0, "chosen": None}
+    # a searched run equals one from the chosen word (tests/test_initsearch.py): the auto run need not search again
+    start = {"init": search["chosen"], "init_search": 0} if search["chosen"] else {}
+    train(config.replace(out=str(run_dir / "auto"), auto=True, max_steps=a["steps"], save_every=a["steps"], **start))
+    stop = json.loads((run_dir / "auto" / "stop.json").read_text())
     at_stop = scoring.score(Path(cdir), run_dir / "auto", a["samples"], seed=a["sample_seed"])
     out.update(
         auto_reconstruction=at_stop["reconstruction"],
@@ -183,7 +184,7 @@ def _num(v, fmt: str = "{:.0f}") -> str:
 
 def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
     """The RESULTS.md section's text (its markers are added by experiments.results)."""
-    fmt = study._fmt
+    fmt = study.fmt
     lines = [
         "## instances world: time to concept (`make bench-concepts`)",
         "",

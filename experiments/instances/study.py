@@ -198,7 +198,7 @@ def summarise(results: list[dict]) -> dict:
     return {"n": len(base), "rows": rows, "pairs": pairs, "curve": curve}
 
 
-def _fmt(mi: tuple[float, float]) -> str:
+def fmt(mi: tuple[float, float]) -> str:
     m, h = mi
     return f"{m:.3f} ± {h:.3f}"
 
@@ -221,16 +221,16 @@ def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
     ]
     for key in [k for k in VARIANTS if k in s["rows"]]:
         r = s["rows"][key]
-        lines.append(f"| {labels[key]} | {_fmt(r['reconstruction'])} | {_fmt(r['editability'])} |")
+        lines.append(f"| {labels[key]} | {fmt(r['reconstruction'])} | {fmt(r['editability'])} |")
     for key, label in (
         ("init-word", f'Init word ("a {concepts.world.NOUN}")'),
         ("caption-short", "Human caption (short)"),
         ("caption-long", "Human caption (long)"),
     ):
-        lines.append(f"| {label} | {_fmt(s['rows'][key]['reconstruction'])} | |")
+        lines.append(f"| {label} | {fmt(s['rows'][key]['reconstruction'])} | |")
     lines += ["", "Paired differences (mean ± 95 % interval; an interval that excludes 0 is a clear difference):", ""]
     lines += ["| comparison | difference |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in s["pairs"].items()]
+    lines += [f"| {k} | {fmt(v)} |" for k, v in s["pairs"].items()]
     if s["curve"]:
         lines += ["", f"One-word reconstruction every {a.curve_every} steps ({a.curve_samples} samples each):", ""]
         lines += ["| step | " + " | ".join(str(k) for k in s["curve"]) + " |"]
