@@ -465,3 +465,50 @@ def test_speed_refuses_bad_settings_in_one_line(argv, capsys, tmp_path):
     assert speed.main([*argv, "--model", str(tmp_path / "m.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and argv[0] in err[0], err
+
+
+class _Blind(torch.nn.Module):
+    """A UNet that never sees its context (it is given zeros)."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, context):
+        return self.unet(x, t, torch.zeros_like(context))
+
+
+def test_diagnose_tells_a_model_that_reads_its_context_from_one_that_does_not(tiny_model, one_thread, capsys):
+    from experiments.instances import diagnose
+    from ldm.checkpoint import load_model
+
+    assert diagnose.main(["--model", str(tiny_model), "--renders", "4", "--draws", "2", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip())
+    assert set(out["caption_ratio"]) == {"300", "600", "900"} and set(out["swap_ratio"]) == set(diagnose.SWAPS)
+    rows = out["context_rows"]["600"]
+    assert list(rows)[:2] == ["0:<bos>", "1:a"] and "5:red" in rows and list(rows)[-1] == "padding"
+
+    # two steps leave the zero-initialised output layers near zero: give the UNet's cross-attention and output
+    # random weights so that what it predicts depends on its context, then blind a copy of it
+    model = load_model(tiny_model)
+    torch.manual_seed(0)
+    for name, p in model.unet.named_parameters():
+        if "proj_out" in name or name.startswith("out."):
+            p.data.normal_(0, 0.3)
+    seeing = diagnose.diagnose(model, renders=4, draws=2)
+    assert all(r != 1.0 for t in seeing["swap_ratio"].values() for r in t.values())
+    assert all(v > 0 for t in seeing["context_rows"].values() for k, v in t.items() if k != "0:<bos>")
+    model.unet = _Blind(model.unet)
+    blind = diagnose.diagnose(model, renders=4, draws=2)
+    assert all(r == 1.0 for t in blind["swap_ratio"].values() for r in t.values())
+    assert set(blind["caption_ratio"].values()) == {1.0}
+    assert all(v == 0.0 for t in blind["context_rows"].values() for v in t.values())
+
+
+def test_diagnose_refuses_bad_settings_in_one_line(tmp_path, capsys):
+    from experiments.instances import diagnose
+
+    for argv in (["--renders", "1"], ["--draws", "0"], ["--model", str(tmp_path / "none.safetensors")]):
+        assert diagnose.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and argv[0] in err[0], err
