@@ -436,18 +436,18 @@ def test_speed_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model, one_thread,
     results = tmp_path / "RESULTS.md"
     argv = ["--concepts", "1", "--steps", "2", "--batch", "1", "--samples", "1", "--curve-every", "1"]
     argv += ["--curve-samples", "1", "--model", str(model), "--work", str(tmp_path / "speed"), "--jobs", "1"]
-    argv += ["--results", str(results), "--plot", str(tmp_path / "plot.png")]
-    assert speed.main(argv) == 0
+    argv += ["--results", str(results), "--plot", str(tmp_path / "plot.png"), "--recipes", "official,init-search"]
+    assert speed.main(argv) == 0  # two of the recipes: lr-x4 runs the same code as official with another --lr
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out) == set(speed.RECIPES) and all(r["units"] == 1 for r in out.values())
+    assert set(out) == {"official", "init-search"} and all(r["units"] == 1 for r in out.values())
     saved = json.loads((tmp_path / "speed" / "results" / "0-0-official.json").read_text())
     assert saved["stopped_at"] == 2 and "max-steps" in saved["stop_reason"] and set(saved["curve"]) == {"0", "1", "2"}
-    assert (tmp_path / "speed" / "runs" / "0-0-lr-x4" / "auto" / "stop.json").is_file()
+    assert (tmp_path / "speed" / "runs" / "0-0-official" / "auto" / "stop.json").is_file()
     searched = json.loads((tmp_path / "speed" / "results" / "0-0-init-search.json").read_text())
     assert searched["search_passes"] > 0 and searched["init_chosen"]
     assert not (tmp_path / "speed" / "runs" / "0-0-init-search" / "auto" / "init_search.json").exists()  # searched once
     text = results.read_text()
-    assert text.count(results_md.markers(speed.SECTION)[0]) == 1 and "| lr-x4 | lr=0.02 |" in text
+    assert text.count(results_md.markers(speed.SECTION)[0]) == 1 and "| init-search | init_search=8 |" in text
     assert (tmp_path / "plot.png").stat().st_size > 0
     monkeypatch.setattr(speed, "_unit", lambda job: pytest.fail(f"retrained {job[2]}"))
     assert speed.main(argv) == 0  # every unit is read back from --work
