@@ -10,6 +10,10 @@ UNet predicts (ε, v or x₀ errors differ by a factor that depends on t only), 
   among them ÷ with their own captions, at each t of `TIMESTEPS`. 1 means the captions are ignored.
 - `swap_ratio`: the same renders captioned "a photo of a ⟨colour⟩ ⟨body⟩ toy on a ⟨background⟩ background"; one
   word replaced by a wrong one ÷ every word right. Which words the UNet uses, at which noise.
+- `text_swap`: the same swaps seen by the text tower alone: RMS change of the context (all rows) when the word
+  is replaced ÷ RMS distance of the right context from the empty prompt's. 0 means the tower cannot tell the
+  words apart, so no UNet could follow them; a swap ratio of 1 with a text swap well above 0 means the UNet
+  does not read what the tower gives it.
 - `context_rows`: the RMS change of the UNet's output (over `draws` noise draws) when one row of the context of
   `PROMPT` is replaced by the empty prompt's row, for each row up to EOS, then for all padding rows together.
   Which rows of the context it reads.
@@ -82,6 +86,12 @@ def diagnose(model, renders: int = 200, seed: int = 0, draws: int = 16) -> dict:
     out["swap_ratio"] = _ratios(
         model, z, fixed, {which: model.encode_prompts(_swapped(labels, which)) for which in SWAPS}, noise
     )
+    empty = model.encode_prompts([""])
+    scale = float((fixed - empty).pow(2).mean().sqrt())
+    out["text_swap"] = {
+        which: round(float((model.encode_prompts(_swapped(labels, which)) - fixed).pow(2).mean().sqrt()) / scale, 4)
+        for which in SWAPS
+    }
     out["context_rows"] = context_rows(model, PROMPT, draws, seed)
     out.update({"renders": renders, "draws": draws, "seed": seed, "timesteps": list(TIMESTEPS)})
     return out
