@@ -132,6 +132,10 @@ def test_model_name_resolves():
     assert models.model_path("instances") == models.WEIGHTS_DIR / "instances.safetensors"
 
 
+# a pretraining run small enough for a test: every stage (VAE, CLIP text tower, UNet) runs a few steps
+TINY = dict(n_instances=6, views=2, vae_steps=2, vae_batch=4, clip_steps=2, clip_batch=4, steps=2, batch=2)
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -146,8 +150,8 @@ def tiny_model(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-instances")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    s = ipretrain.Settings(n_instances=6, views=2, vae_steps=2, vae_batch=4, steps=2, batch=2)
-    ipretrain.pretrain(s, tmp / "work", tmp / "tiny.safetensors", tmp / "log.csv", tmp / "loss.png")
+    s = ipretrain.Settings(**TINY)
+    ipretrain.pretrain(s, tmp / "work", tmp / "tiny.safetensors", tmp / "log.csv", tmp / "loss.png", snapshots=(1,))
     torch.set_num_threads(threads)
     return tmp / "tiny.safetensors"
 
@@ -156,7 +160,7 @@ def test_pretrain_resumes_bit_identically(tmp_path, monkeypatch, one_thread):
     """A run stopped after a saved step and started again ends in the same file as an uninterrupted one."""
     from experiments.shapes import pretrain as base
 
-    s = ipretrain.Settings(n_instances=6, views=2, vae_steps=2, vae_batch=4, steps=4, batch=2)
+    s = ipretrain.Settings(**{**TINY, "steps": 4})
     saved = []
     real_save = base._save_state
 
@@ -184,8 +188,55 @@ def test_pretrain_resumes_bit_identically(tmp_path, monkeypatch, one_thread):
         ipretrain.pretrain(replace(s, steps=5), tmp_path / "work", tmp_path / "c.safetensors", **kw)
     (tmp_path / "work" / "diffusion.pt").unlink()  # the VAE alone is reused by a run with other diffusion settings
     ipretrain.pretrain(replace(s, steps=3), tmp_path / "work", tmp_path / "c.safetensors", **kw)
-    with pytest.raises(ipretrain.WorkFolderError, match="other settings"):
+    with pytest.raises(ipretrain.WorkFolderError, match="holds vae.pt, diffusion.pt of a run with other settings"):
         ipretrain.pretrain(replace(s, vae_steps=3), tmp_path / "work", tmp_path / "d.safetensors", **kw)
+    with pytest.raises(ipretrain.WorkFolderError, match="holds text.pt, diffusion.pt of a run with other settings"):
+        ipretrain.pretrain(replace(s, steps=3, clip_lr=1e-4), tmp_path / "work", tmp_path / "d.safetensors", **kw)
+
+
+def test_text_tower_is_clip_trained_then_frozen(tiny_model, one_thread):
+    """The UNet trains against the text tower the CLIP stage left (SD's frozen encoder): the model file holds
+    exactly the text tower of the work folder's text.pt, and the contrastive stage moved it from its start."""
+    from experiments.instances import textclip
+    from experiments.instances.config import instances
+    from experiments.shapes import pretrain as base
+    from ldm.checkpoint import load_model
+    from ldm.pipeline import build_modules, build_tokenizer
+
+    saved = torch.load(tiny_model.parent / "work" / "text.pt", weights_only=False)["text"]
+    for path in (tiny_model, tiny_model.with_name("tiny.step1.safetensors")):  # the model and its snapshot
+        text = load_model(path).text_encoder.state_dict()
+        assert saved.keys() == text.keys()
+        assert all(torch.equal(saved[k].half(), text[k].half()) for k in saved)
+
+    # 100 steps of the contrastive loss on 16 renders learn to pick each one's caption out of the 16 (chance 1/16)
+    torch.manual_seed(0)
+    cfg = instances()
+    _, _, tower = build_modules(cfg)
+    tokens = base.CaptionTokens(build_tokenizer(cfg), world.caption_words())
+    images_u8, labels = world.generate(16, 1)
+    words = tower.token_embedding.weight.detach()[torch.tensor(tokens.vocab)].clone()
+    before = words.clone()
+    acc = textclip.train_text(
+        tower, words, tokens, world.to_tensor(images_u8), labels, world.caption, 100, 16, 3e-3, 0, base.TrainLog()
+    )
+    assert acc > 0.5 and not torch.equal(words, before)
+
+
+@pytest.mark.parametrize("argv", [["--snapshots", "x"], ["--steps", "10", "--snapshots", "5,20"]])
+def test_pretrain_refuses_bad_snapshots_in_one_line(argv, capsys):
+    assert ipretrain.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --snapshots"), err
+
+
+def test_pooled_is_the_first_eos_row():
+    from experiments.instances import textclip
+    from ldm.tokenizer import BOS_ID, EOS_ID
+
+    ids = torch.tensor([[BOS_ID, 5, EOS_ID, EOS_ID], [BOS_ID, 5, 6, EOS_ID]])
+    context = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    assert torch.equal(textclip.pooled(context, ids), torch.stack([context[0, 2], context[1, 3]]))
 
 
 @pytest.mark.skipif(not judge.JUDGE_PATH.is_file(), reason="the instances judge is not shipped in this checkout")
@@ -503,6 +554,15 @@ def test_diagnose_tells_a_model_that_reads_its_context_from_one_that_does_not(ti
     assert all(r == 1.0 for t in blind["swap_ratio"].values() for r in t.values())
     assert set(blind["caption_ratio"].values()) == {1.0}
     assert all(v == 0.0 for t in blind["context_rows"].values() for v in t.values())
+    assert all(v > 0 for v in blind["text_swap"].values())  # the tower still tells the words apart
+
+    # a text tower whose colour words share one row cannot tell them apart, whatever the UNet does
+    table = model.text_encoder.token_embedding.weight
+    colours = [model.tokenizer.encode(c) for c in world.COLOUR_NAMES]
+    assert all(len(ids) == 1 for ids in colours)
+    table.data[[ids[0] for ids in colours]] = table.data[colours[0][0]].clone()
+    deaf = diagnose.diagnose(model, renders=4, draws=2)
+    assert deaf["text_swap"]["colour"] == 0.0 and deaf["text_swap"]["body"] > 0
 
 
 def test_diagnose_refuses_bad_settings_in_one_line(tmp_path, capsys):

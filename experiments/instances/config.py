@@ -1,4 +1,5 @@
-"""The instances model's configuration: the shapes model's SD1 classes with a wider, deeper autoencoder."""
+"""The instances model's configuration: the shapes model's SD1 classes with an f=2 autoencoder, a three-level
+UNet and v-prediction (experiments/instances/README.md: § "The f=2 autoencoder passes the gate" and after)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,27 @@ from experiments.shapes.config import shapes
 from ldm.config import ModelConfig
 
 NAME = "instances"
-Z_CHANNELS = 8  # 8×8×8 latents: an object's identity survives them (README: autoencoder study)
-UNET_WIDTH = 96  # 64 (the shapes UNet) barely used the captions here (README: text conditioning)
-# SD's schedule ends at ᾱ_T = 4.7e-3: √ᾱ_T · ‖white − black background latents‖ = 0.068 · 45 ≈ 3 σ, so the UNet
-# read the background (and the body's colour) from the noise itself and ignored the caption, and at sampling the
-# seed chose them. 0.025 leaves ᾱ_T = 4e-5 (≈ 0.3 σ). README: "The noise chose the background".
+Z_CHANNELS = 4  # 16×16×4 latents (f=2): the UNet draws an instance back from them, 8×8×8 lost its details
+UNET_WIDTH = 64  # × channel_mult 1,2,3: a cheap 16×16 level for pixel detail, 128 at 8×8, 192 at 4×4
+# SD's schedule ends at ᾱ_T = 4.7e-3, where a background still shows ≈ 3 σ above the noise and the UNet reads it
+# from x_T instead of the caption. 0.025 leaves ᾱ_T = 4e-5. README: "The noise chose the background".
 LINEAR_END = 0.025
 
 
 def instances(scale_factor: float = 1.0) -> ModelConfig:
-    """32 px, f=4 like shapes, but 8 latent channels and one residual block per VAE level for the finer detail,
-    and a 96-wide UNet."""
+    """32 px, an f=2 autoencoder (one residual block per level, 4 latent channels), a 64-wide UNet with levels
+    1,2,3 and attention at 8×8 and 4×4, v-prediction (ε-MSE weighs the high-noise steps where a caption decides
+    colour and background by SNR ≈ 0; v by SNR + 1)."""
     base = shapes(scale_factor)
-    vae = {"ddconfig": {**base.vae["ddconfig"], "num_res_blocks": 1, "z_channels": Z_CHANNELS}, "embed_dim": Z_CHANNELS}
-    unet = {**base.unet, "in_channels": Z_CHANNELS, "out_channels": Z_CHANNELS, "model_channels": UNET_WIDTH}
-    return base.with_(name=NAME, vae=vae, unet=unet, linear_end=LINEAR_END)
+    ddconfig = {**base.vae["ddconfig"], "ch_mult": [1, 1], "num_res_blocks": 1, "z_channels": Z_CHANNELS}
+    unet = {
+        **base.unet,
+        "image_size": 16,
+        "in_channels": Z_CHANNELS,
+        "out_channels": Z_CHANNELS,
+        "model_channels": UNET_WIDTH,
+        "channel_mult": [1, 2, 3],
+        "attention_resolutions": [2, 4],
+    }
+    vae = {"ddconfig": ddconfig, "embed_dim": Z_CHANNELS}
+    return base.with_(name=NAME, vae=vae, unet=unet, linear_end=LINEAR_END, parameterization="v")

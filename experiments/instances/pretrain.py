@@ -1,4 +1,4 @@
-"""Pretrain the instances LDM from scratch on CPU, resumably: VAE, cached latents, then UNet + text tower.
+"""Pretrain the instances LDM on CPU, resumably: VAE, cached latents, a CLIP-trained text tower, then the UNet.
 
     python -m experiments.instances.pretrain [--seed 0] [--steps N] [--work .cache/pretrain-instances]
 
@@ -10,14 +10,15 @@ Writes weights/instances.safetensors (fp16, the original single-file layout with
 weights/instances-train-log.csv, experiments/instances/pretrain-loss.png and, with the judge present,
 experiments/instances/pretrain-metrics.json.
 
-Status: no model of this recipe is shipped yet. The autoencoder defaults (f=4, 8 latent channels, 2,000 steps)
-come from experiments/instances/README.md's study: the first recipe's (4 channels, 500 steps) kept too little
-of an object's identity (judge.autoencoder_reconstruction 0.62, chance 0.5), this design kept 0.96.
+Status: no model of this recipe is shipped yet. The recipe (README § "The pretraining runs"): an f=2 autoencoder
+(16×16×4 latents; 1,000 steps), a text tower CLIP-trained on the renders and their captions and then frozen
+(textclip.py), and a 64-wide three-level UNet with v-prediction (config.py), 2,000 steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from experiments.instances import world
-from experiments.instances.config import instances
+from experiments.instances.config import NAME, instances
 from experiments.shapes import pretrain as base
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,19 @@ class Settings:
     seed: int = 0
     n_instances: int = 4000
     views: int = 3
-    vae_steps: int = 2000
+    vae_steps: int = 1000
     vae_batch: int = 16
     vae_lr: float = 3e-3
     kl_weight: float = 1e-5
-    steps: int = 4000
+    steps: int = 2000
     batch: int = 24
     lr: float = 1e-3
     warmup: int = 200
     ema: float = 0.995
     snr_gamma: float = 0.0
+    clip_steps: int = 1000  # 0: the text tower learns with the UNet; else CLIP-trained first, then frozen
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
 
 
 class WorkFolderError(ValueError):
@@ -69,20 +73,26 @@ class WorkFolderError(ValueError):
 
 
 VAE_FIELDS = ("seed", "n_instances", "views", "vae_steps", "vae_batch", "vae_lr", "kl_weight")
+TEXT_FIELDS = ("seed", "n_instances", "views", "clip_steps", "clip_batch", "clip_lr")
 
 
 def _check_work(work: Path, s: Settings) -> None:
-    """The work folder belongs to these settings, or is new, or holds only a VAE trained with these VAE settings
-    (then the diffusion stage starts fresh with the new ones)."""
+    """The work folder belongs to these settings, or is new, or holds only stages trained with these settings: a
+    VAE and a CLIP-trained text tower are reused when their own fields agree, and the diffusion stage starts
+    fresh with the new ones."""
     work.mkdir(parents=True, exist_ok=True)
     marker = work / "settings.json"
     want = asdict(s)
     if marker.is_file():
         have = json.loads(marker.read_text())
-        vae_same = all(have.get(k) == want[k] for k in VAE_FIELDS)
-        if have != want and (not vae_same or (work / "diffusion.pt").is_file()):
+        stale = [
+            name
+            for name, fields in (("vae.pt", VAE_FIELDS), ("text.pt", TEXT_FIELDS), ("diffusion.pt", tuple(want)))
+            if (work / name).is_file() and any(have.get(k) != want[k] for k in fields)
+        ]
+        if stale:
             raise WorkFolderError(
-                f"--work {work} holds a run with other settings ({marker.read_text()}); "
+                f"--work {work} holds {', '.join(stale)} of a run with other settings ({marker.read_text()}); "
                 "give another --work or delete it"
             )
     marker.write_text(json.dumps(want, sort_keys=True))
@@ -95,8 +105,10 @@ def pretrain(
     log_path: Path = LOG_PATH,
     plot_path: Path = PLOT_PATH,
     save_every: int = 250,
+    snapshots: tuple[int, ...] = (),
 ):
-    """World → VAE (kept in `work`) → cached latents → UNet + text (resumable) → EMA model → file."""
+    """World → VAE (kept in `work`) → cached latents → text tower (CLIP, kept) → UNet (resumable) → EMA model
+    → file; the EMA model also at each step of `snapshots`, next to `out` as <stem>.step<N>.safetensors."""
     from ldm.pipeline import build_modules, build_tokenizer
     from ldm.schedule import Schedule
 
@@ -133,9 +145,24 @@ def pretrain(
     cfg = cfg.with_(scale_factor=round(float(1.0 / sample_z.std()), 5))
     log.info("latent std %.4f → scale_factor %.5f", float(sample_z.std()), cfg.scale_factor)
     tokens = base.CaptionTokens(build_tokenizer(cfg), world.caption_words())
+    if s.clip_steps:
+        _text_stage(text, tokens, images, labels, s, tlog, work / "text.pt")
     diff = base.Settings(
-        seed=s.seed, steps=s.steps, batch=s.batch, lr=s.lr, warmup=s.warmup, ema=s.ema, snr_gamma=s.snr_gamma
+        seed=s.seed,
+        steps=s.steps,
+        batch=s.batch,
+        lr=s.lr,
+        warmup=s.warmup,
+        ema=s.ema,
+        snr_gamma=s.snr_gamma,
+        snapshots=snapshots,
     )
+
+    def snapshot(step: int, modules) -> None:
+        path = out.with_name(f"{out.stem}.step{step}.safetensors")
+        base.save_model(base.assemble(cfg, copy.deepcopy(modules[0]), vae, copy.deepcopy(modules[1])), path, NAME)
+        log.info("snapshot %s", path)
+
     unet, text = base.train_diffusion(
         unet,
         text,
@@ -147,18 +174,48 @@ def pretrain(
         cfg.scale_factor,
         diff,
         tlog,
+        snapshot=snapshot,
         caption=world.caption,
         resume=work / "diffusion.pt",
         save_every=save_every,
+        train_text=not s.clip_steps,
     )
     model = base.assemble(cfg, unet, vae, text)
     out.parent.mkdir(parents=True, exist_ok=True)
-    base.save_model(model, out, "instances")
+    base.save_model(model, out, NAME)
     tlog.write(log_path)
     tlog.plot(plot_path)
     seconds = tlog.rows[-1][4] if tlog.rows else time.time() - t0
     log.info("saved %s (%.1f MB); %.0f s of logged training in this process", out, out.stat().st_size / 1e6, seconds)
     return model
+
+
+def _text_stage(text, tokens, images, labels, s: Settings, tlog, path: Path) -> None:
+    """The text tower CLIP-trained on the renders and their captions (textclip.py), kept in the work folder."""
+    from experiments.instances import textclip
+
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        text.load_state_dict(saved["text"])
+        tlog.rows += saved["log"]
+        log.info("text tower resumed from %s", path)
+        return
+    vocab = torch.tensor(tokens.vocab)
+    words = text.token_embedding.weight.detach()[vocab].clone()
+    start = len(tlog.rows)
+    acc = textclip.train_text(
+        text, words, tokens, images, labels, world.caption, s.clip_steps, s.clip_batch, s.clip_lr, s.seed, tlog
+    )
+    with torch.no_grad():
+        text.token_embedding.weight[vocab] = words
+    log.info(
+        "text tower: caption retrieval within a batch of %d %.0f %% (chance %.1f %%)",
+        s.clip_batch,
+        100 * acc,
+        100 / s.clip_batch,
+    )
+    torch.save({"text": text.state_dict(), "log": tlog.rows[start:]}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
 
 
 @torch.no_grad()
@@ -212,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--views", type=int, default=d.views)
     p.add_argument("--work", default=str(WORK), help="resumable state (VAE, diffusion checkpoints)")
     p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--snapshots", default="", help="comma-separated steps at which to save the EMA model too")
     p.add_argument("--out", default=str(MODEL_PATH))
     p.add_argument("--log", default=str(LOG_PATH))
     p.add_argument("--plot", default=str(PLOT_PATH))
@@ -232,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         if value < lo:
             print(f"error: {name}={value} must be ≥ {lo}", file=sys.stderr)
             return 2
+    try:
+        snapshots = tuple(sorted({int(v) for v in a.snapshots.split(",") if v.strip()}))
+    except ValueError:
+        print(f"error: --snapshots {a.snapshots!r} must be comma-separated step numbers", file=sys.stderr)
+        return 2
+    if any(not 1 <= v <= a.steps for v in snapshots):
+        print(f"error: --snapshots {a.snapshots!r}: each step must lie in 1…--steps ({a.steps})", file=sys.stderr)
+        return 2
     if a.n_instances > world.HELD_OUT_BASE:
         print(
             f"error: --n-instances={a.n_instances} must be ≤ {world.HELD_OUT_BASE} (held-out ids start there)",
@@ -254,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = json.loads(Path(a.metrics).read_text()) if Path(a.metrics).is_file() else {}
     else:
         try:
-            model = pretrain(s, Path(a.work), Path(a.out), Path(a.log), Path(a.plot), a.save_every)
+            model = pretrain(s, Path(a.work), Path(a.out), Path(a.log), Path(a.plot), a.save_every, snapshots)
         except WorkFolderError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -242,6 +242,7 @@ def train_diffusion(
     caption=world.caption,
     resume: Path | None = None,
     save_every: int = 0,
+    train_text: bool = True,
 ) -> tuple[nn.Module, nn.Module]:
     """Joint ε-MSE training with EMA weights; returns the EMA copies.
 
@@ -249,20 +250,28 @@ def train_diffusion(
     back at the end); the other rows keep their initialisation, exactly as a full-table run would leave them.
     `caption(label, rng)` writes a label's caption. With `resume`, the whole training state (weights, EMA,
     optimiser, both random streams, the log) is saved there every `save_every` steps and training continues
-    from it when the file exists.
+    from it when the file exists. With `train_text` False the text tower and its rows stay as given (SD's frozen
+    text encoder) and only the UNet learns.
     """
     g = torch.Generator().manual_seed(s.seed + 2)
     rng = np.random.default_rng(s.seed + 3)
     table = text.token_embedding.weight
     vocab = torch.tensor(tokens.vocab)
-    words = nn.Parameter(table.detach()[vocab].clone())
+    words = nn.Parameter(table.detach()[vocab].clone(), requires_grad=train_text)
     table.requires_grad_(False)
+    if not train_text:
+        text.requires_grad_(False)
     text_names = [n for n, p in text.named_parameters() if p.requires_grad]
-    params = list(unet.parameters()) + [dict(text.named_parameters())[n] for n in text_names] + [words]
+    params = (
+        list(unet.parameters())
+        + [dict(text.named_parameters())[n] for n in text_names]
+        + ([words] if train_text else [])
+    )
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     ema_words = words.detach().clone()
-    ema_params = list(ema_unet.parameters()) + [dict(ema_text.named_parameters())[n] for n in text_names] + [ema_words]
+    ema_params = list(ema_unet.parameters()) + [dict(ema_text.named_parameters())[n] for n in text_names]
+    ema_params += [ema_words] if train_text else []
     unet.train()
     text.train()
     T = schedule.num_timesteps
@@ -274,7 +283,13 @@ def train_diffusion(
     if resume is not None and resume.is_file():
         start = _load_state(resume, unet, text, words, opt, ema_unet, ema_text, ema_words, g, rng, tlog)
         log.info("resumed %s at step %d", resume, start)
-    bar = tqdm(range(start, s.steps), desc="UNet + text", dynamic_ncols=True, initial=start, total=s.steps)
+    bar = tqdm(
+        range(start, s.steps),
+        desc="UNet + text" if train_text else "UNet",
+        dynamic_ncols=True,
+        initial=start,
+        total=s.steps,
+    )
     for step in bar:
         lr = lr_at(step, s.steps, s.lr, s.warmup)
         for group in opt.param_groups:
@@ -285,7 +300,8 @@ def train_diffusion(
         x0 = z * scale_factor
         t = torch.randint(T, (s.batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        context = text(words[tokens.rows(tokens(captions))])
+        with torch.set_grad_enabled(train_text):
+            context = text(words[tokens.rows(tokens(captions))])
         out = unet(schedule.q_sample(x0, t, noise), t, context)
         target = schedule.prediction.target(x0, noise, t)
         if weights is None:
