@@ -518,6 +518,20 @@ def test_speed_refuses_bad_settings_in_one_line(argv, capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("error: ") and argv[0] in err[0], err
 
 
+class _WienerUNet(torch.nn.Module):
+    """Predicts, in the schedule's parameterization, the per-channel Wiener filter's clean latent."""
+
+    def __init__(self, schedule, mean, var):
+        super().__init__()
+        self.schedule = schedule
+        self.mean, self.var = (torch.nn.Parameter(v, requires_grad=False) for v in (mean, var))  # the model's device
+
+    def forward(self, x, t, context):
+        a, s = self.schedule.coefficients(t, x)
+        x0 = self.mean + a * self.var / (a * a * self.var + s * s) * (x - a * self.mean)
+        return (a * x - x0) / s  # v, whose x₀ is a·x_t − s·v
+
+
 class _Blind(torch.nn.Module):
     """A UNet that never sees its context (it is given zeros)."""
 
@@ -563,6 +577,19 @@ def test_diagnose_tells_a_model_that_reads_its_context_from_one_that_does_not(ti
     table.data[[ids[0] for ids in colours]] = table.data[colours[0][0]].clone()
     deaf = diagnose.diagnose(model, renders=4, draws=2)
     assert deaf["text_swap"]["colour"] == 0.0 and deaf["text_swap"]["body"] > 0
+
+    # denoise_error: a UNet that answers with the Wiener filter's clean latent scores exactly the filter's error
+    errors = seeing["denoise_error"]
+    assert list(errors) == [str(t) for t in diagnose.DENOISE_TIMESTEPS]
+    snrs = [e["snr"] for e in errors.values()]
+    assert snrs == sorted(snrs, reverse=True) and all(0 < e["wiener"] < 1 for e in errors.values())
+    images, _ = world.generate(4, 1, base=diagnose.RENDER_BASE)
+    z = model.encode_images(world.to_tensor(images), sample=False)
+    assert model.config.parameterization == "v"  # _WienerUNet answers in v
+    model.unet = _WienerUNet(model.schedule, z.mean(dim=(0, 2, 3), keepdim=True), z.var(dim=(0, 2, 3), keepdim=True))
+    filtered = diagnose.diagnose(model, renders=4, draws=2)["denoise_error"]
+    assert all(abs(e["unet"] - e["wiener"]) < 1e-3 for e in filtered.values()), filtered
+    assert filtered["20"]["unet"] < filtered["800"]["unet"]
 
 
 def test_diagnose_refuses_bad_settings_in_one_line(tmp_path, capsys):
