@@ -57,7 +57,7 @@ class Settings:
     vae_batch: int = 16
     vae_lr: float = 3e-3
     kl_weight: float = 1e-5
-    steps: int = 2000
+    steps: int = 4000
     batch: int = 24
     lr: float = 1e-3
     warmup: int = 200
