@@ -7,7 +7,7 @@ from experiments.shapes.config import shapes
 from ldm.config import ModelConfig
 
 NAME = "instances"
-Z_CHANNELS = 12  # 16×16×12 latents (f=2), as many numbers as pixels: 4 channels turned small errors into speckles
+Z_CHANNELS = 12  # 16×16×12 latents (f=2), as many numbers as pixels: 1.7× more forgiving of errors than 4
 UNET_WIDTH = 64  # × channel_mult 1,2,3: a cheap 16×16 level for pixel detail, 128 at 8×8, 192 at 4×4
 # SD's schedule ends at ᾱ_T = 4.7e-3, where a background still shows ≈ 3 σ above the noise and the UNet reads it
 # from x_T instead of the caption. 0.025 leaves ᾱ_T = 4e-5. README: "The noise chose the background".
