@@ -519,7 +519,7 @@ def test_speed_refuses_bad_settings_in_one_line(argv, capsys, tmp_path):
 
 
 class _WienerUNet(torch.nn.Module):
-    """Predicts, in the schedule's parameterization, the per-channel Wiener filter's clean latent."""
+    """Answers in v with the per-channel Wiener filter's clean latent (diagnose.wiener_x0)."""
 
     def __init__(self, schedule, mean, var):
         super().__init__()
@@ -527,9 +527,10 @@ class _WienerUNet(torch.nn.Module):
         self.mean, self.var = (torch.nn.Parameter(v, requires_grad=False) for v in (mean, var))  # the model's device
 
     def forward(self, x, t, context):
+        from experiments.instances.diagnose import wiener_x0
+
         a, s = self.schedule.coefficients(t, x)
-        x0 = self.mean + a * self.var / (a * a * self.var + s * s) * (x - a * self.mean)
-        return (a * x - x0) / s  # v, whose x₀ is a·x_t − s·v
+        return (a * x - wiener_x0(x, a, s, self.mean, self.var)) / s  # v, whose x₀ is a·x_t − s·v
 
 
 class _Blind(torch.nn.Module):

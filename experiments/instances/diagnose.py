@@ -115,13 +115,19 @@ def denoise_error(model, z: torch.Tensor, context: torch.Tensor, noise: torch.Te
         x_t = schedule.q_sample(z, t, noise)
         a, s = schedule.coefficients(t, z)
         x0 = schedule.prediction.to_x0(model.unet(x_t, torch.full((len(z),), t), context), x_t, t)
-        wiener = mean + a * var / (a * a * var + s * s) * (x_t - a * mean)
+        wiener = wiener_x0(x_t, a, s, mean, var)
         out[str(t)] = {
             "snr": round(float((a * a / (s * s)).flatten()[0]), 4),
             "unet": round(float((x0 - z).pow(2).mean()) / scale, 4),
             "wiener": round(float((wiener - z).pow(2).mean()) / scale, 4),
         }
     return out
+
+
+def wiener_x0(x_t: torch.Tensor, a, s, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """The per-channel Wiener filter's clean latent from x_t = a·x₀ + s·ε, given the latents' channel means and
+    variances: the best linear guess."""
+    return mean + a * var / (a * a * var + s * s) * (x_t - a * mean)
 
 
 @torch.no_grad()
