@@ -223,11 +223,13 @@ def test_text_tower_is_clip_trained_then_frozen(tiny_model, one_thread):
     assert acc > 0.5 and not torch.equal(words, before)
 
 
-@pytest.mark.parametrize("argv", [["--snapshots", "x"], ["--steps", "10", "--snapshots", "5,20"]])
-def test_pretrain_refuses_bad_snapshots_in_one_line(argv, capsys):
+@pytest.mark.parametrize(
+    "argv", [["--snapshots", "x"], ["--steps", "10", "--snapshots", "5,20"], ["--snr-gamma", "-1"]]
+)
+def test_pretrain_refuses_bad_settings_in_one_line(argv, capsys):
     assert ipretrain.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --snapshots"), err
+    assert len(err) == 1 and err[0].startswith(f"error: {argv[-2]}"), err
 
 
 def test_pooled_is_the_first_eos_row():

@@ -134,6 +134,29 @@ def test_pretrain_is_deterministic_and_writes_a_loadable_single_file_checkpoint(
     assert (tmp_path / "a.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_min_snr_weights_cap_the_x0_weight_of_either_prediction_at_gamma(parameterization):
+    """Weighted MSE of the prediction = min(own x₀ weight, γ) · x₀-MSE, whether the UNet predicts ε or v."""
+    from experiments.shapes import pretrain
+    from ldm.schedule import Schedule
+
+    schedule = Schedule.scaled_linear(parameterization=parameterization)
+    assert pretrain.loss_weights(schedule, 0.0) is None
+    weights = pretrain.loss_weights(schedule, 5.0)
+    pred = schedule.prediction
+    x0, noise, wrong = torch.randn(3, 1000, 4, 8, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    t = torch.arange(1000)
+    x_t = schedule.q_sample(x0, t, noise)
+    a, s = schedule.coefficients(t, x0)
+    guess = pred.target(wrong, (x_t - a * wrong) / s, t)  # the prediction at x_t whose clean latent is `wrong`
+    target = pred.target(x0, noise, t)
+    assert torch.allclose(pred.to_x0(guess, x_t, t), wrong, atol=1e-3)
+    loss, x0_error = (guess - target).pow(2).mean(dim=(1, 2, 3)), (wrong - x0).pow(2).mean(dim=(1, 2, 3))
+    own = loss / x0_error  # the prediction's own weight on the x₀ error, measured: SNR for ε, SNR + 1 for v
+    assert float(own.min()) > 0.99 if parameterization == "v" else float(own[-1]) < 0.01
+    assert torch.allclose(loss * weights, own.clamp(max=5.0) * x0_error, rtol=1e-3)
+
+
 def _held_out_row(sd: dict[str, torch.Tensor]) -> torch.Tensor:
     from experiments.shapes.config import shapes
     from ldm.pipeline import build_tokenizer

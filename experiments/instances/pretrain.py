@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=d.steps, help="UNet + text steps")
     p.add_argument("--vae-steps", type=int, default=d.vae_steps)
     p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="Min-SNR-γ loss weighting (0: plain MSE)")
     p.add_argument("--n-instances", type=int, default=d.n_instances)
     p.add_argument("--views", type=int, default=d.views)
     p.add_argument("--work", default=str(WORK), help="resumable state (VAE, diffusion checkpoints)")
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--views", a.views, 1),
         ("--threads", a.threads, 1),
         ("--save-every", a.save_every, 1),
+        ("--snr-gamma", a.snr_gamma, 0),
     ):
         if value < lo:
             print(f"error: {name}={value} must be ≥ {lo}", file=sys.stderr)
@@ -307,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(a.threads)
     s = Settings(
-        seed=a.seed, steps=a.steps, vae_steps=a.vae_steps, batch=a.batch, n_instances=a.n_instances, views=a.views
+        seed=a.seed,
+        steps=a.steps,
+        vae_steps=a.vae_steps,
+        batch=a.batch,
+        n_instances=a.n_instances,
+        views=a.views,
+        snr_gamma=a.snr_gamma,
     )
     t0 = time.time()
     if a.eval_only:

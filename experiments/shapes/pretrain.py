@@ -227,6 +227,17 @@ class CaptionTokens:
         return r
 
 
+def loss_weights(schedule, gamma: float) -> torch.Tensor | None:
+    """Min-SNR-γ (Hang et al. 2023) per timestep, or None for the plain MSE (γ = 0): the prediction's own weight on
+    the x₀ error — SNR for ε (ε-MSE = SNR · x₀-MSE), SNR + 1 for v — capped at γ. For ε that is min(SNR, γ) / SNR;
+    for v, min(SNR + 1, γ) / (SNR + 1) keeps weight 1 at high noise, where a caption decides colour and background."""
+    if gamma <= 0:
+        return None
+    snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
+    own = snr + 1 if schedule.prediction.name == "v" else snr
+    return (own.clamp(max=gamma) / own).float()
+
+
 def train_diffusion(
     unet: nn.Module,
     text: nn.Module,
@@ -275,10 +286,7 @@ def train_diffusion(
     unet.train()
     text.train()
     T = schedule.num_timesteps
-    weights = None
-    if s.snr_gamma > 0:  # Min-SNR-γ weighting for ε-prediction (Hang et al. 2023): min(SNR, γ) / SNR
-        snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
-        weights = (snr.clamp(max=s.snr_gamma) / snr).float()
+    weights = loss_weights(schedule, s.snr_gamma)
     start = 0
     if resume is not None and resume.is_file():
         start = _load_state(resume, unet, text, words, opt, ema_unet, ema_text, ema_words, g, rng, tlog)
