@@ -27,6 +27,10 @@ class Prediction:
     def target(self, x0: Tensor, noise: Tensor, t: int | Tensor) -> Tensor:
         raise NotImplementedError
 
+    def x0_weight(self, snr: Tensor) -> Tensor:
+        """How the MSE of this prediction weighs an error of the clean latent at a signal-to-noise ratio."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -46,6 +50,9 @@ class EpsPrediction(Prediction):
     def target(self, x0: Tensor, noise: Tensor, t: int | Tensor) -> Tensor:
         return noise
 
+    def x0_weight(self, snr: Tensor) -> Tensor:
+        return snr  # ε-MSE = SNR · x₀-MSE
+
 
 class VPrediction(Prediction):
     """v-prediction (Salimans & Ho 2022): v = √ᾱ·ε − √(1−ᾱ)·x₀."""
@@ -63,6 +70,9 @@ class VPrediction(Prediction):
     def target(self, x0: Tensor, noise: Tensor, t: int | Tensor) -> Tensor:
         a, s = self.schedule.coefficients(t, x0)
         return a * noise - s * x0
+
+    def x0_weight(self, snr: Tensor) -> Tensor:
+        return snr + 1  # v-MSE = (SNR + 1) · x₀-MSE
 
 
 PREDICTIONS: dict[str, type[Prediction]] = {"eps": EpsPrediction, "v": VPrediction}

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=d.steps, help="UNet + text steps")
     p.add_argument("--vae-steps", type=int, default=d.vae_steps)
     p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="Min-SNR-γ loss weighting (0: plain MSE)")
+    p.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="Min-SNR-γ loss weighting (0: off)")
     p.add_argument("--n-instances", type=int, default=d.n_instances)
     p.add_argument("--views", type=int, default=d.views)
     p.add_argument("--work", default=str(WORK), help="resumable state (VAE, diffusion checkpoints)")

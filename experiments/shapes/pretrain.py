@@ -229,12 +229,11 @@ class CaptionTokens:
 
 def loss_weights(schedule, gamma: float) -> torch.Tensor | None:
     """Min-SNR-γ (Hang et al. 2023) per timestep, or None for the plain MSE (γ = 0): the prediction's own weight on
-    the x₀ error — SNR for ε (ε-MSE = SNR · x₀-MSE), SNR + 1 for v — capped at γ. For ε that is min(SNR, γ) / SNR;
+    the x₀ error (`Prediction.x0_weight`: SNR for ε, SNR + 1 for v) capped at γ. For ε that is min(SNR, γ) / SNR;
     for v, min(SNR + 1, γ) / (SNR + 1) keeps weight 1 at high noise, where a caption decides colour and background."""
     if gamma <= 0:
         return None
-    snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
-    own = snr + 1 if schedule.prediction.name == "v" else snr
+    own = schedule.prediction.x0_weight(schedule.alphas_cumprod / (1 - schedule.alphas_cumprod))
     return (own.clamp(max=gamma) / own).float()
 
 
