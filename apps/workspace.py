@@ -38,7 +38,7 @@ MAX_IMAGE_BYTES = 50 * 2**20
 MAX_EMBEDDING_BYTES = 16 * 2**20
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
-NOT_MODELS = ("shapes-judge.safetensors",)  # the shapes world's classifier, not a diffusion model
+NOT_MODELS = ("shapes-judge.safetensors", "instances-judge.safetensors")  # the offline worlds' judges: classifiers
 KEPT_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}  # copied byte for byte; others become PNG
 
 

@@ -82,6 +82,7 @@ def test_listings(ws):
     (ws.root / "weights" / "shapes.safetensors").write_bytes(b"")
     (ws.root / "weights" / "a.ckpt").write_bytes(b"")
     (ws.root / "weights" / "shapes-judge.safetensors").write_bytes(b"")
+    (ws.root / "weights" / "instances-judge.safetensors").write_bytes(b"")
     (ws.root / "weights" / "notes.txt").write_text("")
     (ws.root / "weights" / "sd-diffusers").mkdir()
     (ws.root / "weights" / "sd-diffusers" / "model_index.json").write_text("{}")
