@@ -28,7 +28,7 @@ help:
 	@echo "make bench                   oneword vs diffusers on the same random SD1.5-size weights [DEVICE=] [QUICK=1]"
 	@echo "make gpu-wheels              wheels for bash bench/gpu.sh on a bare GPU machine (into bench/wheels/)"
 	@echo "make clean                   remove outputs/ and the tool caches"
-	@echo "make pretrain-instances      train the instances model from scratch (not shipped yet; resumable; [SEED=] [STEPS=] [THREADS=])"
+	@echo "make pretrain-instances      train the instances model from scratch (≈ 45 min; resumable; [SEED=] [STEPS=] [THREADS=])"
 	@echo "make study-instances         the paper's phenomena on 8 held-out instances × 2 seeds → experiments/RESULTS.md"
 	@echo "make bench-concepts          time to concept: image-passes each training recipe needs on 8 instances"
 

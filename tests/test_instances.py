@@ -257,6 +257,47 @@ def test_shipped_judge_accuracy_reproduces():
     assert now["background_acc"] > 0.9
 
 
+needs_shipped_model = pytest.mark.skipif(
+    not (ipretrain.MODEL_PATH.is_file() and judge.JUDGE_PATH.is_file()),
+    reason="weights/instances.safetensors or its judge is not in this checkout (make pretrain-instances builds it)",
+)
+
+
+@needs_shipped_model
+def test_the_shipped_metrics_describe_the_shipped_weights(one_thread):
+    """pretrain-metrics.json (`make pretrain-instances`, judged on the file it wrote) is re-measured on the
+    committed file within pretrain.TOLERANCE."""
+    import ldm
+
+    shipped = json.loads(ipretrain.METRICS_PATH.read_text())
+    assert shipped["settings"] == asdict(ipretrain.Settings())  # the recipe's defaults built the shipped file
+    now = ipretrain.evaluate(ldm.load_model(ipretrain.MODEL_PATH), shipped["eval_per_prompt"])
+    for key, value in now.items():
+        assert abs(value - shipped[key]) <= ipretrain.TOLERANCE, (key, value, shipped[key])
+
+
+# Issue 13, item 6: concept 2 (a green plain round toy with ears and legs) is one whose word the shipped model
+# learns; the study measured its one-word reconstruction at 0.947 / 0.867 (seeds 0 / 1) against 0.539 for its
+# init word and 0.551 for its short caption. The margin is half the smaller measured lead (0.867 − 0.551).
+# Over all 8 concepts the lead is not a clear difference (README § "The 8×8×12 model ships").
+CI_CONCEPT, CI_MARGIN = 2, 0.15
+
+
+@needs_shipped_model
+def test_a_learned_word_beats_its_init_word_and_short_caption(tmp_path, one_thread):
+    """The study's unit on the shipped weights (the paper's recipe, 300 steps, seed 0; 32 samples per prompt,
+    fixed seeds): the learned word's reconstruction leads the init word's and the short caption's by CI_MARGIN."""
+    from experiments.instances import score, study
+    from inversion.train import train
+
+    cdir = study.concept_dir(tmp_path, CI_CONCEPT)
+    a = {"model": str(ipretrain.MODEL_PATH), "steps": study.STEPS, "batch": study.BATCH, "lr": study.LR}
+    train(study.train_config(cdir, tmp_path / "run", 0, a, study.STEPS))
+    r = score.score(cdir, tmp_path / "run", 32, seed=0)
+    lead = {k: r["reconstruction"] - r[k] for k in ("init_reconstruction", "caption_short")}
+    assert min(lead.values()) >= CI_MARGIN, (r, lead)
+
+
 class _IdentityVAE(torch.nn.Module):
     """encode(x).mean = x, decode(z) = z."""
 
@@ -402,6 +443,24 @@ def test_study_summarises_paired_units():
     assert s["pairs"]["one-word − long caption"] == pytest.approx((0.1, 0.0))  # the same gap in every unit
     assert s["pairs"]["three-words − one-word (reconstruction)"] == pytest.approx((-0.02, 0.0))
     assert s["curve"][25][0] == pytest.approx(0.7) and list(s["curve"]) == [0, 25]
+    said = study.verdicts(s)
+    assert said[0].endswith(": shown")  # one-word leads the init word, the short and the long caption in every unit
+    assert all(line.endswith("**not shown**") for line in said[1:3])  # more vectors: lower reconstruction here
+    assert said[3].endswith(": shown")  # regularised: lower reconstruction, higher editability in every unit
+    assert "**not shown**" in said[4] and "step 25" in said[4]  # the whole rise by step 25 (< 100)
+
+
+def test_study_verdicts_need_intervals_that_exclude_zero():
+    """A lead whose interval contains 0 is not shown; a curve shown rises clearly and reaches 90 % late."""
+    from experiments.instances import study
+
+    pairs = {"one-word − init word": (0.05, 0.16), "one-word − short caption": (0.1, 0.05)}
+    pairs["one-word − long caption"] = (0.1, 0.05)
+    pairs["curve: step 300 − step 0"] = (0.2, 0.1)
+    curve = {k: (0.5 + 0.2 * min(k, 200) / 200, 0.05) for k in range(0, 301, 25)}
+    said = study.verdicts({"pairs": pairs, "curve": curve})
+    assert said[0].endswith("**not shown**") and len(said) == 2
+    assert said[1].startswith("- (c)") and ": shown" in said[1] and "step 200" in said[1]
 
 
 def test_study_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model, one_thread, capsys, monkeypatch):

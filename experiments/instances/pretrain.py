@@ -10,9 +10,9 @@ Writes weights/instances.safetensors (fp16, the original single-file layout with
 weights/instances-train-log.csv, experiments/instances/pretrain-loss.png and, with the judge present,
 experiments/instances/pretrain-metrics.json.
 
-Status: no model of this recipe is shipped yet. The recipe (README § "The pretraining runs"): an f=2 autoencoder
-(16×16×4 latents; 1,000 steps), a text tower CLIP-trained on the renders and their captions and then frozen
-(textclip.py), and a 64-wide three-level UNet with v-prediction (config.py), 2,000 steps.
+The shipped model (README § "The 8×8×12 model ships"): an f=4 autoencoder (8×8×12 latents; 2,000 steps), a text
+tower CLIP-trained on the renders and their captions and then frozen (textclip.py), and a 64-wide two-level UNet
+with v-prediction (config.py), 8,000 steps.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ WORK = ROOT / ".cache" / "pretrain-instances"
 THREADS = 2
 EVAL_PER_PROMPT = 8  # samples per asked prompt in the judged evaluation (28 prompts)
 DENOISE_STRENGTHS = (0.2, 0.4, 0.6)  # judge.denoise_reconstruction: identity kept when denoising from there
+TOLERANCE = 0.05  # a re-measure of the shipped metrics on another machine (BLAS order, fp16 weights)
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,11 @@ class Settings:
     seed: int = 0
     n_instances: int = 4000
     views: int = 3
-    vae_steps: int = 1000
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_lr: float = 3e-3
     kl_weight: float = 1e-5
-    steps: int = 4000
+    steps: int = 8000
     batch: int = 24
     lr: float = 1e-3
     warmup: int = 200
@@ -184,7 +185,7 @@ def pretrain(
     out.parent.mkdir(parents=True, exist_ok=True)
     base.save_model(model, out, NAME)
     tlog.write(log_path)
-    tlog.plot(plot_path)
+    tlog.plot(plot_path, f"UNet: {cfg.parameterization}-MSE (text tower {'frozen' if s.clip_steps else 'trained'})")
     seconds = tlog.rows[-1][4] if tlog.rows else time.time() - t0
     log.info("saved %s (%.1f MB); %.0f s of logged training in this process", out, out.stat().st_size / 1e6, seconds)
     return model
@@ -319,27 +320,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.time()
     if a.eval_only:
-        from ldm import load_model
-
         if not Path(a.out).is_file():
             print(f"error: --out {a.out} does not exist; nothing to evaluate", file=sys.stderr)
             return 2
-        model = load_model(a.out)
         metrics = json.loads(Path(a.metrics).read_text()) if Path(a.metrics).is_file() else {}
     else:
         try:
-            model = pretrain(s, Path(a.work), Path(a.out), Path(a.log), Path(a.plot), a.save_every, snapshots)
+            pretrain(s, Path(a.work), Path(a.out), Path(a.log), Path(a.plot), a.save_every, snapshots)
         except WorkFolderError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         metrics = {"settings": asdict(s), "threads": a.threads, "wall_seconds_this_process": round(time.time() - t0, 1)}
     if not a.no_eval:
         from experiments.instances import judge
+        from ldm import load_model
 
         if not judge.JUDGE_PATH.is_file():
             log.warning("no judge at %s: skipping the judged evaluation", judge.JUDGE_PATH)
-        else:
-            metrics.update(evaluate(model), eval_per_prompt=EVAL_PER_PROMPT)
+        else:  # the file as written (fp16 weights): what the committed metrics and their test describe
+            metrics.update(evaluate(load_model(a.out)), eval_per_prompt=EVAL_PER_PROMPT)
     tmp = Path(a.metrics).with_suffix(".tmp")
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     tmp.replace(a.metrics)

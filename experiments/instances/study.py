@@ -195,7 +195,49 @@ def summarise(results: list[dict]) -> dict:
             pairs[f"{key} − one-word ({m})"] = interval([o[m] - b[m] for o, b in zip(by[key], base)])
     steps = sorted({int(s) for r in base for s in r.get("curve", {})})
     curve = {s: interval([r["curve"][str(s)] for r in base]) for s in steps}
+    if steps:
+        pairs[f"curve: step {steps[-1]} − step {steps[0]}"] = interval(
+            [r["curve"][str(steps[-1])] - r["curve"][str(steps[0])] for r in base]
+        )
     return {"n": len(base), "rows": rows, "pairs": pairs, "curve": curve}
+
+
+RISE_STEPS = 100  # (c): the curve keeps rising at least this long
+RISE_SHARE = 0.9  # … before it reaches this share of its whole rise
+
+
+def verdicts(s: dict) -> list[str]:
+    """Phenomena (a)–(c) of the study, each said as shown or not from the paired intervals alone: a difference is
+    shown when its 95 % interval excludes 0 in the expected direction."""
+
+    def shown(key: str, sign: int) -> bool:
+        m, h = s["pairs"].get(key, (float("nan"), float("nan")))
+        return sign * m - h > 0  # False for a missing or undefined interval (nan)
+
+    def say(ok: bool) -> str:
+        return "shown" if ok else "**not shown**"
+
+    a = all(shown(f"one-word − {o}", 1) for o in ("init word", "short caption", "long caption"))
+    out = [f"- (a) the learned word above its init word and both human captions: {say(a)}"]
+    for key, sign, what in (
+        ("two-words", 1, "2 vectors: higher reconstruction, lower editability"),
+        ("three-words", 1, "3 vectors: higher reconstruction, lower editability"),
+        ("regularised", -1, "regularised: lower reconstruction, higher editability"),
+    ):
+        if f"{key} − one-word (reconstruction)" in s["pairs"]:
+            ok = shown(f"{key} − one-word (reconstruction)", sign) and shown(f"{key} − one-word (editability)", -sign)
+            out.append(f"- (b) {what}: {say(ok)}")
+    steps = list(s["curve"])
+    if len(steps) > 1:
+        means = [s["curve"][k][0] for k in steps]
+        top = means[0] + RISE_SHARE * (max(means) - means[0])
+        reached = next(k for k, m in zip(steps, means) if m >= top)
+        ok = shown(f"curve: step {steps[-1]} − step {steps[0]}", 1) and reached >= RISE_STEPS
+        out.append(
+            f"- (c) the curve rises for ≥ {RISE_STEPS} steps: {say(ok)} (the mean curve reaches "
+            f"{RISE_SHARE:.0%} of its rise at step {reached})"
+        )
+    return out
 
 
 def fmt(mi: tuple[float, float]) -> str:
@@ -214,7 +256,8 @@ def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
         f"{a.steps} steps on `weights/instances.safetensors`; {a.samples} samples per prompt, fixed seeds. "
         "Reconstruction: the instance judge, fraction of (sample, lookalike) pairs in which the sample is nearer the "
         "concept's held-out renders (0.5 = no more than a caption's worth). Editability: the asked context present. "
-        f"Mean ± 95 % interval (t, n − 1). Written by the script in {seconds / 60:.0f} min.",
+        f"Mean ± 95 % interval (t, n − 1). Written by the script, whose last process ran {seconds / 60:.0f} min "
+        "(units kept under --work are read back, not rerun).",
         "",
         "| variant | reconstruction | editability |",
         "|---|---|---|",
@@ -231,6 +274,11 @@ def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
     lines += ["", "Paired differences (mean ± 95 % interval; an interval that excludes 0 is a clear difference):", ""]
     lines += ["| comparison | difference |", "|---|---|"]
     lines += [f"| {k} | {fmt(v)} |" for k, v in s["pairs"].items()]
+    lines += [
+        "",
+        "The paper's phenomena, as these intervals show them (why where not: experiments/instances/README.md):",
+    ]
+    lines += ["", *verdicts(s)]
     if s["curve"]:
         lines += ["", f"One-word reconstruction every {a.curve_every} steps ({a.curve_samples} samples each):", ""]
         lines += ["| step | " + " | ".join(str(k) for k in s["curve"]) + " |"]

@@ -96,14 +96,14 @@ class TrainLog:
             w.writerows([(p, s, f"{v:.6g}", f"{lr:.4g}", f"{t:.1f}") for p, s, v, lr, t in self.rows])
         os.replace(tmp, path)
 
-    def plot(self, path: Path) -> None:
+    def plot(self, path: Path, diffusion_title: str = "UNet + text: ε-MSE") -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
-        for ax, phase, title in zip(axes, ("vae", "diffusion"), ("VAE: L1 + L2 + KL", "UNet + text: ε-MSE")):
+        for ax, phase, title in zip(axes, ("vae", "diffusion"), ("VAE: L1 + L2 + KL", diffusion_title)):
             rows = [r for r in self.rows if r[0] == phase]
             if not rows:
                 continue
