@@ -211,8 +211,8 @@ def verdicts(s: dict) -> list[str]:
     shown when its 95 % interval excludes 0 in the expected direction."""
 
     def shown(key: str, sign: int) -> bool:
-        m, h = s["pairs"].get(key, (float("nan"), float("nan")))
-        return sign * m - h > 0  # False for a missing or undefined interval (nan)
+        m, h = s["pairs"][key]
+        return sign * m - h > 0  # False for an undefined interval (nan: one unit)
 
     def say(ok: bool) -> str:
         return "shown" if ok else "**not shown**"
