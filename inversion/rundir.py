@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inversion import initsearch
 from inversion.embedding import (
     InversionError,
     LearnedWords,
     atomic_write,
+    file_stem,
     load_failure,
     save_embedding_files,
     save_torch,
@@ -42,6 +44,9 @@ from ldm.images import image_grid
 log = logging.getLogger(__name__)
 
 EMBEDDING_FILES = ("embeddings.pt", "learned_embeds.safetensors")
+RUN_FILES = (*EMBEDDING_FILES, "args.json", "loss.csv", "loss.png", "state.pt", "stop.json", initsearch.FILE)
+STEP_FILE = r".+-step\d+\.(pt|safetensors)"  # steps/: the three files of every save
+GRID_FILE = r"val-step\d+\.png"  # samples/: validation grids
 STATE_KEYS = {"vectors", "optimizer", "scaler", "step", "skipped", "bad_in_row", "rng"}
 LossRow = tuple[int, float, float, int]  # step, loss, lr, skipped so far
 
@@ -172,6 +177,8 @@ class RunDir:
         run = cls(path)
         if resume:
             run.remove_stale_temp_files()
+        elif path.is_dir():
+            run.remove_earlier_run()
         return run
 
     # -- reading a run back ----------------------------------------------------------------------------------
@@ -207,6 +214,21 @@ class RunDir:
                 if f.is_file() and re.fullmatch(r"\..+\.[A-Za-z0-9_]+\.tmp", f.name):
                     f.unlink(missing_ok=True)
                     log.debug("removed %s, left by an interrupted save", f)
+
+    def remove_earlier_run(self) -> None:
+        """--overwrite: delete the files an earlier run wrote here (those listed above, by their names), so that none
+        of its step copies, grids, logs or stop record reads as the new run's; any other file is left alone."""
+        try:
+            token = self.options().get("token")
+        except InversionError:  # an unreadable args.json is replaced like the rest
+            token = None
+        names = [*RUN_FILES, *([f"{file_stem(token)}.pt"] if token else [])]
+        for name in names:
+            (self.path / name).unlink(missing_ok=True)
+        for folder, pattern in (("steps", STEP_FILE), ("samples", GRID_FILE)):
+            for f in (self.path / folder).iterdir() if (self.path / folder).is_dir() else []:
+                if f.is_file() and re.fullmatch(pattern, f.name):
+                    f.unlink()
 
     def write_json(self, name: str, obj: dict) -> Path:
         return atomic_write(self.path / name, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
