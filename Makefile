@@ -19,7 +19,7 @@ help:
 	@echo "make install                 the virtual environment (.venv) with the test extras; install-ui adds gradio"
 	@echo "make sample PROMPT=\"...\"     [MODEL=sd15|sd21|sd21-v|shapes|tiny] [CKPT=] [N=] [STEPS=] [SCALE=] ..."
 	@echo "make edit IMAGE=a.png PROMPT=\"...\"  [MASK=m.png] [STRENGTH=0.75] [MASK_BLUR=4] + the options of make sample"
-	@echo "make train CONCEPT=cat       [MODEL=] [STEPS=6100|auto] [MAX_STEPS=] [BATCH=] [LR=] [INIT=] [TOKEN=] [VECTORS=] ..."
+	@echo "make train CONCEPT=cat       [MODEL=] [STEPS=auto|N] [MAX_STEPS=6100] [RECIPE=fast|official] [BATCH=] [LR=] [INIT=] [TOKEN=] [VECTORS=] ..."
 	@echo "make eval RUN=runs/<run>     the paper's CLIP image/text similarity [PROMPTS=] [N=] [STEPS=] [CLIP=]"
 	@echo "make figures                 every paper figure [MODEL=] [CONCEPT=] [RUN=] [STEPS=] [N=]; one: make figure-<name>"
 	@echo "make weights MODEL=sd15      download a public checkpoint (sha256-verified, resumable)"
@@ -83,7 +83,8 @@ edit: $(STAMP)
 train: $(STAMP)
 	@test -n "$(CONCEPT)" || { echo 'error: give CONCEPT=cat (a folder under experiments/concepts/ or a path)' >&2; exit 2; }
 	$(PYTHON) -m inversion.train --concept "$(CONCEPT)" $(call opt,--model,$(MODEL)) $(call opt,--ckpt,$(CKPT)) \
-		$(call opt,--steps,$(STEPS)) $(call opt,--max-steps,$(MAX_STEPS)) $(call opt,--batch,$(BATCH)) $(call opt,--accum,$(ACCUM)) $(call opt,--lr,$(LR)) \
+		$(call opt,--steps,$(STEPS)) $(call opt,--max-steps,$(MAX_STEPS)) $(call opt,--recipe,$(RECIPE)) $(call opt,--batch,$(BATCH)) \
+		$(call opt,--accum,$(ACCUM)) $(call opt,--lr,$(LR)) \
 		$(call opt,--init,$(INIT)) $(call opt,--token,$(TOKEN)) $(call opt,--vectors,$(VECTORS)) \
 		$(call opt,--size,$(SIZE)) $(call opt,--seed,$(SEED)) $(call opt,--out,$(OUT)) \
 		$(call opt,--save-every,$(SAVE_EVERY)) $(call opt,--precision,$(PRECISION)) \

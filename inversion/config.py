@@ -27,6 +27,11 @@ from ldm.precision import DTYPES
 log = logging.getLogger(__name__)
 
 BASE_LR = 5e-3
+# --recipe: the defaults a recipe gives the options the user left out. `official` is the paper's; `fast` is
+# what experiments/instances/speed.py measured to reach the bar in fewer image-passes (`make bench-concepts`,
+# experiments/RESULTS.md § instances-speed): the same steps at four times the step size.
+RECIPES = {"official": {"lr": BASE_LR}, "fast": {"lr": 4 * BASE_LR}}
+RECIPE = "fast"
 STEPS = 6100
 SEED = 23
 SAVE_EVERY = 500
@@ -52,14 +57,15 @@ class TrainConfig:
     model: str | None = None
     ckpt: str | None = None
     steps: int = STEPS
-    auto: bool = False  # STEPS=auto: stop by the rule, at most max_steps
+    auto: bool = False  # STEPS=auto: stop by the rule, at most max_steps (the command line's default)
     max_steps: int = STEPS
-    stop_every: int = stopping.EVERY
+    stop_every: int | None = None  # None: stopping.every(max_steps)
     stop_window: int = stopping.WINDOW
     stop_threshold: float = stopping.THRESHOLD
     batch: int | None = None  # None: the model family's (SD 2, LDM 4)
     accum: int = 1
-    lr: float = BASE_LR
+    recipe: str = RECIPE
+    lr: float | None = None  # None: the recipe's
     no_scale_lr: bool = False
     weight_decay: float = 1e-2
     init: str = "sculpture"
@@ -103,8 +109,8 @@ class TrainConfig:
     def from_argv(cls, argv: list[str] | None) -> TrainConfig:
         """The command line: given options over the defaults, or over a resumed run's saved options."""
         given = vars(build_parser().parse_args(argv))
-        if "steps" in given:
-            given.update(parse_steps(given.pop("steps"), given.get("max_steps", STEPS)))
+        if "steps" in given or not given.get("resume"):  # a new run without STEPS stops by itself
+            given.update(parse_steps(given.pop("steps", "auto"), given.get("max_steps", STEPS)))
         if given.get("resume"):
             return cls.from_run(given["resume"], **{k: v for k, v in given.items() if k in RESUMABLE + ("auto",)})
         if not given.get("concept"):
@@ -140,13 +146,17 @@ class TrainConfig:
             [
                 cli.at_least("--max-steps", self.max_steps),
                 cli.at_least("STEPS", self.steps),
+                (self.recipe in RECIPES, f"unknown RECIPE={self.recipe!r}; choose one of {', '.join(RECIPES)}"),
                 cli.at_least("--stop-every", self.stop_every),
                 cli.at_least("--stop-window", self.stop_window, 2),
                 (0 < self.stop_threshold < 1, f"--stop-threshold {self.stop_threshold} must be between 0 and 1"),
                 cli.at_least("ACCUM", self.accum),
                 cli.at_least("BATCH", self.batch),
                 cli.at_least("VECTORS", self.vectors),
-                (self.lr > 0 and math.isfinite(self.lr), f"LR={self.lr} must be a positive number"),
+                (
+                    self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
+                    f"LR={self.lr} must be a positive number",
+                ),
                 cli.finite("--weight-decay", self.weight_decay, 0.0),
                 cli.at_least("SAVE_EVERY", self.save_every),
                 cli.at_least("--val-every", self.val_every, 0),
@@ -219,6 +229,8 @@ class TrainConfig:
             log.warning("PRECISION=fp16 is not supported on the CPU; using fp32")
             precision = "fp32"
         resolved = self.replace(
+            lr=self.lr or RECIPES[self.recipe]["lr"],
+            stop_every=self.stop_every or stopping.every(self.max_steps),
             batch=self.batch or defaults["batch"],
             size=self.size or defaults.get("size", model.config.image_size),
             token=self.token or f"<{concept.name}>",
@@ -258,10 +270,8 @@ def as_flags(changes: dict) -> list[str]:
     return flags
 
 
-def parse_steps(value: str | int | None, max_steps: int) -> dict:
+def parse_steps(value: str | int, max_steps: int) -> dict:
     """STEPS: a whole number (exactly that many steps) or 'auto' (stop by itself, at most MAX_STEPS)."""
-    if value is None:
-        return {"steps": STEPS, "auto": False}
     if isinstance(value, str) and value.strip().lower() == "auto":
         return {"steps": max_steps, "auto": True}
     try:
@@ -281,12 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--concept", help="folder under experiments/concepts/ or a path (CONCEPT=)")
     a("--model", help="sd15 | sd21 | sd21-v | shapes | tiny (MODEL=, default sd15)")
     a("--ckpt", help="checkpoint file or diffusers folder, overrides --model (CKPT=)")
-    a("--steps", help=f"optimiser steps, or 'auto' to stop by itself (STEPS=, default {STEPS})")
+    a("--steps", help="optimiser steps, or 'auto': stop by itself, at most MAX_STEPS (STEPS=, default auto)")
     a("--max-steps", type=int, help=f"cap of a STEPS=auto run (MAX_STEPS=, default {STEPS})")
+    a(
+        "--recipe",
+        choices=tuple(RECIPES),
+        help=f"fast: LR × 4, measured in make bench-concepts | official: the paper's (RECIPE=, default {RECIPE})",
+    )
     a(
         "--stop-every",
         type=int,
-        help=f"STEPS=auto: evaluate the fixed-batch objective every N steps (default {stopping.EVERY})",
+        help=f"STEPS=auto: evaluate the fixed-batch objective every N steps (default MAX_STEPS // "
+        f"{stopping.EVALUATIONS})",
     )
     a("--stop-window", type=int, help=f"STEPS=auto: evaluations in the recent window (default {stopping.WINDOW})")
     a(
@@ -296,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--batch", type=int, help="images per step per process (BATCH=; SD 2, LDM 4)")
     a("--accum", type=int, help="gradient accumulation micro-batches (ACCUM=, default 1)")
-    a("--lr", type=float, help=f"base learning rate (LR=, default {BASE_LR})")
+    a(
+        "--lr",
+        type=float,
+        help=f"base learning rate (LR=, default the recipe's: official {BASE_LR}, fast {RECIPES['fast']['lr']})",
+    )
     a("--no-scale-lr", action="store_true", help="use LR as is instead of LR × batch × accum × world")
     a("--weight-decay", type=float, help="AdamW weight decay (official: torch default 1e-2)")
     a("--init", help="one-token init word (INIT=, official default 'sculpture')")

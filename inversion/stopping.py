@@ -10,6 +10,10 @@ run (an auto run that stops at step S holds exactly the vectors of a `STEPS=S` r
 published criterion to its history: stop when the variance of the last `window` values falls below
 `threshold` × the variance of every value so far. Its state travels in `state.pt`, so RESUME continues the rule
 where it was.
+
+The rule's clock is the cap: it evaluates every `every(max_steps)` steps, so a 300-step run on a small model is
+watched as closely, relative to its length, as a 6,100-step Stable Diffusion run, and the earliest possible stop
+is `MIN_EVALUATIONS − 1` intervals in (70 of 300, 1,421 of 6,100).
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ import torch
 from inversion import data as D
 
 TIMESTEPS = 4  # stratified timesteps per image in the fixed batch
-EVERY = 50  # optimiser steps between two evaluations
+EVALUATIONS = 30  # evaluations over a run's --max-steps cap: one every cap // 30 steps (6100 → 203, 300 → 10)
 WINDOW = 5  # evaluations in the "recent" window
 THRESHOLD = 0.1  # recent variance / overall variance below this stops the run
 MIN_EVALUATIONS = 8  # never stop before this many evaluations (the first is at step 0)
 EVAL_SEED = 0xE7A1  # mixed with SEED: the fixed noise of the objective
+
+
+def every(max_steps: int) -> int:
+    """Optimiser steps between two evaluations of the objective under a cap of `max_steps`."""
+    return max(1, max_steps // EVALUATIONS)
 
 
 class DeterministicObjective:

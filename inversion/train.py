@@ -1,6 +1,7 @@
 """Textual inversion training (Gal et al. 2022, §4.1): learn one word's vectors, every other weight frozen.
 
-    python -m inversion.train --concept cat [--model sd15|sd21|tiny|…] [--ckpt PATH] [--steps 6100|auto] …
+    python -m inversion.train --concept cat [--model sd15|sd21|tiny|…] [--ckpt PATH] [--steps auto|N]
+                              [--recipe fast|official] …
     torchrun --nproc_per_node=N -m inversion.train …          (DDP: NCCL on GPUs, gloo on CPU)
 
 A run is a `TrainConfig` (inversion/config.py), a step function (`train_step`) and a run folder (`RunDir`,

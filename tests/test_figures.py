@@ -109,8 +109,9 @@ def test_variants_are_trainer_flags_of_the_paper():
     assert {v.key: v.flags for v in vs}["progressive"] == ["--vectors", "3", "--progressive", "2033"]
     from inversion.config import TrainConfig
 
+    base = ["--concept", "cat", "--recipe", "official", "--steps", "6100"]  # the figures run the paper's recipe
     for v in vs:  # every variant is a trainer command line that gives exactly its config
-        assert TrainConfig.from_argv(["--concept", "cat", *v.flags]) == TrainConfig(concept="cat", **v.changes)
+        assert TrainConfig.from_argv([*base, *v.flags]) == TrainConfig(concept="cat", recipe="official", **v.changes)
 
 
 def test_plot_has_one_point_per_variant(tmp_path):

@@ -298,6 +298,40 @@ def test_a_learned_word_beats_its_init_word_and_short_caption(tmp_path, one_thre
     assert min(lead.values()) >= CI_MARGIN, (r, lead)
 
 
+# Issue 14, item 5: concept 6 (seed 0) is one where the paper's recipe is slow on the shipped model and the fast
+# recipe is not: `make bench-concepts` measured their crossings of the bar at step 115 and 15 (RESULTS.md §
+# instances-speed). Within SPEED_EARLY steps the fast recipe's curve holds above the bar and the official one's
+# does not; the fast recipe's auto run (capped at the bench's 150 steps) stops by itself with a word above it.
+SPEED_CONCEPT, SPEED_EARLY, SPEED_SAMPLES = 6, 30, 16
+
+
+@needs_shipped_model
+def test_the_fast_recipe_reaches_the_bar_first_and_its_auto_run_stops_above_it(tmp_path, one_thread):
+    """The bench's unit, trimmed: the official recipe's final reconstruction (150 steps) sets the bar; the fast
+    recipe's curve crosses it by SPEED_EARLY steps, the official recipe's does not; the fast auto run stops by
+    itself (the rule settled, before its cap) and its last word is at or above the bar."""
+    from experiments.instances import score, speed, study
+    from inversion.train import train
+
+    cdir = study.concept_dir(tmp_path, SPEED_CONCEPT)
+    a = {"model": str(ipretrain.MODEL_PATH), "steps": speed.STEPS, "batch": study.BATCH, "lr": study.LR}
+    train(study.train_config(cdir, tmp_path / "official", 0, a, speed.STEPS))
+    ends = score.curve(cdir, tmp_path / "official", 2 * SPEED_SAMPLES, seed=0)
+    bar = speed.BAR * ends[str(speed.STEPS)]
+    early = {**a, "steps": SPEED_EARLY}
+    train(study.train_config(cdir, tmp_path / "official-early", 0, early, speed.CURVE_EVERY))
+    official = score.curve(cdir, tmp_path / "official-early", SPEED_SAMPLES, seed=0)
+    fast = study.train_config(cdir, tmp_path / "fast", 0, a, speed.CURVE_EVERY, **speed.RECIPES["fast"])
+    train(fast.replace(auto=True, max_steps=speed.STEPS))
+    stop = json.loads((tmp_path / "fast" / "stop.json").read_text())
+    curve = score.curve(cdir, tmp_path / "fast", SPEED_SAMPLES, seed=0)
+    crossed = speed.first_crossing(curve, bar)
+    assert crossed is not None and crossed <= SPEED_EARLY, (bar, curve)
+    assert speed.first_crossing(official, bar) is None, (bar, official)  # official: more image-passes to the bar
+    assert "settled" in stop["reason"] and stop["stopped_at"] < speed.STEPS, stop
+    assert speed.final(curve) >= bar, (bar, curve)
+
+
 class _IdentityVAE(torch.nn.Module):
     """encode(x).mean = x, decode(z) = z."""
 
@@ -515,43 +549,49 @@ def _speed_unit(concept, recipe, curve, stopped_at, passes=4, seconds=10.0):
 
 
 def test_speed_bar_crossings_and_auto_stop():
-    """The bar is 90 % of official's final curve value; passes = crossing step × batch; auto-stop ÷ crossing."""
+    """The bar is 90 % of official's final value (mean of its last HOLD curve points); a recipe reaches it at the first
+    point at or above it from which the mean of HOLD points holds; passes = crossing step × batch; auto ÷ crossing."""
     from experiments.instances import speed
 
+    assert speed.HOLD == 3
     results = [
-        _speed_unit("0", "official", {0: 0.5, 25: 0.6, 50: 0.8, 75: 0.9, 100: 1.0}, 100),  # bar 0.9: step 75
-        _speed_unit("0", "lr-x4", {0: 0.5, 25: 0.95, 50: 1.0, 75: 1.0, 100: 1.0}, 50),  # step 25
-        _speed_unit("1", "official", {0: 0.5, 25: 0.55, 50: 0.6, 75: 0.65, 100: 0.7}, 50),  # bar 0.63: step 75
-        _speed_unit("1", "lr-x4", {0: 0.5, 25: 0.55, 50: 0.6, 75: 0.6, 100: 0.6}, 100),  # never
+        _speed_unit("0", "official", {0: 0.5, 25: 0.6, 50: 1.0, 75: 1.0, 100: 1.0}, 100),  # bar 0.9: step 50
+        _speed_unit("0", "fast", {0: 0.5, 25: 0.95, 50: 1.0, 75: 1.0, 100: 1.0}, 50),  # step 25
+        _speed_unit("1", "official", {0: 0.5, 25: 0.55, 50: 0.7, 75: 0.7, 100: 0.7}, 50),  # bar 0.63: step 50
+        _speed_unit("1", "fast", {0: 0.5, 25: 0.7, 50: 0.5, 75: 0.6, 100: 0.6}, 100),  # brushes it once: never
     ]
     s = speed.summarise(results)
     units = {(u["concept"], u["recipe"]): u for u in s["units"]}
-    assert units["0", "official"]["bar"] == pytest.approx(0.9) and units["0", "official"]["crossing_step"] == 75
-    assert units["0", "lr-x4"]["passes_to_bar"] == 100 and units["0", "lr-x4"]["seconds_to_bar"] == 2.5
-    assert units["0", "lr-x4"]["auto_over_crossing"] == 2.0
-    assert units["1", "lr-x4"]["crossing_step"] is None and units["1", "lr-x4"]["passes_to_bar"] is None
-    fast, official = s["recipes"]["lr-x4"], s["recipes"]["official"]
-    assert fast["median_official_over_recipe_passes"] == 3.0 and fast["reached_bar"] == 1
+    assert units["0", "official"]["bar"] == pytest.approx(0.9) and units["0", "official"]["crossing_step"] == 50
+    assert units["1", "official"]["bar"] == pytest.approx(0.63) and units["1", "official"]["crossing_step"] == 50
+    assert units["0", "fast"]["passes_to_bar"] == 100 and units["0", "fast"]["seconds_to_bar"] == 2.5
+    assert units["0", "fast"]["auto_over_crossing"] == 2.0
+    assert units["1", "fast"]["crossing_step"] is None and units["1", "fast"]["passes_to_bar"] is None
+    fast, official = s["recipes"]["fast"], s["recipes"]["official"]
+    assert fast["median_official_over_recipe_passes"] == 2.0 and fast["reached_bar"] == 1
     assert official["median_official_over_recipe_passes"] == 1.0 and official["auto_in_goal"] == 1
     # paired with official at full length, same concept and seed: mean of 1.0 − 1.0 and 0.6 − 0.7; 0.6 − 0.5
     assert fast["auto_minus_official_reconstruction"][0] == pytest.approx(-0.05)
     assert fast["auto_minus_official_editability"][0] == pytest.approx(0.1)
-    assert speed.first_crossing({"0": 0.9, "25": 0.1}, 0.5) == 0
+    assert speed.first_crossing({"0": 0.9, "25": 0.8, "50": 0.7}, 0.5) == 0
+    assert speed.first_crossing({"0": 0.4, "25": 0.9, "50": 0.1, "75": 0.1}, 0.5) is None
 
 
 def test_speed_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model, one_thread, capsys, monkeypatch):
     """Concept → each recipe's fixed and auto runs → curve, bar, auto-stop → RESULTS section and plot; resumable."""
     from experiments import results as results_md
-    from experiments.instances import speed
+    from experiments.instances import speed, study
 
     model = tiny_model
     results = tmp_path / "RESULTS.md"
     argv = ["--concepts", "1", "--steps", "2", "--batch", "1", "--samples", "1", "--curve-every", "1"]
     argv += ["--curve-samples", "1", "--model", str(model), "--work", str(tmp_path / "speed"), "--jobs", "1"]
-    argv += ["--results", str(results), "--plot", str(tmp_path / "plot.png"), "--recipes", "official,init-search"]
-    assert speed.main(argv) == 0  # two of the recipes: lr-x4 runs the same code as official with another --lr
+    argv += ["--results", str(results), "--plot", str(tmp_path / "plot.png"), "--recipes", "official,fast,init-search"]
+    assert speed.main(argv) == 0  # the lr-x… ablations run the same code as official with another --lr
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out) == {"official", "init-search"} and all(r["units"] == 1 for r in out.values())
+    assert set(out) == {"official", "fast", "init-search"} and all(r["units"] == 1 for r in out.values())
+    fast = json.loads((tmp_path / "speed" / "runs" / "0-0-fast" / "fixed" / "args.json").read_text())
+    assert fast["options"]["recipe"] == "fast" and fast["options"]["lr"] == 4 * study.LR
     saved = json.loads((tmp_path / "speed" / "results" / "0-0-official.json").read_text())
     assert saved["stopped_at"] == 2 and "max-steps" in saved["stop_reason"] and set(saved["curve"]) == {"0", "1", "2"}
     assert (tmp_path / "speed" / "runs" / "0-0-official" / "auto" / "stop.json").is_file()
@@ -560,6 +600,7 @@ def test_speed_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model, one_thread,
     assert not (tmp_path / "speed" / "runs" / "0-0-init-search" / "auto" / "init_search.json").exists()  # searched once
     text = results.read_text()
     assert text.count(results_md.markers(speed.SECTION)[0]) == 1 and "| init-search | init_search=8 |" in text
+    assert "| fast | recipe=fast |" in text
     assert (tmp_path / "plot.png").stat().st_size > 0
     monkeypatch.setattr(speed, "_unit", lambda job: pytest.fail(f"retrained {job[2]}"))
     assert speed.main(argv) == 0  # every unit is read back from --work
@@ -567,7 +608,7 @@ def test_speed_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model, one_thread,
 
 @pytest.mark.parametrize(
     "argv",
-    [["--recipes", "lr-x4"], ["--recipes", "official,turbo"], ["--curve-every", "30"], ["--jobs", "0"]],
+    [["--recipes", "fast"], ["--recipes", "official,turbo"], ["--curve-every", "30"], ["--jobs", "0"]],
     ids=["no-official", "unknown-recipe", "curve-every", "jobs"],
 )
 def test_speed_refuses_bad_settings_in_one_line(argv, capsys, tmp_path):

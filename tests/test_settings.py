@@ -68,6 +68,7 @@ TRAIN = [  # (option, extra argv, text the one line must hold, when)
     ("--stop-every", ["--steps", "auto", "--stop-every", "0"], "--stop-every", PRE),
     ("--stop-window", ["--steps", "auto", "--stop-window", "1"], "--stop-window", PRE),
     ("--stop-threshold", ["--steps", "auto", "--stop-threshold", "1.5"], "--stop-threshold", PRE),
+    ("--recipe", ["--recipe", "slow"], "--recipe", PRE),
     ("--batch", ["--batch", "0"], "BATCH=", PRE),
     ("--accum", ["--accum", "0"], "ACCUM=", PRE),
     ("--lr", ["--lr", "-1"], "LR=", PRE),

@@ -226,7 +226,8 @@ def test_the_shipped_metrics_describe_the_shipped_weights(one_thread):
 
 @needs_shipped_model
 def test_inversion_lifts_the_held_out_shape_and_stays_editable(tmp_path, one_thread):
-    """The demo's CI check: init word ≤ 30% held-out shape, S* ≥ 80%, "a <colour> S*" in that colour ≥ 70%."""
+    """The demo's CI check: init word ≤ 30% held-out shape, S* ≥ 80%, "a <colour> S*" in that colour ≥ 70%, and
+    the run (the trainer's defaults: fast recipe, STEPS=auto) stopped by itself before its cap."""
     from experiments.shapes import demo
 
     r = demo.run_demo(MODEL, tmp_path)
@@ -234,6 +235,7 @@ def test_inversion_lifts_the_held_out_shape_and_stays_editable(tmp_path, one_thr
     assert r.init_rate <= 0.30, r.summary()
     assert r.learned_rate >= 0.80, r.summary()
     assert r.edit_rate >= 0.70, r.summary()
+    assert r.auto and r.steps < demo.STEPS, r.summary()
     assert all(p.is_file() for p in r.grids)
 
 

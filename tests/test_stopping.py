@@ -9,7 +9,7 @@ import torch
 
 from inversion import stopping
 from inversion import train as T
-from inversion.config import TrainConfig
+from inversion.config import BASE_LR, TrainConfig
 from inversion.embedding import load_embedding_file
 from tests.helpers import train_argv
 
@@ -83,3 +83,36 @@ def test_resume_continues_the_rule_where_it_was(auto_run):
     a = load_embedding_file(out / "learned_embeds.safetensors")["<cat>"]
     b = load_embedding_file(resumed / "learned_embeds.safetensors")["<cat>"]
     assert torch.equal(a, b)
+
+
+def test_a_new_run_without_steps_stops_by_itself_and_steps_n_runs_exactly_n():
+    """STEPS left out: auto, capped at MAX_STEPS; STEPS=N: exactly N steps, no rule; RESUME keeps the run's own."""
+    base = ["--concept", "cat"]
+    default = TrainConfig.from_argv(base)
+    assert default.auto and default.steps == default.max_steps == 6100
+    capped = TrainConfig.from_argv([*base, "--max-steps", "300"])
+    assert capped.auto and capped.steps == 300
+    fixed = TrainConfig.from_argv([*base, "--steps", "300"])
+    assert not fixed.auto and fixed.steps == 300
+
+
+@pytest.mark.parametrize(
+    ("extra", "lr"),
+    [((), 4 * BASE_LR), (("--recipe", "official"), BASE_LR), (("--recipe", "official", "--lr", "1e-3"), 1e-3)],
+    ids=["fast-by-default", "official", "lr-given"],
+)
+def test_the_recipe_sets_the_learning_rate_the_user_left_out(tmp_path, extra, lr):
+    s = T.setup(TrainConfig.from_argv(train_argv(tmp_path, *extra)))
+    saved = json.loads((s.out.path / "args.json").read_text())
+    assert s.config.lr == saved["options"]["lr"] == lr
+    assert saved["lr"] == pytest.approx(lr * s.config.batch)  # the official scale_lr on top
+    assert saved["options"]["recipe"] == ("official" if extra else "fast")
+
+
+def test_the_rules_clock_is_the_cap_and_resume_keeps_it(tmp_path):
+    """One evaluation every MAX_STEPS // 30 steps, fixed in args.json: RESUME with another cap keeps it."""
+    s = T.setup(TrainConfig.from_argv(train_argv(tmp_path, "--steps", "auto", "--max-steps", "300")))
+    assert s.config.stop_every == stopping.every(300) == 10
+    assert json.loads((s.out.path / "args.json").read_text())["options"]["stop_every"] == 10
+    assert TrainConfig.from_run(s.out.path, max_steps=6100).resolve(s.model, s.out.path, True).stop_every == 10
+    assert stopping.every(6100) == 203 and stopping.every(20) == 1

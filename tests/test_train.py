@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import ldm
 from inversion import train as T
-from inversion.config import TrainConfig
+from inversion.config import RECIPES, TrainConfig
 from inversion.embedding import InversionError, LearnedWords, load_embedding_file
 
 PY = sys.executable
@@ -43,7 +43,8 @@ def test_only_the_new_vectors_change(tmp_path):
     opt = torch.load(out / "state.pt", weights_only=False)["optimizer"]
     assert len(opt["param_groups"]) == 1 and opt["param_groups"][0]["params"] == [0]
     assert [tuple(s["exp_avg"].shape) for s in opt["state"].values()] == [(2, 32)]
-    assert opt["param_groups"][0]["weight_decay"] == 0.01 and opt["param_groups"][0]["lr"] == 5e-3
+    fast = RECIPES["fast"]["lr"]  # the default recipe's base LR × batch 1
+    assert opt["param_groups"][0]["weight_decay"] == 0.01 and opt["param_groups"][0]["lr"] == fast
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {
         "args.json",
@@ -175,7 +176,7 @@ def test_progressive_words_per_image_tokens_and_accumulation(tmp_path):
     assert list(load_file(str(out / "learned_embeds.safetensors"))) == ["<cat>"]
     model = ldm.tiny_model(0)
     init = model.text_encoder.token_embedding.weight[model.tokenizer.encode("cat")[0]]
-    lr = 5e-3 * 1 * 2  # base × batch × accumulation
+    lr = RECIPES["fast"]["lr"] * 1 * 2  # the default recipe's base × batch × accumulation
     # vector 3 never entered a prompt (step 0 used 1 vector, step 1 used 2): only weight decay moved it
     assert torch.allclose(words["<cat>"][2], init * (1 - lr * 0.5) ** 2, atol=1e-7)
     assert not torch.allclose(words["<cat>"][1], init * (1 - lr * 0.5) ** 2, atol=1e-5)
@@ -206,15 +207,16 @@ def test_bf16_keeps_fp32_vectors_and_nan_steps_are_skipped_then_stop(tmp_path):
 def test_two_process_gloo_equals_one_process_with_twice_the_batch(tmp_path):
     """torchrun --nproc_per_node=2 (gloo) at batch 1 vs one process at batch 2, 3 steps: the same samples and
     the same mean gradient, so the vectors agree up to fp32 rounding (a batch-1 vs batch-2 forward sums in a
-    different order): max |Δ| ≤ 1e-4 × the largest change of any value, and ≤ 1e-6 absolute."""
-    one = _run(tmp_path, "--batch", "2", "--seed", "5", out="one")
+    different order): max |Δ| ≤ 1e-4 × the largest change of any value, and ≤ 1e-6 absolute (both measured at the
+    official recipe's LR: the rounding scales with the step)."""
+    one = _run(tmp_path, "--batch", "2", "--seed", "5", "--recipe", "official", out="one")
     cmd = [
         str(Path(PY).parent / "torchrun"),
         "--standalone",
         "--nproc_per_node=2",
         "-m",
         "inversion.train",
-        *train_argv(tmp_path, "--seed", "5", out="two"),
+        *train_argv(tmp_path, "--seed", "5", "--recipe", "official", out="two"),
     ]
     t0 = time.time()
     res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -230,7 +232,7 @@ def test_two_process_gloo_equals_one_process_with_twice_the_batch(tmp_path):
     )
     assert rel < 1e-4 and torch.allclose(a, b, rtol=0, atol=1e-6)
     args = (tmp_path / "two" / "args.json").read_text()
-    assert '"world_size": 2' in args and '"lr": 0.01' in args
+    assert '"world_size": 2' in args and '"lr": 0.01' in args  # official base 5e-3 × batch 1 × 2 processes
 
 
 KILL_DURING_SAVE = r"""
@@ -338,3 +340,18 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "bad0" / "x").write_text("user file")
     rc, line = _cli(capsys, train_argv(tmp_path, out="bad0"))
     assert rc == 2 and "already holds files" in line
+
+
+def test_overwrite_replaces_an_earlier_runs_files_and_keeps_the_users(tmp_path):
+    """--overwrite over a longer auto run with another token: none of its step copies, grids, stop record or
+    A1111 file is left to read as the new run's; a file the user put there stays."""
+    auto = ("--steps", "auto", "--max-steps", "6", "--stop-every", "2", "--save-every", "2", "--val-every", "2")
+    first = _run(tmp_path, *auto, "--token", "<old>")
+    (first / "notes.txt").write_text("mine")
+    assert (first / "old.pt").is_file() and (first / "steps" / "learned_embeds-step6.safetensors").is_file()
+    assert (first / "stop.json").is_file() and (first / "samples" / "val-step6.png").is_file()
+    again = _run(tmp_path, "--steps", "2", "--save-every", "2", "--val-every", "0", "--overwrite")
+    steps = sorted(f.name for f in (again / "steps").iterdir())
+    assert steps == ["cat-step2.pt", "embeddings-step2.pt", "learned_embeds-step2.safetensors"]
+    assert not list((again / "samples").iterdir()) and not (again / "old.pt").exists()
+    assert not (again / "stop.json").exists() and (again / "notes.txt").read_text() == "mine"

@@ -282,6 +282,7 @@ class Context:
             ckpt=a.ckpt,
             out=str(run),
             overwrite=True,
+            recipe="official",  # the figures reproduce the paper
             seed=a.seed,
             size=self.size,
             batch=a.batch,

@@ -10,18 +10,22 @@
   (`experiments.instances.score.score`);
 - a `STEPS=auto` run capped at the same length: where the stop rule stopped it (stop.json), and its word's
   reconstruction and editability. An auto run that stops at step S holds exactly the vectors of the fixed run
-  at S; `--curve-every` divides the rule's 50-step evaluations, so S is a point of the curve.
+  at S; `--curve-every` divides the rule's evaluation interval (`inversion.stopping.every(--steps)`), so S is a
+  point of the curve.
 
-The bar of a (concept, seed) is 90 % of the official recipe's final reconstruction on the curve. A recipe's cost
-to the bar is the image-passes (optimiser steps × batch × accumulation: a bigger batch is no shortcut; plus
-what `--init-search` spent before the first step) at the first curve point at or above it, and the wall seconds
-of training scaled to that step. Every unit is kept as
+The bar of a (concept, seed) is 90 % of the official recipe's final reconstruction, read as the mean of its last
+`HOLD` curve points (one point of 16 samples is ± 0.1 noise). A recipe reaches the bar at the first curve step
+at or above it where the mean of that point and the next `HOLD − 1` is too: a point that only brushes the bar
+by chance does not count. Its cost to the bar is the image-passes (optimiser steps × batch × accumulation: a
+bigger batch is no shortcut; plus what `--init-search` spent before the first step) to that step, and the wall
+seconds of training scaled to it. Every unit is kept as
 JSON under `--work` (resumable). The section between the `instances-speed` markers of experiments/RESULTS.md and
 `experiments/instances/speed-curves.png` (reconstruction vs image-passes, one line per concept and recipe) are
 rewritten from those files.
 
-Recipes are named sets of trainer options. `official` is the paper's recipe as the study runs it; every other
-row is a candidate for `--recipe fast`, kept only if its ablation row here shows it earns its place.
+Recipes are named sets of trainer options. `official` is the paper's recipe as the study runs it, `fast` is the
+trainer's `--recipe fast` (`inversion.config.RECIPES`); every other row is an ablation of it or a candidate that
+did not earn its place.
 """
 
 from __future__ import annotations
@@ -46,10 +50,15 @@ WORK = study.ROOT / ".cache" / "instances-speed"
 PLOT = Path(__file__).resolve().parent / "speed-curves.png"
 SECTION = "instances-speed"
 BAR = 0.9  # the bar: this fraction of the official recipe's final reconstruction
+STEPS = 150  # every fixed run, and the auto runs' cap: the official recipe has flattened by then on this world
+CURVE_EVERY = 5  # divides stopping.every(STEPS) = 5: every auto-stop step is a point of the curve
 AUTO_LATE = 1.5  # the goal: auto-stop at most this many times the first crossing
+HOLD = 3  # curve points averaged: the official final value, and a crossing that holds
 RECIPES = {
     "official": {},  # the study's recipe: AdamW, base LR × batch, constant LR, init word "toy"
-    "lr-x4": {"lr": 4 * study.LR},  # candidate: the same steps, four times the step size
+    "fast": {"recipe": "fast", "lr": None},  # the trainer's default recipe: base LR × 4
+    "lr-x2": {"lr": 2 * study.LR},  # ablation: half the fast recipe's step
+    "lr-x8": {"lr": 8 * study.LR},  # ablation: twice the fast recipe's step
     "init-search": {"init_search": 8},  # candidate: start from the best of "toy" and 8 ranked vocabulary words
 }
 
@@ -101,9 +110,18 @@ def run(a: argparse.Namespace) -> list[dict]:
     )
 
 
-def first_crossing(curve: dict[str, float], bar: float) -> int | None:
-    """The first step whose reconstruction is at or above `bar` (None: never)."""
-    return next((s for s in sorted(map(int, curve)) if curve[str(s)] >= bar), None)
+def first_crossing(curve: dict[str, float], bar: float, hold: int = HOLD) -> int | None:
+    """The first step whose reconstruction is at or above `bar` and whose mean with the next `hold − 1` curve
+    points is too (None: never)."""
+    steps = sorted(map(int, curve))
+    values = [curve[str(s)] for s in steps]
+    return next((s for i, s in enumerate(steps) if min(values[i], np.mean(values[i : i + hold])) >= bar), None)
+
+
+def final(curve: dict[str, float], hold: int = HOLD) -> float:
+    """The curve's final value: the mean of its last `hold` points."""
+    steps = sorted(map(int, curve))
+    return float(np.mean([curve[str(s)] for s in steps[-hold:]]))
 
 
 def summarise(results: list[dict]) -> dict:
@@ -114,8 +132,7 @@ def summarise(results: list[dict]) -> dict:
         units.setdefault((r["concept"], r["seed"]), {})[r["recipe"]] = r
     rows = []
     for (concept, seed), by in sorted(units.items()):
-        final = by["official"]["curve"][str(max(map(int, by["official"]["curve"])))]
-        bar = BAR * final
+        bar = BAR * final(by["official"]["curve"])
         for recipe, r in by.items():
             cross = first_crossing(r["curve"], bar)
             steps = max(map(int, r["curve"]))
@@ -191,9 +208,11 @@ def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
         f"{a.concepts} held-out concepts × seeds {','.join(map(str, a.seeds))}; each recipe trained {a.steps} steps "
         f"(batch {a.batch}) on `weights/instances.safetensors`, its word kept every {a.curve_every} steps and "
         f"scored with {a.curve_samples} samples; final scores with {a.samples}. Bar: {BAR:.0%} of the official "
-        "recipe's final reconstruction on the curve, per concept and seed. Image-passes: optimiser steps × batch × "
-        f"accumulation, plus an init search's. Auto-stop: a `STEPS=auto` run capped at {a.steps} steps. Written "
-        f"by the script in {seconds / 60:.0f} min.",
+        f"recipe's final reconstruction (mean of its last {HOLD} curve points), per concept and seed; a recipe "
+        f"reaches it at the first point at or above it from which the mean of {HOLD} points is too. Image-passes: "
+        f"optimiser steps × batch × accumulation, plus an init search's. Auto-stop: a `STEPS=auto` run capped at "
+        f"{a.steps} steps. Written by the script, whose last process ran {seconds / 60:.0f} min (units kept under "
+        "--work are read back, not rerun).",
         "",
         "| recipe | options | reached the bar | median image-passes to it | median s to it | official ÷ recipe "
         "passes (median) | auto-stop ÷ crossing (min–max) | auto-stop within 1–1.5× | final reconstruction | "
@@ -202,7 +221,9 @@ def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe, p in s["recipes"].items():
-        options = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in RECIPES[recipe].items())
+        options = " ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in RECIPES[recipe].items() if v is not None
+        )
         mm = p["auto_over_crossing_min_max"]
         at_init = f" ({p['crossed_at_init']} at init)" if p["crossed_at_init"] else ""
         lines.append(
@@ -258,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concepts", type=int, default=8)
     p.add_argument("--seeds", default="0", help="training seeds, comma-separated")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
-    p.add_argument("--steps", type=int, default=study.STEPS, help="steps of every fixed run and auto cap")
+    p.add_argument("--steps", type=int, default=STEPS, help="steps of every fixed run and auto cap")
     p.add_argument("--batch", type=int, default=study.BATCH)
     p.add_argument("--lr", type=float, default=study.LR, help="the official base LR (scaled by the batch)")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--sample-seed", type=int, default=0)
-    p.add_argument("--curve-every", type=int, default=study.CURVE_EVERY)
+    p.add_argument("--curve-every", type=int, default=CURVE_EVERY)
     p.add_argument("--curve-samples", type=int, default=study.CURVE_SAMPLES)
     p.add_argument("--model", default=str(study.MODEL))
     p.add_argument("--work", default=str(WORK), help="concepts, runs and per-unit results (resumable)")
@@ -276,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     error = study.check_common(
         a,
         f"--recipes must include official and name only {', '.join(RECIPES)}" if bad else None,
-        f"--curve-every {a.curve_every} must divide the stop rule's {stopping.EVERY}-step evaluations"
-        if a.curve_every >= 1 and stopping.EVERY % a.curve_every
+        f"--curve-every {a.curve_every} must divide the stop rule's {stopping.every(a.steps)}-step evaluations "
+        f"at --steps {a.steps}"
+        if a.curve_every >= 1 and a.steps >= 1 and stopping.every(a.steps) % a.curve_every
         else None,
     )
     if error is not None:

@@ -1,12 +1,13 @@
 """`make demo`: learn a word for the held-out shape on the shipped shapes model, then judge the samples.
 
-    python -m experiments.shapes.demo [--steps N] [--vectors K] [--progressive N] [--reg-weight W]
+    python -m experiments.shapes.demo [--steps auto|N] [--max-steps N] [--recipe fast|official] [--vectors K] …
     python -m experiments.shapes.demo --variants      # every variant; rewrites its section of RESULTS.md
 
-Textual inversion (Gal et al. 2022) with the normal trainer (inversion.train), init word = the generic
-word "shape". Reconstruction = the judge's held-out-shape rate for "a photo of a shape" (init) and "a photo of S*"
-(learned); editability = the rate at which "a <colour> S*" comes out in the asked colour. Ends with one line:
-    demo: reconstruction init=NN% learned=NN%; editability=NN%
+Textual inversion (Gal et al. 2022) with the normal trainer (inversion.train) and its defaults — the fast recipe,
+stopping by itself (STEPS=auto) within a 300-step cap — init word = the generic word "shape". Reconstruction =
+the judge's held-out-shape rate for "a photo of a shape" (init) and "a photo of S*" (learned); editability =
+the rate at which "a <colour> S*" comes out in the asked colour. Ends with one line:
+    demo: reconstruction init=NN% learned=NN%; editability=NN%; stopped at step S (auto)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import date
@@ -34,13 +36,15 @@ CONCEPT_DIR = ROOT / "experiments" / "concepts" / CONCEPT
 TOKEN = "S*"
 OUT = ROOT / "outputs" / "demo-shapes"
 # Inversion recipe for the demo and the CI test (fixed; no retries).
-STEPS = 300
+STEPS = 300  # the cap of the demo's auto run; the variants' fixed length
 BATCH = 4
-LR = 5e-3  # base LR; the trainer scales it by batch (official scale_lr)
+LR = 5e-3  # the variants' base LR (the official recipe's); the trainer scales it by batch (official scale_lr)
 N_SAMPLES = 32  # per reconstruction prompt
 N_PER_COLOUR = 8  # per "a <colour> S*" prompt
 SEED = 0
-# The paper's variants on the shapes world: (label, run_demo keyword arguments, trainer flags shown).
+# The paper's variants on the shapes world, each run as the paper does (official recipe, STEPS fixed steps):
+# (label, run_demo keyword arguments, trainer flags shown).
+OFFICIAL = dict(steps=STEPS, recipe="official", lr=LR)
 VARIANTS = (
     ("Textual inversion (one word)", {}, "—"),
     ("3 vectors", dict(vectors=3), "`--vectors 3`"),
@@ -63,13 +67,16 @@ class DemoResult:
     edit_rate: float
     edit_held_out_rate: float
     run_dir: Path
+    steps: int
+    auto: bool
     grids: list[Path] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> str:
         return (
             f"demo: reconstruction init={round(100 * self.init_rate)}% "
-            f"learned={round(100 * self.learned_rate)}%; editability={round(100 * self.edit_rate)}%"
+            f"learned={round(100 * self.learned_rate)}%; editability={round(100 * self.edit_rate)}%; "
+            + (f"stopped at step {self.steps} (auto)" if self.auto else f"{self.steps} steps")
         )
 
 
@@ -102,23 +109,25 @@ def save_grid(rows: list[list[Image.Image]], path: Path, zoom: int = 3) -> Path:
 def run_demo(
     model_path: Path = MODEL_PATH,
     out: Path = OUT,
-    steps: int = STEPS,
+    steps: int | str = "auto",
     batch: int = BATCH,
-    lr: float = LR,
+    lr: float | None = None,
     vectors: int = 1,
     progressive: int = 0,
     reg_weight: float = 0.0,
     n_samples: int = N_SAMPLES,
     n_per_colour: int = N_PER_COLOUR,
     seed: int = SEED,
+    recipe: str = "fast",
+    max_steps: int = STEPS,
     changes: dict | None = None,
 ) -> DemoResult:
     """Init rate → textual inversion with inversion.train → learned and editability rates, grids in `out`."""
     import ldm
     from experiments.shapes import judge
-    from inversion.config import TrainConfig
+    from inversion.config import TrainConfig, parse_steps
     from inversion.embedding import load_embedding_file
-    from inversion.train import train
+    from inversion.train import run
 
     t0 = time.time()
     held_out = world.SHAPES.index(world.HELD_OUT)
@@ -132,7 +141,9 @@ def run_demo(
         ckpt=str(model_path),
         init=world.GENERIC_WORD,
         token=TOKEN,
-        steps=steps,
+        **parse_steps(steps, max_steps),
+        max_steps=max_steps,
+        recipe=recipe,
         batch=batch,
         lr=lr,
         vectors=vectors,
@@ -141,14 +152,14 @@ def run_demo(
         seed=seed,
         out=str(run_dir),
         overwrite=True,
-        save_every=steps,
+        save_every=max_steps,
         val_every=0,
         latent_cache="",
         device="cpu",
         no_progress=True,
         **(changes or {}),
     )
-    train(config, model=model)
+    done = run(config, model=model)
     vecs = load_embedding_file(run_dir / "learned_embeds.safetensors", token=TOKEN)[TOKEN]
     model.extra_embeddings = vecs.to(model.device, model.dtype)
 
@@ -173,16 +184,18 @@ def run_demo(
         (ec == want).float().mean().item(),
         (es == held_out).float().mean().item(),
         run_dir,
+        done.step,
+        config.auto,
         grids,
         time.time() - t0,
     )
 
 
 def run_variants(model_path: Path = MODEL_PATH, out: Path = OUT, results: Path = RESULTS) -> list[str]:
-    """Run every variant with the demo recipe and rewrite the shapes-judge section of RESULTS.md."""
+    """Run every variant with the official recipe for STEPS steps and rewrite the shapes-judge section of RESULTS.md."""
     rows = []
     for label, kwargs, flags in VARIANTS:
-        r = run_demo(model_path, out / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"), **kwargs)
+        r = run_demo(model_path, out / re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"), **OFFICIAL, **kwargs)
         log.warning("%s: %s (%.0f s)", label, r.summary(), r.seconds)
         rows.append(
             f"| {label} | {flags} | {100 * r.init_rate:.0f} % | {100 * r.learned_rate:.0f} % | "
@@ -208,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default=str(MODEL_PATH))
     p.add_argument("--out", default=str(OUT))
-    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--steps", default="auto", help="'auto' (stop by itself; the default) or a number of steps")
+    p.add_argument("--max-steps", type=int, default=STEPS, help="the cap of an auto run")
+    p.add_argument("--recipe", choices=("fast", "official"), default="fast")
     p.add_argument("--batch", type=int, default=BATCH)
-    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--lr", type=float, default=None, help="base LR (default: the recipe's)")
     p.add_argument("--vectors", type=int, default=1)
     p.add_argument("--progressive", type=int, default=0)
     p.add_argument("--reg-weight", type=float, default=0.0)
@@ -231,7 +246,25 @@ def main(argv: list[str] | None = None) -> int:
     if a.variants:
         print("\n".join(run_variants(Path(a.ckpt), Path(a.out))))
         return 0
-    r = run_demo(Path(a.ckpt), Path(a.out), a.steps, a.batch, a.lr, a.vectors, a.progressive, a.reg_weight, seed=a.seed)
+    from inversion.embedding import InversionError
+
+    try:
+        r = run_demo(
+            Path(a.ckpt),
+            Path(a.out),
+            a.steps,
+            a.batch,
+            a.lr,
+            a.vectors,
+            a.progressive,
+            a.reg_weight,
+            seed=a.seed,
+            recipe=a.recipe,
+            max_steps=a.max_steps,
+        )
+    except InversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log.warning(
         "grids: %s; run: %s; %.0f s; 'a <colour> S*' judged a %s %.0f%% of the time",
         ", ".join(str(g) for g in r.grids),
