@@ -86,7 +86,7 @@ def test_resume_continues_the_rule_where_it_was(auto_run):
 
 
 def test_a_new_run_without_steps_stops_by_itself_and_steps_n_runs_exactly_n():
-    """STEPS left out: auto, capped at MAX_STEPS; STEPS=N: exactly N steps, no rule; RESUME keeps the run's own."""
+    """STEPS left out: auto, capped at MAX_STEPS; STEPS=N: exactly N steps, no rule."""
     base = ["--concept", "cat"]
     default = TrainConfig.from_argv(base)
     assert default.auto and default.steps == default.max_steps == 6100

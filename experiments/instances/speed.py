@@ -50,7 +50,7 @@ WORK = study.ROOT / ".cache" / "instances-speed"
 PLOT = Path(__file__).resolve().parent / "speed-curves.png"
 SECTION = "instances-speed"
 BAR = 0.9  # the bar: this fraction of the official recipe's final reconstruction
-STEPS = 150  # every fixed run, and the auto runs' cap: the official recipe has flattened by then on this world
+STEPS = 150  # every fixed run and the auto runs' cap: half the study's 300 (a curve every 5 steps costs 5× more)
 CURVE_EVERY = 5  # divides stopping.every(STEPS) = 5: every auto-stop step is a point of the curve
 AUTO_LATE = 1.5  # the goal: auto-stop at most this many times the first crossing
 HOLD = 3  # curve points averaged: the official final value, and a crossing that holds
