@@ -47,6 +47,7 @@ EMBEDDING_FILES = ("embeddings.pt", "learned_embeds.safetensors")
 RUN_FILES = (*EMBEDDING_FILES, "args.json", "loss.csv", "loss.png", "state.pt", "stop.json", initsearch.FILE)
 STEP_FILE = r".+-step\d+\.(pt|safetensors)"  # steps/: the three files of every save
 GRID_FILE = r"val-step\d+\.png"  # samples/: validation grids
+TEMP_FILE = r"\..+\.[A-Za-z0-9_]+\.tmp"  # atomic_write's `.<name>.<random>.tmp`
 STATE_KEYS = {"vectors", "optimizer", "scaler", "step", "skipped", "bad_in_row", "rng"}
 LossRow = tuple[int, float, float, int]  # step, loss, lr, skipped so far
 
@@ -207,28 +208,32 @@ class RunDir:
 
     # -- writing ---------------------------------------------------------------------------------------------
 
+    def _remove(self, folder: str, pattern: str) -> None:
+        """Delete the files in `folder` (relative to the run) whose whole name matches `pattern`."""
+        where = self.path / folder
+        for f in where.iterdir() if where.is_dir() else []:
+            if f.is_file() and re.fullmatch(pattern, f.name):
+                f.unlink(missing_ok=True)
+                log.debug("removed %s", f)
+
     def remove_stale_temp_files(self) -> None:
         """Delete the temp files of saves that a kill interrupted (atomic_write's `.<name>.<random>.tmp`)."""
-        for folder in (self.path, self.path / "steps", self.path / "samples"):
-            for f in folder.glob(".*.tmp") if folder.is_dir() else []:
-                if f.is_file() and re.fullmatch(r"\..+\.[A-Za-z0-9_]+\.tmp", f.name):
-                    f.unlink(missing_ok=True)
-                    log.debug("removed %s, left by an interrupted save", f)
+        for folder in (".", "steps", "samples"):
+            self._remove(folder, TEMP_FILE)
 
     def remove_earlier_run(self) -> None:
-        """--overwrite: delete the files an earlier run wrote here (those listed above, by their names), so that none
-        of its step copies, grids, logs or stop record reads as the new run's; any other file is left alone."""
+        """--overwrite: delete the files an earlier run wrote here (those listed above, by their names, and its
+        interrupted saves), so that none of its step copies, grids, logs or stop record reads as the new run's; any
+        other file is left alone."""
         try:
             token = self.options().get("token")
         except InversionError:  # an unreadable args.json is replaced like the rest
             token = None
-        names = [*RUN_FILES, *([f"{file_stem(token)}.pt"] if token else [])]
-        for name in names:
+        for name in [*RUN_FILES, *([f"{file_stem(token)}.pt"] if token else [])]:
             (self.path / name).unlink(missing_ok=True)
-        for folder, pattern in (("steps", STEP_FILE), ("samples", GRID_FILE)):
-            for f in (self.path / folder).iterdir() if (self.path / folder).is_dir() else []:
-                if f.is_file() and re.fullmatch(pattern, f.name):
-                    f.unlink()
+        self._remove("steps", STEP_FILE)
+        self._remove("samples", GRID_FILE)
+        self.remove_stale_temp_files()
 
     def write_json(self, name: str, obj: dict) -> Path:
         return atomic_write(self.path / name, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
