@@ -437,7 +437,47 @@ def test_score_prints_the_contract_fields(tmp_path, tiny_model, one_thread, caps
     assert model.tokenizer.encode(token) == list(range(vocab, vocab + vecs.shape[0]))
     assert torch.equal(model.extra_embeddings, vecs.to(model.dtype))
     assert out["samples"] == 2 and out["steps"] == 2 and out["token"] == "<c0>"
+    for key in ("loss", "init_loss", "caption_short_loss", "caption_long_loss", "word_norm"):
+        assert out[key] > 0, (key, out)
     assert score.main(["--concept", str(tmp_path / "c0"), "--run", str(run), "--samples", "0"]) == 2
+
+
+def test_heldout_loss_is_the_trainers_objective_with_shared_draws(tmp_path, tiny_model, one_thread):
+    """score.heldout_loss of "a photo of S*" is inversion.train's loss for that prompt at loss_draws' timesteps and
+    noise; every prompt gets the same draws (a prompt named twice scores the same), and another seed moves them."""
+    from experiments.instances import score
+    from inversion import models
+    from inversion.embedding import LearnedWords
+    from inversion.train import InversionLoss
+
+    def load():  # two training steps leave the zero-initialised output layers near 0: make the context count
+        m = models.load(None, str(tiny_model), torch.device("cpu"), torch.float32)
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in m.unet.parameters():
+                if p.ndim > 1 and float(p.abs().max()) < 1e-2:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        return m
+
+    trainer_model = load()
+    words = LearnedWords(trainer_model, "<c0>", init_words=[world.NOUN])
+    with torch.no_grad():
+        words.vectors += 0.05 * torch.randn(words.vectors.shape, generator=torch.Generator().manual_seed(3))
+    model = load()
+    model.add_embedding("<c0>", words.vectors.detach())
+    images = judge.render_all(concept.concept_views(0)[1][:3])
+    prompts = {"word": "a photo of <c0>", "again": "a photo of <c0>", "init": f"a photo of a {world.NOUN}"}
+    got = score.heldout_loss(model, images, prompts, seed=5)
+    x0 = model.encode_images(judge.as_tensor(images), sample=False)
+    t, noise = score.loss_draws(len(x0), tuple(x0.shape[1:]), model.schedule.num_timesteps, seed=5)
+    x0 = x0.repeat_interleave(score.LOSS_STRATA * score.LOSS_DRAWS, 0)
+    assert sorted(set((t // (model.schedule.num_timesteps // score.LOSS_STRATA)).tolist())) == list(range(10))
+    ids = trainer_model.tokenizer([prompts["word"]] * len(x0))
+    with torch.no_grad():
+        _, mse = InversionLoss(trainer_model, words)(ids, x0, t, noise)
+    assert got["word"] == pytest.approx(mse.item(), rel=1e-5)
+    assert got["again"] == got["word"] and got["init"] != got["word"]
+    assert score.heldout_loss(model, images, {"word": prompts["word"]}, seed=6)["word"] != got["word"]
 
 
 def test_study_interval_is_students_t():
@@ -469,6 +509,10 @@ def test_study_summarises_paired_units():
                         caption_short=0.55,
                         caption_long=0.5 + 0.1 * c,
                         curve={"0": 0.5, "25": 0.6 + 0.1 * c},
+                        loss=0.20 + 0.01 * k + 0.01 * seed,
+                        init_loss=0.25 + 0.01 * seed,
+                        caption_short_loss=0.21 + 0.01 * seed,
+                        caption_long_loss=0.20 + 0.01 * c,
                     )
                 )
     s = study.summarise(results)
@@ -477,11 +521,16 @@ def test_study_summarises_paired_units():
     assert s["pairs"]["one-word − long caption"] == pytest.approx((0.1, 0.0))  # the same gap in every unit
     assert s["pairs"]["three-words − one-word (reconstruction)"] == pytest.approx((-0.02, 0.0))
     assert s["curve"][25][0] == pytest.approx(0.7) and list(s["curve"]) == [0, 25]
+    assert s["pairs"]["one-word − init word (held-out loss)"] == pytest.approx((-0.05, 0.0))
+    assert s["pairs"]["three-words − one-word (held-out loss)"] == pytest.approx((0.02, 0.0))
+    assert s["rows"]["caption-long"]["loss"][0] == pytest.approx(0.21)
     said = study.verdicts(s)
     assert said[0].endswith(": shown")  # one-word leads the init word, the short and the long caption in every unit
-    assert all(line.endswith("**not shown**") for line in said[1:3])  # more vectors: lower reconstruction here
-    assert said[3].endswith(": shown")  # regularised: lower reconstruction, higher editability in every unit
-    assert "**not shown**" in said[4] and "step 25" in said[4]  # the whole rise by step 25 (< 100)
+    # in the held-out loss it is below the init word and the short caption in every unit, not below the long caption
+    assert "init word: shown; below the short caption: shown; below the long caption: **not shown**" in said[1]
+    assert all(line.endswith("**not shown**") for line in said[2:4])  # more vectors: lower reconstruction here
+    assert said[4].endswith(": shown")  # regularised: lower reconstruction, higher editability in every unit
+    assert "**not shown**" in said[5] and "step 25" in said[5]  # the whole rise by step 25 (< 100)
 
 
 def test_study_verdicts_need_intervals_that_exclude_zero():
@@ -490,11 +539,16 @@ def test_study_verdicts_need_intervals_that_exclude_zero():
 
     pairs = {"one-word − init word": (0.05, 0.16), "one-word − short caption": (0.1, 0.05)}
     pairs["one-word − long caption"] = (0.1, 0.05)
+    for name, gap in (("init word", (-0.03, 0.01)), ("short caption", (-0.02, 0.03)), ("long caption", (0.01, 0.005))):
+        pairs[f"one-word − {name} (held-out loss)"] = gap
     pairs["curve: step 300 − step 0"] = (0.2, 0.1)
     curve = {k: (0.5 + 0.2 * min(k, 200) / 200, 0.05) for k in range(0, 301, 25)}
     said = study.verdicts({"pairs": pairs, "curve": curve})
-    assert said[0].endswith("**not shown**") and len(said) == 2
-    assert said[1].startswith("- (c)") and ": shown" in said[1] and "step 200" in said[1]
+    assert said[0].endswith("**not shown**") and len(said) == 3
+    assert said[1].endswith(
+        "init word: shown; below the short caption: **not shown**; below the long caption: **not shown**"
+    )
+    assert said[2].startswith("- (c)") and ": shown" in said[2] and "step 200" in said[2]
 
 
 def test_study_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model, one_thread, capsys, monkeypatch):

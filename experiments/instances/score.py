@@ -8,7 +8,10 @@ concept's held-out renders than an instance sharing all its worded attributes; 0
 `--samples` samples of "a photo of S*" (`reconstruction`), of the init word "a photo of a toy"
 (`init_reconstruction`), and of the concept's two human captions in place of S* (`caption_short`,
 `caption_long`). Editability: the judge's context classifier on "S*" prompts that each ask for one context
-(three backgrounds, a companion ball or block, left or right): the fraction in the asked context. Fixed seeds:
+(three backgrounds, a companion ball or block, left or right): the fraction in the asked context. The same
+four prompts' objective on the concept's held-out renders, without sampling or judge (`loss`, `init_loss`,
+`caption_short_loss`, `caption_long_loss`: the trainer's prediction MSE, lower = the prompt explains the
+renders better; see `heldout_loss`), and `word_norm`, the learned vectors' mean L2 norm. Fixed seeds:
 every prompt set is sampled from `--seed` with the model's own sampling steps and guidance (`--steps`
 overrides the steps); the model is the run's (args.json) unless `--ckpt` is given.
 """
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 N_LOOKALIKES = 16
 LOOKALIKE_VIEWS = 3
 PHOTO = "a photo of {}"
+LOSS_STRATA = 10  # heldout_loss: one timestep drawn in each tenth of the schedule …
+LOSS_DRAWS = 4  # … this many times per held-out render
 
 
 def edit_prompts(word: str) -> list[tuple[str, str, int]]:
@@ -77,6 +82,35 @@ def _references(info: dict, concept: Path) -> tuple[list, list]:
     return ref, others
 
 
+def loss_draws(n: int, latent_shape: tuple[int, ...], num_timesteps: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """heldout_loss's (timesteps, noise) for n renders, each repeated LOSS_STRATA × LOSS_DRAWS times (render-major):
+    one timestep drawn uniformly in each tenth of the schedule, LOSS_DRAWS times over."""
+    g = torch.Generator().manual_seed(seed)
+    strata = torch.arange(LOSS_STRATA).repeat(LOSS_DRAWS * n)
+    t = ((strata + torch.rand(len(strata), generator=g)) * (num_timesteps / LOSS_STRATA)).long()
+    return t, torch.randn((len(strata), *latent_shape), generator=g)
+
+
+@torch.no_grad()
+def heldout_loss(model, images, prompts: dict[str, str], seed: int = 0) -> dict[str, float]:
+    """The inversion objective (MSE of the model's prediction against its target, as `inversion.train`'s loss takes
+    it) of each prompt on `images` (the concept's held-out renders, posterior means) at the timesteps and noise of
+    `loss_draws`, the same for every prompt, so the prompts differ only in their context. A word that holds the
+    concept explains renders it never saw better than a caption does, whatever the sampler draws from noise."""
+    x0 = model.encode_images(judge.as_tensor(images).to(model.device), sample=False)
+    t, noise = (
+        v.to(model.device) for v in loss_draws(len(x0), tuple(x0.shape[1:]), model.schedule.num_timesteps, seed)
+    )
+    x0 = x0.repeat_interleave(LOSS_STRATA * LOSS_DRAWS, 0)
+    x_t = model.schedule.q_sample(x0, t, noise)
+    target = model.schedule.prediction.target(x0, noise, t).float()
+    out = {}
+    for name, prompt in prompts.items():
+        context = model.encode_prompts([prompt]).expand(len(x0), -1, -1)
+        out[name] = float(((model.unet(x_t, t, context).float() - target) ** 2).mean())
+    return out
+
+
 @torch.no_grad()
 def score(
     concept: Path, run: Path, samples: int = 32, seed: int = 0, ckpt: str | None = None, steps: int | None = None
@@ -92,12 +126,16 @@ def score(
             j, model.sample([PHOTO.format(words)] * samples, steps=steps, seed=seed, progress=False), ref, others
         )
 
+    init, short, long = f"a {info['init_word']}", info["caption_short"], info["caption_long"]
     out = {
         "reconstruction": rec(token),
-        "init_reconstruction": rec(f"a {info['init_word']}"),
-        "caption_short": rec(info["caption_short"]),
-        "caption_long": rec(info["caption_long"]),
+        "init_reconstruction": rec(init),
+        "caption_short": rec(short),
+        "caption_long": rec(long),
     }
+    fields = {"loss": token, "init_loss": init, "caption_short_loss": short, "caption_long_loss": long}
+    out |= heldout_loss(model, ref, {k: PHOTO.format(w) for k, w in fields.items()}, seed=seed)
+    out["word_norm"] = float(vecs.float().norm(dim=-1).mean())
     asks = edit_prompts(token)
     per = max(1, samples // len(asks))
     pred = judge.classify(

@@ -6,10 +6,11 @@ For every concept (experiments.instances.concept, never seen in pretraining) and
 (the trade-off figure's trainer options: one word, 2 and 3 vectors, regularised toward the init word) is
 trained with `inversion.train` on `weights/instances.safetensors` and scored with
 `experiments.instances.score` (reconstruction against lookalikes, editability, the init word and both human
-captions). The one-word runs also keep their word every `--curve-every` steps, and each kept word's
-reconstruction is measured: the curve of §5.3 (c). Every unit is kept as JSON under `--work`, so an
-interrupted study continues where it stopped. The section between the `instances-study` markers of
-experiments/RESULTS.md and `experiments/instances/study-tradeoff.png` are rewritten from those files.
+captions, and the same prompts' objective on held-out renders). The one-word runs also keep their word every
+`--curve-every` steps, and each kept word's reconstruction is measured: the curve of §5.3 (c). Every unit is
+kept as JSON under `--work`, so an interrupted study continues where it stopped. The section between the
+`instances-study` markers of experiments/RESULTS.md and `experiments/instances/study-tradeoff.png` are rewritten
+from those files.
 
 Intervals: mean ± t(0.975, n−1) · sd / √n over the n = concepts × seeds units (for a comparison, over the
 units' paired differences).
@@ -47,6 +48,14 @@ BATCH = 4
 LR = 5e-3
 CURVE_EVERY = 25
 CURVE_SAMPLES = 16
+# what the learned word is compared with: (name, its row, its reconstruction field, its held-out loss field)
+BASELINES = (
+    ("init word", "init-word", "init_reconstruction", "init_loss"),
+    ("short caption", "caption-short", "caption_short", "caption_short_loss"),
+    ("long caption", "caption-long", "caption_long", "caption_long_loss"),
+)
+LOSSES = ("loss", *(b[3] for b in BASELINES))  # score.heldout_loss's fields: a unit scored without them reruns
+LOSS = "held-out loss"
 
 
 # Student's t quantile 0.975 for 1…30 degrees of freedom (beyond: the normal's 1.96 is within 4 %)
@@ -122,10 +131,13 @@ def _unit(job: tuple) -> dict:
     return out
 
 
-def run_units(a: argparse.Namespace, options: dict[str, dict], unit, describe) -> list[dict]:
+def run_units(
+    a: argparse.Namespace, options: dict[str, dict], unit, describe, needs: tuple[str, ...] = ()
+) -> list[dict]:
     """Every (concept, seed, key of `options`) unit: read back from --work when it was done with the same settings
-    and trainer options, else `unit((concept dir, run dir, key, options, seed, settings))` in --jobs processes,
-    each result kept as JSON as soon as it is done; `describe(result)` is its log line."""
+    and trainer options and holds every field of `needs`, else `unit((concept dir, run dir, key, options, seed,
+    settings))` in --jobs processes, each result kept as JSON as soon as it is done; `describe(result)` is its log
+    line."""
     work = Path(a.work)
     settings = {
         "model": str(a.model),
@@ -145,7 +157,8 @@ def run_units(a: argparse.Namespace, options: dict[str, dict], unit, describe) -
                 result = work / "results" / f"{n}-{seed}-{key}.json"
                 if result.is_file():
                     saved = json.loads(result.read_text())
-                    if saved.get("settings") == settings and saved.get("options") == changes:
+                    same = saved.get("settings") == settings and saved.get("options") == changes
+                    if same and all(f in saved for f in needs):
                         done.append(saved)
                         continue
                 jobs.append((cdir, work / "runs" / f"{n}-{seed}-{key}", key, changes, seed, settings))
@@ -169,6 +182,7 @@ def run(a: argparse.Namespace) -> list[dict]:
         chosen,
         _unit,
         lambda out: f"reconstruction {out['reconstruction']:.3f} editability {out['editability']:.3f}",
+        needs=LOSSES,
     )
 
 
@@ -179,21 +193,16 @@ def summarise(results: list[dict]) -> dict:
     base = by["one-word"]
     rows = {}
     for key, rs in by.items():
-        rows[key] = {m: interval([r[m] for r in rs]) for m in ("reconstruction", "editability")}
-    rows["init-word"] = {"reconstruction": interval([r["init_reconstruction"] for r in base])}
-    rows["caption-short"] = {"reconstruction": interval([r["caption_short"] for r in base])}
-    rows["caption-long"] = {"reconstruction": interval([r["caption_long"] for r in base])}
-    pairs = {
-        f"one-word − {other}": interval([r["reconstruction"] - r[field] for r in base])
-        for other, field in (
-            ("init word", "init_reconstruction"),
-            ("short caption", "caption_short"),
-            ("long caption", "caption_long"),
-        )
-    }
+        rows[key] = {m: interval([r[m] for r in rs]) for m in ("reconstruction", "editability", "loss")}
+    pairs = {}
+    for name, row, rec, loss in BASELINES:
+        rows[row] = {"reconstruction": interval([r[rec] for r in base]), "loss": interval([r[loss] for r in base])}
+        pairs[f"one-word − {name}"] = interval([r["reconstruction"] - r[rec] for r in base])
+    for name, _, _, loss in BASELINES:
+        pairs[f"one-word − {name} ({LOSS})"] = interval([r["loss"] - r[loss] for r in base])
     for key in keys[1:]:
-        for m in ("reconstruction", "editability"):
-            pairs[f"{key} − one-word ({m})"] = interval([o[m] - b[m] for o, b in zip(by[key], base)])
+        for m, label in (("reconstruction", "reconstruction"), ("editability", "editability"), ("loss", LOSS)):
+            pairs[f"{key} − one-word ({label})"] = interval([o[m] - b[m] for o, b in zip(by[key], base)])
     steps = sorted({int(s) for r in base for s in r.get("curve", {})})
     curve = {s: interval([r["curve"][str(s)] for r in base]) for s in steps}
     if steps:
@@ -218,8 +227,10 @@ def verdicts(s: dict) -> list[str]:
     def say(ok: bool) -> str:
         return "shown" if ok else "**not shown**"
 
-    a = all(shown(f"one-word − {o}", 1) for o in ("init word", "short caption", "long caption"))
+    a = all(shown(f"one-word − {name}", 1) for name, *_ in BASELINES)
     out = [f"- (a) the learned word above its init word and both human captions: {say(a)}"]
+    below = "; ".join(f"below the {name}: {say(shown(f'one-word − {name} ({LOSS})', -1))}" for name, *_ in BASELINES)
+    out.append(f"  - the same comparison in the model's own objective ({LOSS}, no sampling, no judge): {below}")
     for key, sign, what in (
         ("two-words", 1, "2 vectors: higher reconstruction, lower editability"),
         ("three-words", 1, "3 vectors: higher reconstruction, lower editability"),
@@ -241,9 +252,9 @@ def verdicts(s: dict) -> list[str]:
     return out
 
 
-def fmt(mi: tuple[float, float]) -> str:
+def fmt(mi: tuple[float, float], digits: int = 3) -> str:
     m, h = mi
-    return f"{m:.3f} ± {h:.3f}"
+    return f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
 def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
@@ -260,21 +271,26 @@ def markdown(s: dict, a: argparse.Namespace, seconds: float) -> str:
         f"Mean ± 95 % interval (t, n − 1). Written by the script, whose last process ran {seconds / 60:.0f} min "
         "(units kept under --work are read back, not rerun).",
         "",
-        "| variant | reconstruction | editability |",
-        "|---|---|---|",
+        "The held-out loss is the inversion objective itself (the model's prediction MSE, lower = better) on the "
+        "concept's held-out renders, prompt by prompt with the same timesteps and noise: how well a prompt explains "
+        "renders of the object it never saw, without sampling or judge (`score.heldout_loss`).",
+        "",
+        f"| variant | reconstruction | editability | {LOSS} |",
+        "|---|---|---|---|",
     ]
     for key in [k for k in VARIANTS if k in s["rows"]]:
         r = s["rows"][key]
-        lines.append(f"| {labels[key]} | {fmt(r['reconstruction'])} | {fmt(r['editability'])} |")
+        lines.append(f"| {labels[key]} | {fmt(r['reconstruction'])} | {fmt(r['editability'])} | {fmt(r['loss'], 4)} |")
     for key, label in (
         ("init-word", f'Init word ("a {concepts.world.NOUN}")'),
         ("caption-short", "Human caption (short)"),
         ("caption-long", "Human caption (long)"),
     ):
-        lines.append(f"| {label} | {fmt(s['rows'][key]['reconstruction'])} | |")
+        r = s["rows"][key]
+        lines.append(f"| {label} | {fmt(r['reconstruction'])} | | {fmt(r['loss'], 4)} |")
     lines += ["", "Paired differences (mean ± 95 % interval; an interval that excludes 0 is a clear difference):", ""]
     lines += ["| comparison | difference |", "|---|---|"]
-    lines += [f"| {k} | {fmt(v)} |" for k, v in s["pairs"].items()]
+    lines += [f"| {k} | {fmt(v, 4 if LOSS in k else 3)} |" for k, v in s["pairs"].items()]
     lines += [
         "",
         "The paper's phenomena, as these intervals show them (why where not: experiments/instances/README.md):",
